@@ -1,0 +1,44 @@
+"""Docstring fragments shared by the KOALA optimizers (as torch/optim/optimizer.py does for its optimizers)."""
+
+LOSS_PATHS = r"""
+    The loss reaches the filter in one of three equivalent ways::
+
+        # 1. a closure (zero grads, forward, backward on the mean, return the loss)
+        def closure():
+            opt.zero_grad()
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            losses.mean().backward()
+            return losses
+        opt.step(closure)
+
+        # 2. by keyword, after backward
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step(loss=losses)
+
+        # 3. the papers' API
+        opt.predict()
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.update(losses.mean(), losses.square().mean())
+
+    A 0-d loss (the batch mean) works too; per-sample losses let R be estimated from their spread.
+"""
+
+COMMON_ARGS = r"""
+        r (float, optional): fixed measurement noise R; ``None`` (default) estimates it online as an
+            exponential average of ``r_stat`` (see :mod:`kalmanopt.optim.noise`).
+        alpha_r (float, optional): coefficient of that average (default: 0.9).
+        weight_decay (float, optional): coupled L2 penalty: the filter sees the gradient ``g + wd * theta`` and the
+            per-tensor residual ``L + wd/2 * ||theta||^2`` (default: 0).
+        r_stat (str, optional): the loss statistic R averages: ``"second_moment"`` (default), ``"squared_mean"``
+            or ``"mean_variance"``.
+        foreach (bool, optional): use the multi-tensor fast path (default: ``None``, i.e. on for CPU and CUDA
+            tensors). ``False`` selects the readable single-tensor reference.
+"""
+
+GUARDS = r"""
+    Bad input never corrupts the filter: a non-finite loss, loss statistic or gradient skips the whole step without
+    a host synchronisation (parameters and state stay bit-for-bit unchanged; ``skipped_steps`` in the group state
+    counts the skips); a tensor whose gradient is ``None`` or exactly zero is left alone with its state.
+"""

@@ -1,0 +1,325 @@
+"""What every KOALA optimizer shares.
+
+* **How the loss arrives.** Three equivalent ways: ``step(closure)``; ``loss.backward(); step(loss=losses)``; and the
+  papers' ``predict()`` / backward / ``update(loss_mean, loss_var)``. ``step`` is ``update`` followed by the *next*
+  step's ``predict`` ("predict ahead"), so that a forward pass after ``step`` is evaluated at the predicted
+  parameters, as the filter's measurement model requires (this matters for KOALA-M, whose prediction moves the
+  parameters; for KOALA++ and KOALA-V it only moves scalars).
+* **The measurement noise** R, per param group (see :mod:`kalmanopt.optim.noise`).
+* **Guards without host synchronisation.** A non-finite loss, loss statistic or gradient anywhere turns a device-side
+  flag ``ok`` off; every write of the step is then masked, so parameters and state stay bit-for-bit unchanged and the
+  skip is counted in ``skipped_steps``. Nothing in ``step`` calls ``.item()`` or branches on a tensor.
+* **The effective gradient** ``h = g + weight_decay * theta`` in the state dtype (float32 for 16/32-bit parameters,
+  float64 for float64 ones), with its per-tensor squared norms, computed once for every algorithm. The multi-tensor
+  path writes it into one flat buffer per (device, dtype) bucket so that it can be sanitised in one kernel.
+* **State-dict hygiene.** State holds only tensors, bools and numbers, so ``torch.load(weights_only=True)`` reads a
+  checkpoint; loading keeps the saved state dtypes (``torch.optim`` would cast them to the parameter dtype).
+
+Group-level quantities (R, the skip counter, KOALA-V's sigma, KOALA-M's 2x2 covariance) are kept in the state of the
+group's first parameter, so that they travel with the standard ``state_dict`` layout (and with tools that remap
+parameter state, such as distributed checkpointing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .noise import R_INITIAL, R_STATISTICS, check_loss, loss_statistic, measurement_noise
+
+__all__ = ["KalmanOptimizer", "GradBucket"]
+
+_NO_LOSS_MESSAGE = (
+    "{name}.step() needs the loss: a Kalman filter measures it. Hand it over in one of three ways:\n"
+    "  1. opt.step(closure)   where closure() zeroes the grads, computes the loss, calls backward on its mean "
+    "and returns it (0-d mean or 1-d per-sample losses);\n"
+    "  2. loss.mean().backward(); opt.step(loss=loss);\n"
+    "  3. opt.predict(); loss.backward(); opt.update(loss_mean, loss_var)."
+)
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """Optimizer state is float64 for float64 parameters and float32 for every other floating dtype."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class GradBucket:
+    """The parameters of one param group that have a gradient, on one device, with one state dtype.
+
+    ``h`` holds the effective gradient ``g + weight_decay * theta`` per tensor, in the state dtype and the
+    parameter's shape (contiguous). In the multi-tensor path they are views of ``h_flat``.
+    ``grad_sq`` is ``||h||^2`` per tensor, ``param_sq`` is ``||theta||^2`` per tensor (only with weight decay),
+    ``finite`` is a 0-d bool: every ``grad_sq`` and ``param_sq`` is finite.
+    """
+
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    h: list[Tensor]
+    h_flat: Tensor | None
+    grad_sq: Tensor
+    param_sq: Tensor | None
+    finite: Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.grad_sq.device
+
+    def layer_loss(self, loss_mean: Tensor, weight_decay: float) -> Tensor:
+        """Each tensor's residual: ``L + weight_decay/2 * ||theta||^2`` (the coupled "layer loss" of KOALA)."""
+        loss = loss_mean.to(self.grad_sq)
+        if self.param_sq is None:
+            return loss.expand_as(self.grad_sq)
+        return loss + 0.5 * weight_decay * self.param_sq
+
+    def sanitize(self) -> None:
+        """Make ``h`` finite so that a masked (skipped) update multiplies zeros by finite numbers only."""
+        if self.h_flat is not None:
+            self.h_flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            for h in self.h:
+                h.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _check_number(name: str, value: Any, low: float, *, low_inclusive: bool = True, high: float | None = None,
+                  high_inclusive: bool = True, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()  # construction time only, never inside step
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    ok = value >= low if low_inclusive else value > low
+    if high is not None:
+        ok = ok and (value <= high if high_inclusive else value < high)
+    if not ok or value != value:
+        lo = "[" if low_inclusive else "("
+        hi = "]" if high_inclusive else ")"
+        rng = f"{lo}{low}, {high if high is not None else 'inf'}{hi if high is not None else ')'}"
+        raise ValueError(f"Invalid {name}: {value!r} (must lie in {rng})")
+
+
+class KalmanOptimizer(Optimizer):
+    """Base class of the KOALA optimizers: loss intake, R, guards and state-dict hygiene.
+
+    Subclasses implement :meth:`_init_group_state`, :meth:`_init_param_state`, :meth:`_predict_group` and
+    :meth:`_correct_group`.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check the hyperparameters every KOALA optimizer shares (subclasses extend)."""
+        _check_number("lr", group["lr"], 0.0)
+        _check_number("r", group["r"], 0.0, optional=True)
+        _check_number("alpha_r", group["alpha_r"], 0.0, high=1.0, high_inclusive=False)
+        _check_number("weight_decay", group["weight_decay"], 0.0)
+        if group["r_stat"] not in R_STATISTICS:
+            raise ValueError(f"Invalid r_stat: {group['r_stat']!r} (expected one of {R_STATISTICS})")
+        if group["foreach"] not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {group['foreach']!r} (expected None, True or False)")
+        for p in group["params"]:
+            if not p.is_floating_point() or p.is_complex():
+                raise ValueError(f"{type(self).__name__} optimizes real floating-point tensors, got {p.dtype}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+
+    # ------------------------------------------------------------------ state
+    def _group_state(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group-level state, kept in the state of the group's first parameter (see module docstring)."""
+        leader = group["params"][0]
+        st = self.state[leader]
+        if "measurement_noise" not in st:
+            kw = {"device": leader.device, "dtype": state_dtype(leader)}
+            st["measurement_noise"] = torch.tensor(R_INITIAL, **kw)
+            st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=leader.device)
+            st["predicted"] = False
+            self._init_group_state(group, st, kw)
+        return st
+
+    def _init_group_state(self, group: dict[str, Any], st: dict[str, Any], kw: dict[str, Any]) -> None:
+        """Create the algorithm's group-level state tensors (dtype/device in ``kw``)."""
+
+    def _init_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> None:
+        """Create the algorithm's per-tensor state (called once, at the tensor's first gradient)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch.optim casts floating state to the parameter dtype; ours is float32 for low-precision parameters,
+        # so after the standard load we put back every tensor in the dtype it was saved with.
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        index_to_param = [p for g in self.param_groups for p in g["params"]]
+        for key, values in saved.items():
+            if not isinstance(key, int) or key >= len(index_to_param):
+                continue
+            p = index_to_param[key]
+            for name, value in values.items():
+                if isinstance(value, Tensor):
+                    self.state[p][name] = value.to(device=p.device, copy=True)
+
+    # ------------------------------------------------------------------ the three ways in
+    def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:
+        """One filter step: measure the loss, correct the parameters, predict the next step.
+
+        Args:
+            closure: re-evaluates the model: zeroes the gradients, computes the loss, calls ``backward`` on its
+                mean and returns the loss (0-d batch mean, or 1-d per-sample losses). Its return value is returned.
+            loss: the loss whose gradient has already been computed by ``loss.mean().backward()``, 0-d or 1-d.
+        """
+        if closure is not None and loss is not None:
+            raise TypeError(f"{type(self).__name__}.step() takes a closure or loss=, not both")
+        if closure is None and loss is None:
+            raise TypeError(_NO_LOSS_MESSAGE.format(name=type(self).__name__))
+        self._ensure_predicted()
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"the closure must return the loss as a tensor, got {type(loss)!r}")
+        returned = loss
+        measured = check_loss(loss)
+        loss_mean = measured.to(torch.promote_types(measured.dtype, torch.float32)).mean()
+        ok = self._measurement_update(loss_mean, lambda group: loss_statistic(measured, group["r_stat"]))
+        self._time_update(gate=ok)
+        return returned
+
+    def predict(self) -> None:
+        """The filter's time update (the papers' ``predict()``); call it before the forward pass."""
+        self._time_update(gate=None)
+
+    def update(self, loss_mean: Tensor | float, loss_var: Tensor | float) -> None:
+        """The filter's measurement update (the papers' ``update``), after ``backward`` on the mean loss.
+
+        ``loss_mean`` is the batch-mean loss; ``loss_var`` is fed to the average that estimates R as it is (the
+        original KOALA passes ``mean(loss_i ** 2)``). If :meth:`predict` was not called since the last update,
+        it is called first.
+        """
+        mean = self._as_scalar("loss_mean", loss_mean)
+        var = self._as_scalar("loss_var", loss_var)
+        if not isinstance(loss_var, Tensor) and loss_var < 0:
+            raise ValueError(f"loss_var must be non-negative, got {loss_var}")
+        self._ensure_predicted()
+        self._measurement_update(mean, lambda group: var)
+
+    @staticmethod
+    def _as_scalar(name: str, value: Tensor | float) -> Tensor:
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.dim() > 1:
+                raise ValueError(f"{name} must be a scalar (0-d tensor or number), got shape {tuple(value.shape)}")
+            value = value.detach().reshape(())
+            return value.to(torch.promote_types(value.dtype, torch.float32))
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a tensor or a number, got {type(value)!r}")
+        return torch.tensor(float(value), dtype=torch.float64)
+
+    # ------------------------------------------------------------------ the filter
+    def _ensure_predicted(self) -> None:
+        if not all(self._group_state(g)["predicted"] for g in self.param_groups):
+            self._time_update(gate=None, only_pending=True)
+
+    @torch.no_grad()
+    def _time_update(self, gate: Tensor | None, only_pending: bool = False) -> None:
+        for group in self.param_groups:
+            st = self._group_state(group)
+            if only_pending and st["predicted"]:
+                continue
+            self._predict_group(group, st, None if gate is None else gate.to(st["measurement_noise"].device))
+            st["predicted"] = True
+
+    def _predict_group(self, group: dict[str, Any], group_state: dict[str, Any], gate: Tensor | None) -> None:
+        """Time update of one group. ``gate`` (0-d bool or None) masks it: False leaves everything unchanged."""
+
+    @torch.no_grad()
+    def _measurement_update(self, loss_mean: Tensor, statistic_for: Callable[[dict[str, Any]], Tensor]) -> Tensor:
+        """Correct every group with the measured loss; returns the device flag ``ok`` (False: step skipped)."""
+        ok = torch.isfinite(loss_mean)
+        pending = []
+        for group in self.param_groups:
+            st = self._group_state(group)
+            stat = statistic_for(group)
+            ok = ok & (torch.isfinite(stat) & (stat >= 0)).to(ok.device)
+            buckets = self._gather(group)
+            for b in buckets:
+                ok = ok & b.finite.to(ok.device)
+            pending.append((group, st, stat, buckets))
+        for group, st, stat, buckets in pending:
+            device = st["measurement_noise"].device
+            group_ok = ok.to(device)
+            noise = measurement_noise(st["measurement_noise"], stat.to(device), group["r"], group["alpha_r"])
+            noise = torch.where(group_ok, noise, st["measurement_noise"])
+            st["measurement_noise"].copy_(noise)
+            st["skipped_steps"].add_((~group_ok).to(torch.int64))
+            for b in buckets:
+                b.sanitize()
+            self._correct_group(group, st, buckets, loss_mean.to(device), noise, group_ok)
+            st["predicted"] = False
+        return ok
+
+    def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
+                       loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
+        """Measurement update of one group (all on the group leader's device, ``ok`` masks every write)."""
+        raise NotImplementedError
+
+    def _use_foreach(self, group: dict[str, Any]) -> bool:
+        if group["foreach"] is not None:
+            return bool(group["foreach"])
+        return all(p.device.type in ("cpu", "cuda") for p in group["params"])
+
+    def _gather(self, group: dict[str, Any]) -> list[GradBucket]:
+        """Collect the parameters with gradients into (device, state dtype) buckets and form ``h``."""
+        by_key: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[dict]]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            st = self.state[p]
+            if "step" not in st:
+                self._init_param_state(group, p, st)
+            params, grads, states = by_key.setdefault((p.device, state_dtype(p)), ([], [], []))
+            params.append(p)
+            grads.append(p.grad)
+            states.append(st)
+        foreach = self._use_foreach(group)
+        wd = group["weight_decay"]
+        return [_effective_gradient(ps, gs, sts, dtype, wd, foreach) for (_, dtype), (ps, gs, sts) in by_key.items()]
+
+
+def _effective_gradient(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], dtype: torch.dtype,
+                        weight_decay: float, foreach: bool) -> GradBucket:
+    device = params[0].device
+    if foreach:
+        sizes = [p.numel() for p in params]
+        h_flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        h = [chunk.view(p.shape) for chunk, p in zip(h_flat.split(sizes), params, strict=True)]
+        torch._foreach_copy_(h, grads)  # casts to the state dtype, reads any memory layout
+        param_sq = None
+        if weight_decay != 0:
+            torch._foreach_add_(h, params, alpha=weight_decay)
+            param_sq = torch.stack(torch._foreach_powsum(params, 2)).to(dtype)
+        grad_sq = torch.stack(torch._foreach_powsum(h, 2))
+    else:
+        h_flat = None
+        h = [g.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for g in grads]
+        param_sq = None
+        if weight_decay != 0:
+            for hi, p in zip(h, params, strict=True):
+                hi.add_(p.to(dtype), alpha=weight_decay)
+            param_sq = torch.stack([p.to(dtype).square().sum() for p in params])
+        grad_sq = torch.stack([hi.square().sum() for hi in h])
+    finite = torch.isfinite(grad_sq).all()
+    if param_sq is not None:
+        finite = finite & torch.isfinite(param_sq).all()
+    return GradBucket(params, states, h, h_flat, grad_sq, param_sq, finite)
