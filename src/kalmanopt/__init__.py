@@ -1,6 +1,6 @@
 """kalmanopt: train neural networks with Kalman filters (KOALA++, KOALA-V, KOALA-M)."""
 
-from .optim import KalmanOptimizer, KOALAPlusPlus
+from .optim import KalmanOptimizer, KOALAM, KOALAPlusPlus, KOALAV
 
-__all__ = ["KalmanOptimizer", "KOALAPlusPlus"]
+__all__ = ["KalmanOptimizer", "KOALAM", "KOALAPlusPlus", "KOALAV"]
 __version__ = "0.1.0"

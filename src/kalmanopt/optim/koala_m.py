@@ -1,0 +1,146 @@
+"""KOALA-M: the original KOALA with a velocity state and a 2x2 scalar covariance per param group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _docs
+from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
+from .scalar_filter import scalar_covariance_update
+
+__all__ = ["KOALAM"]
+
+_WEIGHT_EMA = 0.9  # the paper's EMA of the weights behind the online estimate of q_w
+
+
+class KOALAM(KalmanOptimizer):
+    r"""KOALA-M (Davtyan et al., AAAI 2022): Kalman optimization with momentum dynamics.
+
+    The state is :math:`(\theta, p)` with dynamics :math:`F = \begin{bmatrix}1 & 1\\ 0 & \kappa\end{bmatrix}` and a
+    covariance :math:`P \otimes I`, :math:`P` a symmetric 2x2 matrix shared by the group:
+
+    .. math::
+        \begin{aligned}
+            &\textbf{predict}: \theta \gets \theta + p,\; p \gets \kappa p,\;
+                \hat P = F P F^\top + \mathrm{diag}(q_w, q_v) \\
+            &\textbf{per tensor } l: \; S_l = \lVert h_l\rVert^2 \hat P_{11} + R, \quad
+                \theta_l \gets \theta_l - \eta\,\ell_l\,\frac{\hat P_{11}}{S_l}\,h_l, \quad
+                p_l \gets p_l - \eta\,\ell_l\,\frac{\hat P_{21}}{S_l}\,h_l \\
+            &\textbf{after all tensors}: c = \max_l \lVert h_l\rVert^2 / S_l, \quad
+                P \gets \hat P - \hat P\,\mathrm{diag}(c, 0)\,\hat P^\top
+        \end{aligned}
+
+    ``step()`` predicts ahead: after it, the parameters hold the prediction for the next measurement, so the next
+    forward pass is evaluated where the filter expects it. With ``qw=None`` the weight process noise is estimated
+    online in the paper's form, :math:`q_w = \frac{1}{n}\lVert\theta_{k-1} - \bar\theta\rVert^2` with
+    :math:`\bar\theta` an EMA (0.9) of the weights (the reference code's unsquared norm is not reproduced).
+
+    Args:
+        params: iterable of parameters or of dicts defining param groups.
+        lr (float, optional): :math:`\eta` (default: 1.0).
+        sw, sc, sv (float, optional): the initial covariance :math:`P_0 = [[s_w, s_c], [s_c, s_v]]`
+            (defaults: 0.1, 0.0, 0.1).
+        a (float, optional): velocity decay :math:`\kappa` (default: 0.9).
+        qw (float or None, optional): weight process noise; ``None`` estimates it online (default: 0.01).
+        qv (float, optional): velocity process noise (default: 0.01).
+    """
+
+    __doc__ = (__doc__ or "") + _docs.COMMON_ARGS + _docs.LOSS_PATHS + _docs.GUARDS + r"""
+    Example:
+        >>> import torch
+        >>> from kalmanopt import KOALAM
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = KOALAM(model.parameters(), lr=0.5)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = (model(torch.randn(8, 4)) - 1.0).square().mean()
+        ...     loss.backward()
+        ...     return loss
+        >>> _ = opt.step(closure)
+
+    References:
+        Davtyan, Sameni, Cerkezi, Meishvili, Bielski, Favaro. "KOALA: A Kalman Optimization Algorithm with Loss
+        Adaptivity". AAAI 2022, arXiv:2107.03331.
+    """
+
+    def __init__(self, params, lr: float = 1.0, sw: float = 0.1, sc: float = 0.0, sv: float = 0.1, a: float = 0.9,
+                 qw: float | None = 0.01, qv: float = 0.01, r: float | None = None, alpha_r: float = 0.9,
+                 weight_decay: float = 0.0, *, r_stat: str = "second_moment", foreach: bool | None = None) -> None:
+        defaults = dict(lr=lr, sw=sw, sc=sc, sv=sv, a=a, qw=qw, qv=qv, r=r, alpha_r=alpha_r,
+                        weight_decay=weight_decay, r_stat=r_stat, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        _check_number("sw", group["sw"], 0.0, low_inclusive=False)
+        _check_number("sv", group["sv"], 0.0)
+        _check_number("sc", group["sc"], -float("inf"))
+        if group["sc"] ** 2 > group["sw"] * group["sv"]:
+            raise ValueError(f"Invalid sc: {group['sc']!r} (P0 must be positive semi-definite: sc^2 <= sw * sv)")
+        _check_number("a", group["a"], 0.0, high=1.0)
+        _check_number("qw", group["qw"], 0.0, optional=True)
+        _check_number("qv", group["qv"], 0.0)
+
+    def _init_group_state(self, group: dict[str, Any], st: dict[str, Any], kw: dict[str, Any]) -> None:
+        st["P"] = torch.tensor([group["sw"], group["sc"], group["sv"]], **kw)  # posterior [P11, P12, P22]
+        st["P_prior"] = st["P"].clone()  # F P F^T + Q, set by predict
+
+    def _init_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> None:
+        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        st["momentum"] = torch.zeros(p.shape, device=p.device, dtype=state_dtype(p))
+        if group["qw"] is None:
+            st["weight_ema"] = p.detach().to(state_dtype(p), memory_format=torch.contiguous_format, copy=True)
+
+    def _predict_group(self, group: dict[str, Any], group_state: dict[str, Any], gate: Tensor | None) -> None:
+        started = [p for p in group["params"] if "momentum" in self.state[p]]
+        P = group_state["P"]
+        qw = group["qw"] if group["qw"] is not None else self._estimate_qw(group, started, gate, P)
+        kappa = group["a"]
+        # P is the posterior, so recomputing the prior from it needs no masking.
+        p11, p12, p22 = P.unbind(0)
+        prior = torch.stack([p11 + 2 * p12 + p22 + qw, kappa * (p12 + p22), kappa**2 * p22 + group["qv"]])
+        group_state["P_prior"].copy_(prior)
+        if not started:
+            return
+        momenta = [self.state[p]["momentum"] for p in started]
+        move = torch.ones_like(p11) if gate is None else gate.to(p11.dtype)
+        decay = move * kappa + (1 - move)  # kappa, or 1 when gated off
+        if self._use_foreach(group):
+            torch._foreach_addcmul_(started, momenta, [move.to(p.device) for p in started])
+            torch._foreach_mul_(momenta, [decay.to(m.device) for m in momenta])
+        else:
+            for p, m in zip(started, momenta, strict=True):
+                p.copy_(p.to(m.dtype) + move.to(m.device) * m)
+                m.mul_(decay.to(m.device))
+
+    def _estimate_qw(self, group: dict[str, Any], started: list[Tensor], gate: Tensor | None, P: Tensor) -> Tensor:
+        """q_w = ||theta - theta_bar||^2 / n, then theta_bar <- EMA(theta) (gated)."""
+        if not started:
+            return torch.zeros_like(P[0])
+        emas = [self.state[p]["weight_ema"] for p in started]
+        diffs = torch._foreach_sub(emas, started)  # theta_bar - theta, in the state dtype
+        n = sum(p.numel() for p in started)
+        qw = torch.stack(torch._foreach_powsum(diffs, 2)).to(P).sum() / n
+        weight = (1 - _WEIGHT_EMA) * (torch.ones_like(P[0]) if gate is None else gate.to(P.dtype))
+        torch._foreach_addcmul_(emas, diffs, [-weight.to(e) for e in emas])
+        return qw
+
+    def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
+                       loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
+        prior = group_state["P_prior"]
+        largest = torch.zeros_like(prior[0])
+        for b in buckets:
+            dtype = b.h[0].dtype
+            ratio = scalar_covariance_update(
+                b.params, b.h, [st["momentum"] for st in b.states], [st["step"] for st in b.states],
+                layer_loss=b.layer_loss(loss_mean, group["weight_decay"]), noise=noise.to(b.device, dtype),
+                ok=ok.to(b.device), lr=group["lr"], p11=prior[0].to(b.device, dtype),
+                p21=prior[1].to(b.device, dtype), foreach=self._use_foreach(group), grad_sq=b.grad_sq,
+            )
+            largest = torch.maximum(largest, ratio.to(largest))
+        p11, p12, p22 = prior.unbind(0)
+        posterior = torch.stack([p11 - largest * p11 * p11, p12 - largest * p11 * p12, p22 - largest * p12 * p12])
+        group_state["P"].copy_(torch.where(ok, posterior, group_state["P"]))
