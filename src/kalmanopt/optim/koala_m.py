@@ -99,9 +99,10 @@ class KOALAM(KalmanOptimizer):
         P = group_state["P"]
         qw = group["qw"] if group["qw"] is not None else self._estimate_qw(group, started, gate, P)
         kappa = group["a"]
-        # P is the posterior, so recomputing the prior from it needs no masking.
         p11, p12, p22 = P.unbind(0)
         prior = torch.stack([p11 + 2 * p12 + p22 + qw, kappa * (p12 + p22), kappa**2 * p22 + group["qv"]])
+        if gate is not None:  # the online q_w depends on where the weights are, so a skipped step keeps the old
+            prior = torch.where(gate, prior, group_state["P_prior"])
         group_state["P_prior"].copy_(prior)
         if not started:
             return

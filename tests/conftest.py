@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
+
+# Every optimizer with a configuration that exercises its options; ids name them in test reports.
+OPTIMIZERS = {
+    "koala_pp": (KOALAPlusPlus, {"lr": 0.5}),
+    "koala_pp_vanilla": (KOALAPlusPlus, {"lr": 0.5, "symmetric": False}),
+    "koala_pp_wd": (KOALAPlusPlus, {"lr": 0.5, "weight_decay": 1e-2, "r": 0.3}),
+    "koala_v": (KOALAV, {"lr": 0.5}),
+    "koala_v_wd": (KOALAV, {"lr": 0.5, "weight_decay": 1e-2}),
+    "koala_m": (KOALAM, {"lr": 0.5}),
+    "koala_m_online_qw": (KOALAM, {"lr": 0.5, "qw": None, "weight_decay": 1e-2}),
+}
+
+
+@pytest.fixture(params=sorted(OPTIMIZERS), ids=sorted(OPTIMIZERS))
+def optimizer_spec(request):
+    return OPTIMIZERS[request.param]
+
+
+def tiny_mlp(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+
+
+def batch(seed=0, n=16, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def per_sample_loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def train(model, opt, steps, *, seed=0, path="loss", reduce=False):
+    """Train ``steps`` steps on fresh batches; ``path`` is 'loss', 'closure' or 'predict_update'."""
+    for k in range(steps):
+        x, y = batch(seed + k, dtype=next(model.parameters()).dtype)
+
+        def closure():
+            opt.zero_grad()
+            losses = per_sample_loss(model, x, y)
+            losses.mean().backward()
+            return losses.mean() if reduce else losses
+
+        if path == "closure":
+            opt.step(closure)
+        elif path == "loss":
+            opt.step(loss=closure())
+        else:
+            opt.predict()
+            losses = closure()
+            stat = losses.square() if reduce else losses.square().mean()
+            opt.update(losses.mean(), stat)
+    return model
+
+
+def snapshot(opt):
+    """A deep copy of every tensor in the optimizer state and of every parameter."""
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+             for p, s in opt.state.items()}
+    return params, state
+
+
+def assert_unchanged(opt, before):
+    params, state = before
+    now = [p.detach() for g in opt.param_groups for p in g["params"]]
+    for a, b in zip(params, now, strict=True):
+        assert torch.equal(a, b)
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            if k == "skipped_steps":
+                continue
+            old = state[id(p)][k]
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(old, v), k
+            else:
+                assert old == v, k
