@@ -39,7 +39,7 @@ def train(model, opt, steps, *, seed=0, path="loss", reduce=False):
     for k in range(steps):
         x, y = batch(seed + k, dtype=next(model.parameters()).dtype)
 
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             losses = per_sample_loss(model, x, y)
             losses.mean().backward()

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from conftest import assert_unchanged, batch, per_sample_loss, snapshot, tiny_mlp, train
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
+
+from conftest import assert_unchanged, batch, per_sample_loss, snapshot, tiny_mlp, train
 
 
 def _skips(opt):

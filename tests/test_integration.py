@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from conftest import batch, per_sample_loss, tiny_mlp, train
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
+
+from conftest import batch, per_sample_loss, tiny_mlp, train
 
 
 def test_lr_scheduler_drives_the_group_lr(optimizer_spec):
@@ -115,7 +116,7 @@ def test_compiled_training_step_runs_and_matches_eager():
         model = torch.nn.Linear(4, 2)
         opt = KOALAPlusPlus(model.parameters(), lr=0.5)
 
-        def opt_step(losses):
+        def opt_step(losses, opt=opt):
             opt.step(loss=losses)
 
         step = torch.compile(opt_step) if compiled else opt_step

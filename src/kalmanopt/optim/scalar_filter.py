@@ -27,7 +27,8 @@ def scalar_covariance_update(params: list[Tensor], hs: list[Tensor], momenta: li
     if foreach:
         return _multi_tensor(params, hs, momenta, steps, layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, p11=p11,
                              p21=p21, grad_sq=grad_sq)
-    return _single_tensor(params, hs, momenta, steps, layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, p11=p11, p21=p21)
+    return _single_tensor(params, hs, momenta, steps, layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, p11=p11,
+                          p21=p21)
 
 
 def _single_tensor(params, hs, momenta, steps, *, layer_loss, noise, ok, lr, p11, p21) -> Tensor:
