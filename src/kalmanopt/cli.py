@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +30,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each module defines ``add_parser(subparsers)``; a module that is not part of this installation is left out.
+BENCH_SUITES = ("step", "vision", "lm", "online", "covariance")
+TOP_LEVEL_COMMANDS = ("kalmanopt.data.cli", "kalmanopt.bench.report")
+
+
+def _optional_module(name: str):
+    """Import ``name`` if it exists; errors inside an existing module propagate."""
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except ModuleNotFoundError:  # its parent package does not exist
+        return None
+    return importlib.import_module(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kalmanopt", description="Kalman-filter optimizers for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks")
+    bench = sub.add_parser("bench", help="benchmark suites (results under results/, see BENCHMARKS.md)")
     bench_sub = bench.add_subparsers(dest="suite", required=True)
-    try:
-        from kalmanopt.bench import step as step_bench
-    except ImportError:  # pragma: no cover - the suite is optional while it is being built
-        step_bench = None
-    if step_bench is not None:
-        step_bench.add_parser(bench_sub)
+    for name in BENCH_SUITES:
+        module = _optional_module(f"kalmanopt.bench.{name}")
+        if module is not None:
+            module.add_parser(bench_sub)
+    for name in TOP_LEVEL_COMMANDS:
+        module = _optional_module(name)
+        if module is not None:
+            module.add_parser(sub)
     return parser
 
 
