@@ -108,26 +108,32 @@ def test_channels_last_parameters(optimizer_spec, foreach):
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_training_step_runs_and_matches_eager():
+@pytest.mark.parametrize("cls", [KOALAPlusPlus, KOALAV, KOALAM])
+def test_step_compiles_without_graph_breaks_and_matches_eager(cls):
+    """fullgraph=True fails on any graph break, so this also proves the step has no host synchronisation."""
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 2)
-        opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+        opt = cls(model.parameters(), lr=0.5, weight_decay=1e-3)
 
         def opt_step(losses, opt=opt):
             opt.step(loss=losses)
 
-        step = torch.compile(opt_step) if compiled else opt_step
+        step = torch.compile(opt_step, fullgraph=True) if compiled else opt_step
         gen = torch.Generator().manual_seed(0)
-        for _ in range(3):
+        for k in range(4):
             x, y = torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen)
             opt.zero_grad()
             losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
             losses.mean().backward()
-            step(losses.detach())
+            losses = losses.detach()
+            if k == 2:
+                losses[0] = float("nan")  # the guard works inside the compiled graph too
+            step(losses)
         results.append([p.detach().clone() for p in model.parameters()])
+        assert int(opt.state[model.weight]["skipped_steps"]) == 1
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._reductions import squared_norms
 from .noise import R_INITIAL, R_STATISTICS, check_loss, loss_statistic, measurement_noise
 
 __all__ = ["KalmanOptimizer", "GradBucket"]
@@ -182,7 +183,8 @@ class KalmanOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__}.step() takes a closure or loss=, not both")
         if closure is None and loss is None:
             raise TypeError(_NO_LOSS_MESSAGE.format(name=type(self).__name__))
-        self._ensure_predicted()
+        with torch.no_grad():
+            self._ensure_predicted()
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -191,13 +193,15 @@ class KalmanOptimizer(Optimizer):
         returned = loss
         measured = check_loss(loss)
         loss_mean = measured.to(torch.promote_types(measured.dtype, torch.float32)).mean()
-        ok = self._measurement_update(loss_mean, lambda group: loss_statistic(measured, group["r_stat"]))
-        self._time_update(gate=ok)
+        with torch.no_grad():
+            ok = self._measurement_update(loss_mean, lambda group: loss_statistic(measured, group["r_stat"]))
+            self._time_update(gate=ok)
         return returned
 
     def predict(self) -> None:
         """The filter's time update (the papers' ``predict()``); call it before the forward pass."""
-        self._time_update(gate=None)
+        with torch.no_grad():
+            self._time_update(gate=None)
 
     def update(self, loss_mean: Tensor | float, loss_var: Tensor | float) -> None:
         """The filter's measurement update (the papers' ``update``), after ``backward`` on the mean loss.
@@ -210,8 +214,9 @@ class KalmanOptimizer(Optimizer):
         var = self._as_scalar("loss_var", loss_var)
         if not isinstance(loss_var, Tensor) and loss_var < 0:
             raise ValueError(f"loss_var must be non-negative, got {loss_var}")
-        self._ensure_predicted()
-        self._measurement_update(mean, lambda group: var)
+        with torch.no_grad():
+            self._ensure_predicted()
+            self._measurement_update(mean, lambda group: var)
 
     @staticmethod
     def _as_scalar(name: str, value: Tensor | float) -> Tensor:
@@ -229,7 +234,6 @@ class KalmanOptimizer(Optimizer):
         if not all(self._group_state(g)["predicted"] for g in self.param_groups):
             self._time_update(gate=None, only_pending=True)
 
-    @torch.no_grad()
     def _time_update(self, gate: Tensor | None, only_pending: bool = False) -> None:
         for group in self.param_groups:
             st = self._group_state(group)
@@ -241,7 +245,6 @@ class KalmanOptimizer(Optimizer):
     def _predict_group(self, group: dict[str, Any], group_state: dict[str, Any], gate: Tensor | None) -> None:
         """Time update of one group. ``gate`` (0-d bool or None) masks it: False leaves everything unchanged."""
 
-    @torch.no_grad()
     def _measurement_update(self, loss_mean: Tensor, statistic_for: Callable[[dict[str, Any]], Tensor]) -> Tensor:
         """Correct every group with the measured loss; returns the device flag ``ok`` (False: step skipped)."""
         ok = torch.isfinite(loss_mean)
@@ -308,8 +311,8 @@ def _effective_gradient(params: list[Tensor], grads: list[Tensor], states: list[
         param_sq = None
         if weight_decay != 0:
             torch._foreach_add_(h, params, alpha=weight_decay)
-            param_sq = torch.stack(torch._foreach_powsum(params, 2)).to(dtype)
-        grad_sq = torch.stack(torch._foreach_powsum(h, 2))
+            param_sq = squared_norms(params).to(dtype)
+        grad_sq = squared_norms(h)
     else:
         h_flat = None
         h = [g.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for g in grads]

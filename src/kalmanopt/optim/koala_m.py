@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _docs
+from ._reductions import squared_norms
 from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
 from .scalar_filter import scalar_covariance_update
 
@@ -124,7 +125,7 @@ class KOALAM(KalmanOptimizer):
         emas = [self.state[p]["weight_ema"] for p in started]
         diffs = torch._foreach_sub(emas, started)  # theta_bar - theta, in the state dtype
         n = sum(p.numel() for p in started)
-        qw = torch.stack(torch._foreach_powsum(diffs, 2)).to(P).sum() / n
+        qw = squared_norms(diffs).to(P).sum() / n
         weight = (1 - _WEIGHT_EMA) * (torch.ones_like(P[0]) if gate is None else gate.to(P.dtype))
         torch._foreach_addcmul_(emas, diffs, [-weight.to(e) for e in emas])
         return qw

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _docs
+from ._reductions import dots, squared_norms
 from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
 
 __all__ = ["KOALAPlusPlus", "koala_pp"]
@@ -186,11 +187,10 @@ def _coefficients(hh: Tensor, h_dot_prev: Tensor, h_dot_v: Tensor, prev_sq: Tens
 
 def _multi_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps, *,
                            layer_loss, noise, ok, lr, sigma, q, symmetric, grad_sq=None) -> None:
-    # One batched reduction pass: h.H_prev and h.v_prev for every tensor as 1x1 matrix products.
-    rows = [h.view(1, -1) for h in hs]
-    h_dot_prev = torch.cat(torch._foreach_mm(rows, [g.view(-1, 1) for g in prev_grads])).view(-1)
-    h_dot_v = torch.cat(torch._foreach_mm(rows, [v.view(-1, 1) for v in vs])).view(-1)
-    hh = torch.stack(torch._foreach_powsum(hs, 2)) if grad_sq is None else grad_sq
+    # One batched reduction pass: h.H_prev and h.v_prev for every tensor.
+    h_dot_prev = dots(hs, prev_grads)
+    h_dot_v = dots(hs, vs)
+    hh = squared_norms(hs) if grad_sq is None else grad_sq
     S_prev, prev_sq, prev_dot_v = torch.stack(prev_S), torch.stack(prev_grad_sq), torch.stack(prev_grad_v)
 
     normal = _coefficients(hh, h_dot_prev, h_dot_v, prev_sq, prev_dot_v, S_prev, q=q, noise=noise,
@@ -221,7 +221,7 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, pre
     torch._foreach_addcmul_(vs, hs, b.unbind(0))
     torch._foreach_addcmul_(params, vs, neg_step.unbind(0))
     torch._foreach_addcmul_(params, hs, (neg_step * q).unbind(0))
-    torch._foreach_lerp_(prev_grads, hs, commit.to(hh.dtype).unbind(0))
+    torch._foreach_lerp_(prev_grads, hs, list(commit.to(hh.dtype).unbind(0)))
 
     torch._foreach_copy_(prev_S, torch.where(commit, S, S_prev).unbind(0))
     torch._foreach_copy_(prev_grad_sq, torch.where(commit, hh, prev_sq).unbind(0))

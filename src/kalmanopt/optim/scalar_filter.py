@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._reductions import squared_norms
+
 __all__ = ["scalar_covariance_update"]
 
 
@@ -49,7 +51,7 @@ def _single_tensor(params, hs, momenta, steps, *, layer_loss, noise, ok, lr, p11
 
 
 def _multi_tensor(params, hs, momenta, steps, *, layer_loss, noise, ok, lr, p11, p21, grad_sq) -> Tensor:
-    hh = torch.stack(torch._foreach_powsum(hs, 2)) if grad_sq is None else grad_sq
+    hh = squared_norms(hs) if grad_sq is None else grad_sq
     S = p11 * hh + noise
     commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
     zero = torch.zeros_like(hh)

@@ -1,0 +1,171 @@
+r"""FullKalman: the exact extended Kalman filter with a dense covariance, for small networks.
+
+The ground truth that LoKO's diagonal (and KOALA's scalar) approximations are judged against, and the source of the
+covariance-evolution experiment (``kalmanopt bench covariance``). It shares LoKO's measurement (observation models,
+R estimators, guards; see :mod:`kalmanopt.optim.loko`) and keeps the full ``n x n`` covariance ``P`` over every
+trainable parameter of every group, in the order the groups list them (``layer_slices()`` gives the blocks):
+
+.. math::
+    \begin{aligned}
+        &P^- = P + q I,\quad S = H P^- H^\top + R,\quad K = P^- H^\top S^{-1}\ \text{(Cholesky solve)} \\
+        &\theta \leftarrow \theta + K e,\quad P \leftarrow P^- - K (P^- H^\top)^\top\ \text{(then symmetrised)}
+    \end{aligned}
+
+Memory is ``n^2`` state-dtype numbers (n = 5,000 float32 parameters: 100 MB), time ``O(n^2 m)`` per step. The
+prior is ``P_0 = diag(p0 per group)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .base import _check_number, state_dtype
+from .loko import (
+    cholesky_with_jitter,
+    jacobian_rows,
+    load_state_keep_dtypes,
+    noise_matrix,
+    observe,
+    updated_noise_estimate,
+    validate_shared,
+)
+
+__all__ = ["FullKalman"]
+
+
+class FullKalman(Optimizer):
+    r"""Dense-covariance EKF over the trainable parameters (for ``n`` up to ~20,000).
+
+    Args:
+        params: parameters or param groups (``p0`` may differ per group: the prior is block-diagonal).
+        p0 (float): prior variance. Default 0.03.
+        r0, beta, observation, noise, r_min, jacobian: as in :class:`kalmanopt.LoKO` (default ``noise="moment"``).
+        q (float): process noise added to the diagonal of ``P`` before every step. Default 0.
+        max_params (int): refuse more trainable numbers than this (a guard against allocating n^2 by mistake).
+
+    ``step(forward_fn, target)`` as in LoKO; returns the outputs before the update. State (in the first
+    parameter's): ``P`` (``n x n``, in the state dtype of the first parameter), ``step``, ``skipped_steps``,
+    ``noise_estimate``.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float = 0.03, r0: float = 0.1,
+                 beta: float = 0.95, observation: str = "softmax", q: float = 0.0, *, noise: str = "moment",
+                 r_min: float = 1e-3, jacobian: str = "batched", max_params: int = 20_000) -> None:
+        defaults = dict(p0=p0, r0=r0, beta=beta, observation=observation, q=q, noise=noise, r_min=r_min,
+                        jacobian=jacobian, p0_scale=1.0, variance_update="fd")
+        self.max_params = max_params
+        super().__init__(params, defaults)
+        n = sum(p.numel() for g in self.param_groups for p in g["params"] if p.requires_grad)
+        if n > max_params:
+            raise ValueError(f"Invalid max_params: FullKalman over {n} parameters needs an {n}x{n} covariance; "
+                             f"raise max_params (now {max_params}) if that is intended")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_shared(self, group)
+        _check_number("p0", group["p0"], 0.0, low_inclusive=False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        load_state_keep_dtypes(self, state_dict)
+
+    def _trainable(self) -> list[tuple[dict[str, Any], Tensor]]:
+        return [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def layer_slices(self) -> list[slice]:
+        """Where each trainable parameter tensor sits along the axes of ``P``."""
+        out, start = [], 0
+        for _, p in self._trainable():
+            out.append(slice(start, start + p.numel()))
+            start += p.numel()
+        return out
+
+    def covariance(self) -> Tensor | None:
+        """The current ``P`` (a view of the state; None before the first step)."""
+        pairs = self._trainable()
+        return self.state[pairs[0][1]].get("P") if pairs else None
+
+    def _global_state(self, pairs: list[tuple[dict[str, Any], Tensor]], classes: int) -> dict[str, Any]:
+        leader = pairs[0][1]
+        st = self.state[leader]
+        if "P" not in st:
+            g = self.param_groups[0]
+            diag = torch.cat([torch.full((p.numel(),), float(gr["p0"]), dtype=state_dtype(leader),
+                                         device=leader.device) for gr, p in pairs])
+            st["P"] = torch.diag(diag)
+            st["step"] = torch.zeros((), dtype=torch.int64)
+            st["skipped_steps"] = torch.zeros((), dtype=torch.int64)
+            c = 1 if g["observation"] == "loss" else classes
+            st["noise_estimate"] = g["r0"] * torch.eye(c, dtype=torch.float64, device=leader.device)
+        return st
+
+    @property
+    def skipped_steps(self) -> int:
+        pairs = self._trainable()
+        return int(self.state[pairs[0][1]]["skipped_steps"]) if pairs and "P" in self.state[pairs[0][1]] else 0
+
+    def step(self, forward_fn: Callable[[], Tensor], target: Tensor) -> Tensor:  # type: ignore[override]
+        """Observe one batch: returns the outputs computed before the update (detached)."""
+        pairs = self._trainable()
+        if not pairs:
+            raise ValueError("FullKalman has no parameter with requires_grad=True")
+        g0 = self.param_groups[0]
+        params = [p for _, p in pairs]
+        with torch.enable_grad():
+            outputs = forward_fn()
+            h, e, yhat = observe(outputs, target, g0["observation"])
+            finite = bool(torch.isfinite(outputs).all())
+            rows = jacobian_rows(h, params, g0["jacobian"]) if finite else None
+        gst = self._global_state(pairs, outputs.shape[1])
+        with torch.no_grad():
+            ok = rows is not None and self._update(params, rows, e, yhat, gst)
+        if not ok:
+            gst["skipped_steps"] += 1
+        return outputs.detach()
+
+    @torch.no_grad()
+    def _update(self, params: list[Tensor], rows: list[Tensor], e: Tensor, yhat: Tensor,
+                gst: dict[str, Any]) -> bool:
+        g0 = self.param_groups[0]
+        m = e.numel()
+        P = gst["P"]
+        H = torch.cat([r.reshape(m, -1).to(P.dtype) for r in rows], dim=1)  # (m, n)
+        if not (bool(torch.isfinite(H).all()) and bool(torch.isfinite(e).all())):
+            return False
+        q = g0["q"]
+        Pp = P + q * torch.eye(P.shape[0], dtype=P.dtype, device=P.device) if q else P
+        PHt = Pp @ H.T  # (n, m)
+        R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
+        S = (H @ PHt).to(torch.float64) + R
+        L = cholesky_with_jitter(S)
+        if L is None:
+            warnings.warn("FullKalman: the innovation covariance is not positive definite; sample skipped",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        Kt = torch.cholesky_solve(PHt.T.to(torch.float64), L).to(P.dtype)  # K^T = S^-1 H P  (m, n)
+        delta = Kt.T @ e.to(P.dtype)
+        newP = Pp - Kt.T @ PHt.T
+        newP = 0.5 * (newP + newP.T)
+        if not (bool(torch.isfinite(delta).all()) and bool(torch.isfinite(newP).all())):
+            return False
+        if g0["noise"] in ("ema", "ema_diag"):
+            hph = (H @ newP @ H.T).to(torch.float64)
+            blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
+            new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - (H @ delta).to(torch.float64),
+                                           hph, g0["beta"], blocks)
+            if not bool(torch.isfinite(new_r).all()):
+                return False
+            gst["noise_estimate"].copy_(new_r)
+        P.copy_(newP)
+        start = 0
+        for p in params:
+            p.add_(delta[start:start + p.numel()].view(p.shape).to(p.dtype))
+            start += p.numel()
+        gst["step"] += 1
+        return True

@@ -1,0 +1,440 @@
+r"""LoKO: a diagonal extended Kalman filter over model *outputs*, for online fine-tuning of adapters.
+
+The state is the set of trainable parameters (LoRA ``A``/``B``, DoRA magnitudes, a classification head, or any
+subset of a plain model); the covariance is kept as its diagonal ``p``. One step observes one batch:
+
+.. math::
+    \begin{aligned}
+        &h = h(\theta; x) \in \mathbb{R}^m,\quad H = \partial h / \partial\theta \;(m \times n),\quad e = y - h \\
+        &p^- = (1 + \alpha)\,p + q \quad\text{(time update: inflation and process noise, both 0 by default)} \\
+        &S = H\,\mathrm{diag}(p^-)\,H^\top + R \quad\text{(Cholesky-factored, never inverted)} \\
+        &\textbf{fd}:\; \theta \leftarrow \theta + p^- \circ H^\top S^{-1} e,\quad
+            p \leftarrow p^- - (p^-)^2 \circ \mathrm{diag}(H^\top S^{-1} H)
+            \quad\text{(the diagonal of } (I - KH)\,\mathrm{diag}(p^-)) \\
+        &\textbf{vd}:\; 1/p \leftarrow 1/p^- + \mathrm{diag}(H^\top R^{-1} H),\quad
+            \theta \leftarrow \theta + p \circ H^\top R^{-1} e
+    \end{aligned}
+
+The Jacobian rows come from batched vector-Jacobian products (``autograd.grad(..., is_grads_batched=True)``,
+falling back to one backward per row where an operator has no batching rule).
+
+What is the paper's (Abdi et al., arXiv:2410.11551) and what is ours: the paper states a diagonal-covariance EKF on
+the adapter parameters, a "robust" initialisation of P and an EMA estimate of R. The observation models, the exact
+R recursions, the automatic P0 and the precision-matching variance update are **our formulation**, all selectable:
+
+``observation``
+    ``"softmax"``: ``h`` = class probabilities (``m = batch x classes``), ``y`` one-hot, ``e`` in [-1, 1].
+    The softmax outputs sum to one, so every Jacobian row set is rank-deficient (rows sum to zero); we keep all
+    classes and rely on ``R >= r_min I`` with ``r_min > 0`` to keep ``S`` positive definite (the innovation also
+    sums to zero, so the extra direction carries no signal). ``"logits"``: ``h`` = logits, linearised, with the
+    innovation ``e = onehot - softmax`` (equivalently a pseudo-target ``logits + onehot - softmax``), so that
+    ``H^T e`` is minus the cross-entropy gradient. ``"loss"``: one scalar measurement per batch, the mean
+    cross-entropy with target 0 and ``H = grad loss`` (a diagonal KOALA; no Jacobian rows, ``m = 1``).
+``noise`` (R)
+    ``"moment"``: moment-matched to the categorical variance at the current prediction,
+    ``R = diag(yhat) - yhat yhat^T + r_min I`` (softmax only; with it the filter is an online natural-gradient
+    method, as in Ollivier 2018 and Chang et al. 2022). ``"ema"``: the adaptive-EKF average
+    ``R <- beta R + (1 - beta)(eps eps^T + H P H^T)`` with the post-update residual ``eps = e - H dtheta``
+    (first order, no second forward pass), ``R_0 = r0 I``, plus the floor ``r_min I`` when used. ``"ema_diag"``:
+    its diagonal. ``"fixed"``: ``R = r0 I + r_min I``. R is per sample (``classes x classes``; ``1 x 1`` for
+    ``"loss"``) and block-diagonal over a batch.
+``variance_update``
+    ``"fd"``: the variance-matching update above (the diagonal of the exact EKF update). ``"vd"``: precision
+    matching (VD-EKF), ``1/p += diag(H^T R^-1 H)``, whose mean update uses the new ``p`` and ``R^-1``.
+``p0``
+    a number per param group, or ``"auto"``: at the first step with a non-zero Jacobian, one scalar for every
+    ``"auto"`` group such that ``trace(H P0 H^T) = p0_scale * trace(R)``: the prior explains ``p0_scale`` times the
+    observation noise. (With LoRA's ``B = 0`` start, ``dh/dA = 0`` at step 0, so ``A`` gets the same scalar.)
+
+Everything inside one step runs in float64 for the ``m x m`` algebra and in the state dtype (float32 for 16/32-bit
+parameters, float64 for float64 ones) for the ``O(n m)`` work.
+
+Guards: non-finite outputs, Jacobian rows or innovation, or an ``S`` (or ``R`` for ``"vd"``) that stays
+non-positive-definite after two jitter retries skip the sample: parameters, ``p`` and ``R`` are left bit-for-bit
+unchanged and ``skipped_steps`` counts it (a ``RuntimeWarning`` is issued for a failed factorisation). Unlike the
+KOALA optimizers, LoKO synchronises with the host inside ``step`` (it factorises a small matrix and branches).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .base import _check_number, state_dtype
+
+__all__ = ["LoKO", "OBSERVATIONS", "NOISE_MODELS", "VARIANCE_UPDATES"]
+
+OBSERVATIONS = ("softmax", "logits", "loss")
+NOISE_MODELS = ("moment", "ema", "ema_diag", "fixed")
+VARIANCE_UPDATES = ("fd", "vd")
+JACOBIAN_MODES = ("batched", "loop")
+
+# Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
+_SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "p0_scale", "jacobian")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def one_hot_target(target: Tensor, outputs: Tensor) -> Tensor:
+    """Class indices ``(B,)`` or probabilities ``(B, C)`` as a float64 ``(B, C)`` target."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor of class indices, got {type(target)!r}")
+    b, c = outputs.shape
+    if target.dim() == 1 and not target.is_floating_point():
+        if target.numel() != b:
+            raise ValueError(f"target has {target.numel()} labels for a batch of {b} outputs")
+        return F.one_hot(target.to(outputs.device), c).to(torch.float64)
+    if target.shape == outputs.shape and target.is_floating_point():
+        return target.detach().to(device=outputs.device, dtype=torch.float64)
+    raise ValueError(f"target must be class indices of shape ({b},) or probabilities of shape ({b}, {c}), "
+                     f"got {tuple(target.shape)} {target.dtype}")
+
+
+def observe(outputs: Tensor, target: Tensor, observation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The measurement: ``h`` (flat, with autograd graph), innovation ``e`` (float64, flat) and ``yhat`` (B, C).
+
+    ``yhat`` is the detached softmax (float64), used by the moment-matched R.
+    """
+    if not isinstance(outputs, Tensor) or outputs.dim() != 2:
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs)
+        raise ValueError(f"forward_fn must return logits of shape (batch, classes), got {shape}")
+    y = one_hot_target(target, outputs)
+    yhat = torch.softmax(outputs.detach().to(torch.float64), dim=1)
+    if observation == "softmax":
+        h = torch.softmax(outputs, dim=1).reshape(-1)
+        e = (y - yhat).reshape(-1)
+    elif observation == "logits":
+        h = outputs.reshape(-1)
+        e = (y - yhat).reshape(-1)
+    elif observation == "loss":
+        h = (-(y.to(outputs.dtype) * torch.log_softmax(outputs, dim=1)).sum(1)).mean().reshape(1)
+        e = -h.detach().to(torch.float64)
+    else:
+        raise ValueError(f"unknown observation {observation!r}; expected one of {OBSERVATIONS}")
+    return h, e, yhat
+
+
+_BATCHING_FAILED: set[str] = set()
+
+
+def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched") -> list[Tensor]:
+    """``dh/dtheta`` for every parameter as ``(m, *param.shape)`` tensors (zeros where unused).
+
+    ``mode="batched"`` runs the ``m`` vector-Jacobian products as one vmapped backward; it falls back to a loop of
+    backwards (with a one-time warning) where an operator has no batching rule.
+    """
+    m = h.numel()
+    if m == 1:
+        grads = torch.autograd.grad(h.sum(), params, allow_unused=True)
+        rows = [None if g is None else g.unsqueeze(0) for g in grads]
+    else:
+        rows = None
+        if mode == "batched":
+            eye = torch.eye(m, dtype=h.dtype, device=h.device)
+            try:
+                rows = list(torch.autograd.grad(h, params, grad_outputs=eye, is_grads_batched=True,
+                                                retain_graph=True, allow_unused=True))
+            except (RuntimeError, NotImplementedError) as exc:
+                key = type(exc).__name__ + str(exc)[:80]
+                if key not in _BATCHING_FAILED:
+                    _BATCHING_FAILED.add(key)
+                    warnings.warn(f"batched Jacobian failed ({str(exc)[:200]}); using one backward per row",
+                                  RuntimeWarning, stacklevel=3)
+        if rows is None:
+            per_row = [torch.autograd.grad(h[j], params, retain_graph=j < m - 1, allow_unused=True)
+                       for j in range(m)]
+            rows = []
+            for i in range(len(params)):
+                col = [r[i] for r in per_row]
+                rows.append(None if all(c is None for c in col) else
+                            torch.stack([torch.zeros_like(params[i]) if c is None else c for c in col]))
+    return [torch.zeros((m, *p.shape), dtype=p.dtype, device=p.device) if r is None else r
+            for r, p in zip(rows, params, strict=True)]
+
+
+def noise_matrix(noise: str, estimate: Tensor, yhat: Tensor, r_min: float, observation: str) -> Tensor:
+    """The ``m x m`` measurement noise of this batch (float64), block-diagonal over the batch."""
+    b = yhat.shape[0]
+    if noise == "moment":
+        block = torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)  # (B, C, C)
+        eye = torch.eye(yhat.shape[1], dtype=torch.float64, device=yhat.device)
+        return torch.block_diag(*(block + r_min * eye))
+    eye = torch.eye(estimate.shape[0], dtype=torch.float64, device=estimate.device)
+    block = estimate.to(torch.float64) + r_min * eye
+    return block if (observation == "loss" or b == 1) else torch.block_diag(*([block] * b))
+
+
+def updated_noise_estimate(noise: str, estimate: Tensor, residual: Tensor, hph: Tensor, beta: float,
+                           blocks: int) -> Tensor:
+    """The EMA R after a step: ``beta R + (1 - beta) mean_b(eps_b eps_b^T + (H P H^T)_bb)``."""
+    if noise not in ("ema", "ema_diag"):
+        return estimate
+    c = estimate.shape[0]
+    eps = residual.reshape(blocks, c)
+    hph_blocks = torch.stack([hph[i * c:(i + 1) * c, i * c:(i + 1) * c] for i in range(blocks)])
+    sample = (eps.unsqueeze(2) * eps.unsqueeze(1) + hph_blocks).mean(0)
+    if noise == "ema_diag":
+        sample = torch.diag(torch.diagonal(sample))
+    new = beta * estimate.to(torch.float64) + (1.0 - beta) * sample
+    return 0.5 * (new + new.T)
+
+
+def cholesky_with_jitter(a: Tensor, retries: int = 2) -> Tensor | None:
+    """Lower Cholesky factor of the symmetric ``a``; adds relative jitter up to ``retries`` times, else None."""
+    a = 0.5 * (a + a.T)
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0 and torch.isfinite(factor).all():
+        return factor
+    scale = torch.diagonal(a).abs().mean().clamp_min(1e-30)
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    for k in range(retries):
+        factor, info = torch.linalg.cholesky_ex(a + scale * 10.0 ** (-8 + 2 * k) * eye)
+        if int(info) == 0 and torch.isfinite(factor).all():
+            return factor
+    return None
+
+
+def validate_shared(opt: Optimizer, group: dict[str, Any]) -> None:
+    """Checks of the measurement hyperparameters, and that every group agrees on them."""
+    if group["observation"] not in OBSERVATIONS:
+        raise ValueError(f"Invalid observation: {group['observation']!r} (expected one of {OBSERVATIONS})")
+    if group["noise"] not in NOISE_MODELS:
+        raise ValueError(f"Invalid noise: {group['noise']!r} (expected one of {NOISE_MODELS})")
+    if group["noise"] == "moment" and group["observation"] != "softmax":
+        raise ValueError(f"Invalid noise: 'moment' (the categorical variance) needs observation='softmax', "
+                         f"got observation={group['observation']!r}")
+    if group["jacobian"] not in JACOBIAN_MODES:
+        raise ValueError(f"Invalid jacobian: {group['jacobian']!r} (expected one of {JACOBIAN_MODES})")
+    _check_number("beta", group["beta"], 0.0, high=1.0, high_inclusive=False)
+    _check_number("r0", group["r0"], 0.0)
+    _check_number("r_min", group["r_min"], 0.0)
+    _check_number("q", group["q"], 0.0)
+    if group["noise"] in ("ema", "ema_diag", "fixed") and group["r0"] + group["r_min"] <= 0:
+        raise ValueError("r0 and r_min cannot both be 0: R would be singular")
+    if group["noise"] == "moment" and group["r_min"] <= 0:
+        raise ValueError("Invalid r_min: 0 with noise='moment' (the categorical variance is singular; use r_min > 0)")
+    for p in group["params"]:
+        if not p.is_floating_point() or p.is_complex():
+            raise ValueError(f"{type(opt).__name__} optimizes real floating-point tensors, got {p.dtype}")
+    first = opt.param_groups[0]
+    for key in _SHARED:
+        if key in group and group[key] != first[key]:
+            raise ValueError(f"Invalid {key}: every param group must use the same {key} (the measurement is shared);"
+                             f" got {group[key]!r} and {first[key]!r}")
+
+
+def load_state_keep_dtypes(opt: Optimizer, state_dict: dict[str, Any]) -> None:
+    """``Optimizer.load_state_dict`` that keeps each saved tensor's dtype (torch casts to the parameter's)."""
+    saved = state_dict["state"]
+    Optimizer.load_state_dict(opt, state_dict)
+    index_to_param = [p for g in opt.param_groups for p in g["params"]]
+    for key, values in saved.items():
+        if not isinstance(key, int) or key >= len(index_to_param):
+            continue
+        p = index_to_param[key]
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                opt.state[p][name] = value.to(device=p.device, copy=True)
+
+
+# ---------------------------------------------------------------------------------------------------- LoKO
+class LoKO(Optimizer):
+    r"""LoKO: a diagonal-covariance extended Kalman filter for online fine-tuning (Abdi et al., 2024).
+
+    Call it with the model's outputs, not a loss::
+
+        opt = LoKO(model.parameters())         # or kalmanopt.integrations.peft.wrap(model, LoraConfig(...))
+        for x, y in stream:
+            logits = opt.step(lambda: model(x), y)   # logits *before* the update: predict, then learn
+
+    Args:
+        params: iterable of parameters or of dicts defining param groups (only ``requires_grad`` ones are filtered).
+        p0 (float or "auto"): prior variance per param group, or ``"auto"`` (see module docs). Default 0.03.
+        r0 (float): initial (``"ema"``) or fixed (``"fixed"``) observation noise scale, ``R_0 = r0 I``.
+            Default 0.1.
+        beta (float): EMA coefficient of R for ``noise="ema"``/``"ema_diag"``. Default 0.95.
+        observation (str): ``"softmax"`` (default), ``"logits"`` or ``"loss"``.
+        q (float): process noise added to ``p`` before every step (per group). Default 0.
+        noise (str): ``"moment"`` (default), ``"ema"``, ``"ema_diag"`` or ``"fixed"``.
+        variance_update (str): ``"vd"`` (precision matching, default) or ``"fd"`` (variance matching).
+        r_min (float): floor added to R, keeps S positive definite. Default 1e-3.
+        p_min (float): floor of ``p`` after the ``"fd"`` update. Default 1e-12.
+        inflation (float): multiplicative inflation ``p <- (1 + inflation) p`` before every step. Default 0.
+        p0_scale (float): the constant of ``p0="auto"``. Default 1.
+        jacobian (str): ``"batched"`` (default) or ``"loop"``.
+
+    ``step(forward_fn, target)``: ``forward_fn()`` returns logits ``(batch, classes)``; ``target`` holds class
+    indices ``(batch,)`` (or probabilities ``(batch, classes)``). Returns the detached logits computed before the
+    update. The state holds ``p`` per parameter and, in the first parameter's state, ``step``,
+    ``skipped_steps``, the R estimate ``noise_estimate`` and ``p0_auto``.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float | str = 0.03, r0: float = 0.1,
+                 beta: float = 0.95, observation: str = "softmax", q: float = 0.0, *, noise: str = "moment",
+                 variance_update: str = "vd", r_min: float = 1e-3, p_min: float = 1e-12, inflation: float = 0.0,
+                 p0_scale: float = 1.0, jacobian: str = "batched") -> None:
+        defaults = dict(p0=p0, r0=r0, beta=beta, observation=observation, q=q, noise=noise,
+                        variance_update=variance_update, r_min=r_min, p_min=p_min, inflation=inflation,
+                        p0_scale=p0_scale, jacobian=jacobian)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_shared(self, group)
+        if group["p0"] != "auto":
+            _check_number("p0", group["p0"], 0.0, low_inclusive=False)
+        _check_number("p_min", group["p_min"], 0.0)
+        _check_number("inflation", group["inflation"], 0.0)
+        _check_number("p0_scale", group["p0_scale"], 0.0, low_inclusive=False)
+        if group["variance_update"] not in VARIANCE_UPDATES:
+            raise ValueError(f"Invalid variance_update: {group['variance_update']!r} (expected one of "
+                             f"{VARIANCE_UPDATES})")
+        if group["variance_update"] == "vd" and group["r_min"] <= 0 and group["noise"] != "fixed":
+            raise ValueError("Invalid r_min: variance_update='vd' needs R positive definite, use r_min > 0")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        load_state_keep_dtypes(self, state_dict)
+
+    # ------------------------------------------------------------------ state
+    def _trainable(self) -> list[tuple[dict[str, Any], Tensor]]:
+        return [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _global_state(self, leader: Tensor, classes: int) -> dict[str, Any]:
+        st = self.state[leader]
+        if "step" not in st:
+            g = self.param_groups[0]
+            c = 1 if g["observation"] == "loss" else classes
+            st["step"] = torch.zeros((), dtype=torch.int64)
+            st["skipped_steps"] = torch.zeros((), dtype=torch.int64)
+            st["noise_estimate"] = g["r0"] * torch.eye(c, dtype=torch.float64, device=leader.device)
+            st["p0_auto"] = torch.full((), float("nan"), dtype=torch.float64)
+        return st
+
+    @property
+    def skipped_steps(self) -> int:
+        """Samples skipped because of bad input (0 before the first step)."""
+        pairs = self._trainable()
+        if not pairs or "skipped_steps" not in self.state[pairs[0][1]]:
+            return 0
+        return int(self.state[pairs[0][1]]["skipped_steps"])
+
+    # ------------------------------------------------------------------ step
+    def step(self, forward_fn: Callable[[], Tensor], target: Tensor) -> Tensor:  # type: ignore[override]
+        """Observe one batch: returns the outputs computed before the update (detached)."""
+        if not callable(forward_fn):
+            raise TypeError("LoKO.step(forward_fn, target): forward_fn must be a callable returning logits")
+        pairs = self._trainable()
+        if not pairs:
+            raise ValueError("LoKO has no parameter with requires_grad=True")
+        g0 = self.param_groups[0]
+        with torch.enable_grad():
+            outputs = forward_fn()
+            h, e, yhat = observe(outputs, target, g0["observation"])
+            params = [p for _, p in pairs]
+            finite = bool(torch.isfinite(outputs).all())
+            rows = jacobian_rows(h, params, g0["jacobian"]) if finite and h.requires_grad else None
+        returned = outputs.detach()
+        gst = self._global_state(params[0], outputs.shape[1])
+        if rows is None:
+            if finite:
+                raise RuntimeError("forward_fn's outputs do not depend on the optimizer's parameters")
+            gst["skipped_steps"] += 1
+            return returned
+        with torch.no_grad():
+            ok = self._update(pairs, rows, e, yhat, gst)
+        if not ok:
+            gst["skipped_steps"] += 1
+        return returned
+
+    @torch.no_grad()
+    def _update(self, pairs: list[tuple[dict[str, Any], Tensor]], rows: list[Tensor], e: Tensor, yhat: Tensor,
+                gst: dict[str, Any]) -> bool:
+        g0 = self.param_groups[0]
+        m = e.numel()
+        if not bool(torch.isfinite(e).all()):
+            return False
+        H = []
+        for (_, p), r in zip(pairs, rows, strict=True):
+            hr = r.reshape(m, -1).to(state_dtype(p))
+            if not bool(torch.isfinite(hr).all()):
+                return False
+            H.append(hr)
+        R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
+
+        # prior variances (time update), with the automatic p0 where asked for
+        p0_auto = gst["p0_auto"]
+        new_auto = None
+        if any(g["p0"] == "auto" and "p" not in self.state[p] for g, p in pairs) and not bool(p0_auto.isfinite()):
+            tr = sum(float(hr.double().square().sum()) for (g, _), hr in zip(pairs, H, strict=True)
+                     if g["p0"] == "auto")
+            if tr > 0 and tr == tr and tr != float("inf"):
+                new_auto = g0["p0_scale"] * float(torch.trace(R)) / tr
+        prior = []
+        for g, p in pairs:
+            st = self.state[p]
+            if "p" in st:
+                pp = st["p"].reshape(-1) * (1.0 + g["inflation"]) + g["q"]
+            else:
+                value = g["p0"] if g["p0"] != "auto" else (float(p0_auto) if bool(p0_auto.isfinite()) else new_auto)
+                dtype = state_dtype(p)
+                pp = torch.full((p.numel(),), 0.0 if value is None else value, dtype=dtype, device=p.device)
+            prior.append(pp)
+
+        S = R.clone()
+        for hr, pp in zip(H, prior, strict=True):
+            S += ((hr * pp) @ hr.T).to(torch.float64)
+        if not bool(torch.isfinite(S).all()):
+            return False
+        vd = g0["variance_update"] == "vd"
+        L = cholesky_with_jitter(R if vd else S)
+        if L is None:
+            warnings.warn("LoKO: the innovation covariance is not positive definite; sample skipped",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        a = torch.cholesky_solve(e.unsqueeze(1), L).squeeze(1)  # S^-1 e (fd) or R^-1 e (vd)
+        deltas, posts = [], []
+        for hr, pp in zip(H, prior, strict=True):
+            W = torch.linalg.solve_triangular(L, hr.to(torch.float64), upper=False)
+            d = W.square().sum(0).to(pp.dtype)  # diag(H^T S^-1 H) or diag(H^T R^-1 H)
+            if vd:
+                post = torch.where(pp > 0, 1.0 / (1.0 / pp + d), torch.zeros_like(pp))
+            else:
+                post = pp - pp.square() * d
+            deltas.append((post if vd else pp) * (hr.T @ a.to(hr.dtype)))
+            posts.append(post)
+        for (g, _), i in zip(pairs, range(len(posts)), strict=True):
+            if not vd:
+                posts[i] = posts[i].clamp_min(g["p_min"])
+        if not all(bool(torch.isfinite(d).all()) and bool(torch.isfinite(q).all()) for d, q in zip(deltas, posts,
+                                                                                                   strict=True)):
+            return False
+
+        # R estimate from the first-order post-update residual
+        if g0["noise"] in ("ema", "ema_diag"):
+            hdelta = sum((hr @ d).to(torch.float64) for hr, d in zip(H, deltas, strict=True))
+            hph = sum(((hr * q) @ hr.T).to(torch.float64) for hr, q in zip(H, posts, strict=True))
+            blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
+            new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - hdelta, hph, g0["beta"], blocks)
+            if not bool(torch.isfinite(new_r).all()):
+                return False
+            gst["noise_estimate"].copy_(new_r)
+
+        # commit
+        for (g, p), d, post in zip(pairs, deltas, posts, strict=True):
+            st = self.state[p]
+            if "p" not in st:
+                if g["p0"] == "auto" and not bool(p0_auto.isfinite()) and new_auto is None:
+                    continue  # its Jacobian was zero, d is zero: initialise at the first informative step
+                st["p"] = torch.empty(p.shape, dtype=state_dtype(p), device=p.device)
+            st["p"].copy_(post.view(p.shape))
+            p.add_(d.view(p.shape).to(p.dtype))
+        if new_auto is not None:
+            gst["p0_auto"].fill_(new_auto)
+        gst["step"] += 1
+        return True
