@@ -35,6 +35,8 @@ COMMON_ARGS = r"""
             or ``"mean_variance"``.
         foreach (bool, optional): use the multi-tensor fast path (default: ``None``, i.e. on for CPU and CUDA
             tensors). ``False`` selects the readable single-tensor reference.
+        process_group (optional): the data-parallel group whose loss statistics are summed when
+            ``torch.distributed`` is initialised (default: the world).
 """
 
 GUARDS = r"""

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ._reductions import squared_norms
-from .noise import R_INITIAL, R_STATISTICS, check_loss, loss_statistic, measurement_noise
+from .noise import R_INITIAL, R_STATISTICS, check_loss, check_statistic, loss_moments, loss_statistic, measurement_noise
 
 __all__ = ["KalmanOptimizer", "GradBucket"]
 
@@ -112,10 +113,25 @@ class KalmanOptimizer(Optimizer):
 
     Subclasses implement :meth:`_init_group_state`, :meth:`_init_param_state`, :meth:`_predict_group` and
     :meth:`_correct_group`.
+
+    Data parallelism: when ``torch.distributed`` is initialised, the loss statistics (sum of losses, sum of
+    squares, count) are summed over ``process_group`` (default: the world), so that with DDP's averaged gradients
+    every rank takes the identical step, the one a single process would take on the whole batch. (A rank that hands
+    over a 0-d batch mean contributes it as one sample, so R then averages the squared rank means.) Pass a group of
+    one rank to keep ranks independent.
+
+    Mixed precision: ``torch.amp.GradScaler`` is supported through its optimizer protocol
+    (``_step_supports_amp_scaling``): ``scaler.step(opt, loss=losses)`` hands over the scale and the found-inf flag,
+    the gradients are unscaled while the effective gradient is formed, and an overflowing step is skipped and
+    counted on the device, without a host synchronisation.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any], *,
+                 process_group: Any = None) -> None:
         super().__init__(params, defaults)
+        self._process_group = process_group
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -192,9 +208,12 @@ class KalmanOptimizer(Optimizer):
                 raise TypeError(f"the closure must return the loss as a tensor, got {type(loss)!r}")
         returned = loss
         measured = check_loss(loss)
-        loss_mean = measured.to(torch.promote_types(measured.dtype, torch.float32)).mean()
+        for group in self.param_groups:
+            check_statistic(measured, group["r_stat"])
         with torch.no_grad():
-            ok = self._measurement_update(loss_mean, lambda group: loss_statistic(measured, group["r_stat"]))
+            moments = self._all_reduce(loss_moments(measured))
+            loss_mean = moments[0] / moments[2]
+            ok = self._measurement_update(loss_mean, lambda group: loss_statistic(moments, group["r_stat"]))
             self._time_update(gate=ok)
         return returned
 
@@ -216,7 +235,16 @@ class KalmanOptimizer(Optimizer):
             raise ValueError(f"loss_var must be non-negative, got {loss_var}")
         with torch.no_grad():
             self._ensure_predicted()
-            self._measurement_update(mean, lambda group: var)
+            mean, var, ranks = self._all_reduce(torch.stack([mean, var.to(mean), torch.ones_like(mean)])).unbind(0)
+            self._measurement_update(mean / ranks, lambda group: var / ranks)
+
+    def _all_reduce(self, values: Tensor) -> Tensor:
+        """Sum ``values`` over the data-parallel group when running distributed; identity otherwise."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self._process_group) == 1:
+            return values
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self._process_group)
+        return values
 
     @staticmethod
     def _as_scalar(name: str, value: Tensor | float) -> Tensor:
@@ -248,12 +276,16 @@ class KalmanOptimizer(Optimizer):
     def _measurement_update(self, loss_mean: Tensor, statistic_for: Callable[[dict[str, Any]], Tensor]) -> Tensor:
         """Correct every group with the measured loss; returns the device flag ``ok`` (False: step skipped)."""
         ok = torch.isfinite(loss_mean)
+        # Set by torch.amp.GradScaler.step for optimizers with _step_supports_amp_scaling.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None:
+            ok = ok & (found_inf.to(ok.device) == 0)
         pending = []
         for group in self.param_groups:
             st = self._group_state(group)
             stat = statistic_for(group)
             ok = ok & (torch.isfinite(stat) & (stat >= 0)).to(ok.device)
-            buckets = self._gather(group)
+            buckets = self._gather(group, grad_scale)
             for b in buckets:
                 ok = ok & b.finite.to(ok.device)
             pending.append((group, st, stat, buckets))
@@ -280,7 +312,7 @@ class KalmanOptimizer(Optimizer):
             return bool(group["foreach"])
         return all(p.device.type in ("cpu", "cuda") for p in group["params"])
 
-    def _gather(self, group: dict[str, Any]) -> list[GradBucket]:
+    def _gather(self, group: dict[str, Any], grad_scale: Tensor | None = None) -> list[GradBucket]:
         """Collect the parameters with gradients into (device, state dtype) buckets and form ``h``."""
         by_key: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[dict]]] = {}
         for p in group["params"]:
@@ -297,17 +329,22 @@ class KalmanOptimizer(Optimizer):
             states.append(st)
         foreach = self._use_foreach(group)
         wd = group["weight_decay"]
-        return [_effective_gradient(ps, gs, sts, dtype, wd, foreach) for (_, dtype), (ps, gs, sts) in by_key.items()]
+        return [_effective_gradient(ps, gs, sts, dtype, wd, foreach, grad_scale)
+                for (_, dtype), (ps, gs, sts) in by_key.items()]
 
 
 def _effective_gradient(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], dtype: torch.dtype,
-                        weight_decay: float, foreach: bool) -> GradBucket:
+                        weight_decay: float, foreach: bool, grad_scale: Tensor | None = None) -> GradBucket:
+    """h = g / grad_scale + weight_decay * theta, in ``dtype``, with the per-tensor squared norms."""
     device = params[0].device
+    inv_scale = None if grad_scale is None else grad_scale.to(device=device, dtype=dtype).reciprocal()
     if foreach:
         sizes = [p.numel() for p in params]
         h_flat = torch.empty(sum(sizes), dtype=dtype, device=device)
         h = [chunk.view(p.shape) for chunk, p in zip(h_flat.split(sizes), params, strict=True)]
         torch._foreach_copy_(h, grads)  # casts to the state dtype, reads any memory layout
+        if inv_scale is not None:
+            h_flat.mul_(inv_scale)
         param_sq = None
         if weight_decay != 0:
             torch._foreach_add_(h, params, alpha=weight_decay)
@@ -316,6 +353,9 @@ def _effective_gradient(params: list[Tensor], grads: list[Tensor], states: list[
     else:
         h_flat = None
         h = [g.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for g in grads]
+        if inv_scale is not None:
+            for hi in h:
+                hi.mul_(inv_scale)
         param_sq = None
         if weight_decay != 0:
             for hi, p in zip(h, params, strict=True):

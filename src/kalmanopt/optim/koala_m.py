@@ -69,10 +69,11 @@ class KOALAM(KalmanOptimizer):
 
     def __init__(self, params, lr: float = 1.0, sw: float = 0.1, sc: float = 0.0, sv: float = 0.1, a: float = 0.9,
                  qw: float | None = 0.01, qv: float = 0.01, r: float | None = None, alpha_r: float = 0.9,
-                 weight_decay: float = 0.0, *, r_stat: str = "second_moment", foreach: bool | None = None) -> None:
+                 weight_decay: float = 0.0, *, r_stat: str = "second_moment", foreach: bool | None = None,
+                 process_group: Any = None) -> None:
         defaults = dict(lr=lr, sw=sw, sc=sc, sv=sv, a=a, qw=qw, qv=qv, r=r, alpha_r=alpha_r,
                         weight_decay=weight_decay, r_stat=r_stat, foreach=foreach)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

@@ -55,10 +55,10 @@ class KOALAV(KalmanOptimizer):
 
     def __init__(self, params, lr: float = 1.0, sigma: float = 0.1, q: float = 1.0, r: float | None = None,
                  alpha_r: float = 0.9, weight_decay: float = 0.0, *, r_stat: str = "second_moment",
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, process_group: Any = None) -> None:
         defaults = dict(lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, weight_decay=weight_decay, r_stat=r_stat,
                         foreach=foreach)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

@@ -42,20 +42,39 @@ def check_loss(loss: Tensor) -> Tensor:
     return loss.detach()
 
 
-def loss_statistic(loss: Tensor, r_stat: str) -> Tensor:
-    """The statistic of ``loss`` (already checked) that the R average is fed, as a 0-d float tensor."""
-    loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
+def loss_moments(loss: Tensor) -> Tensor:
+    """Sufficient statistics of a checked loss, ``[sum(l_i), sum(l_i ** 2), count]`` (a 0-d loss counts once).
+
+    Statistics of the whole batch follow from these alone, so data-parallel ranks sum them (all-reduce) and every
+    rank then sees the measurement of the global batch.
+    """
+    loss = loss.to(torch.promote_types(loss.dtype, torch.float32)).reshape(-1)
+    count = torch.full((), loss.numel(), dtype=loss.dtype, device=loss.device)
+    return torch.stack([loss.sum(), loss.square().sum(), count])
+
+
+def check_statistic(loss: Tensor, r_stat: str) -> None:
+    """Shape checks for ``r_stat`` that need no device values."""
+    if r_stat not in R_STATISTICS:
+        raise ValueError(f"unknown r_stat {r_stat!r}; expected one of {R_STATISTICS}")
+    if r_stat == "mean_variance" and (loss.dim() == 0 or loss.numel() < 2):
+        raise ValueError(
+            "r_stat='mean_variance' needs per-sample losses (a 1-d loss with at least 2 entries); "
+            f"got shape {tuple(loss.shape)}"
+        )
+
+
+def loss_statistic(moments: Tensor, r_stat: str) -> Tensor:
+    """The statistic the R average is fed, from ``loss_moments`` (possibly summed over ranks), as a 0-d tensor."""
+    total, total_sq, count = moments.unbind(0)
+    mean = total / count
     if r_stat == "second_moment":
-        return loss.square().mean()
+        return total_sq / count
     if r_stat == "squared_mean":
-        return loss.mean().square()
+        return mean.square()
     if r_stat == "mean_variance":
-        if loss.dim() == 0 or loss.numel() < 2:
-            raise ValueError(
-                "r_stat='mean_variance' needs per-sample losses (a 1-d loss with at least 2 entries); "
-                f"got shape {tuple(loss.shape)}"
-            )
-        return loss.var(correction=1) / loss.numel()
+        variance = (total_sq - total * mean) / (count - 1)  # unbiased
+        return variance.clamp_min(0.0) / count
     raise ValueError(f"unknown r_stat {r_stat!r}; expected one of {R_STATISTICS}")
 
 

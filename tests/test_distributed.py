@@ -1,0 +1,115 @@
+"""Data parallelism (two gloo processes on CPU) and mixed precision (GradScaler)."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from kalmanopt import KOALAPlusPlus
+
+from conftest import OPTIMIZERS, assert_unchanged, snapshot, tiny_mlp
+
+STEPS, BATCH = 4, 16
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(7)
+    return [(torch.randn(BATCH, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (BATCH,), generator=gen))
+            for _ in range(STEPS)]
+
+
+def _train(model, opt, batches, *, reduce, world=1):
+    """``reduce``: hand over 0-d means; with ``world`` > 1 in one process, one mean per would-be rank."""
+    for x, y in batches:
+        opt.zero_grad()
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step(loss=losses.view(world, -1).mean(1).squeeze(0) if reduce else losses)
+
+
+def _worker(rank, world, init_file, out_dir, name, reduce):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cls, kwargs = OPTIMIZERS[name]
+        model = DDP(tiny_mlp())
+        opt = cls(model.parameters(), **kwargs)
+        half = BATCH // world
+        local = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in _batches()]
+        _train(model, opt, local, reduce=reduce)
+        torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["koala_pp", "koala_v", "koala_m_online_qw"])
+@pytest.mark.parametrize("reduce", [False, True], ids=["per_sample", "batch_mean"])
+def test_ddp_matches_one_process_on_the_whole_batch(tmp_path, name, reduce):
+    world = 2
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), name, reduce), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    for a, b in zip(*ranks, strict=True):
+        assert torch.equal(a, b), "ranks diverged"
+
+    cls, kwargs = OPTIMIZERS[name]
+    model = tiny_mlp()
+    opt = cls(model.parameters(), **kwargs)
+    # With 0-d losses each rank's mean counts as one sample of the measurement: a single process reproduces
+    # that by handing over the vector of the two half-batch means.
+    _train(model, opt, _batches(), reduce=reduce, world=world)
+    for a, b in zip(ranks[0], model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+
+
+def _scaled_run(scale, inject_inf_at=None):
+    model = tiny_mlp(dtype=torch.float32)
+    opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=scale is not None)
+    scales = []
+    for k, (x, y) in enumerate(_batches()):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            losses = torch.nn.functional.cross_entropy(model(x.float()), y, reduction="none")
+        scaler.scale(losses.mean()).backward()
+        if k == inject_inf_at:
+            next(model.parameters()).grad[0, 0] = float("inf")
+            before = snapshot(opt)
+        scaler.step(opt, loss=losses.detach())
+        if k == inject_inf_at:
+            assert_unchanged(opt, before)
+        scaler.update()
+        scales.append(scaler.get_scale() if scale is not None else None)
+    return model, opt, scales
+
+
+def test_grad_scaler_unscales_exactly():
+    plain, _, _ = _scaled_run(None)
+    scaled, _, _ = _scaled_run(2.0**10)
+    for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_grad_scaler_overflow_skips_and_counts():
+    _, opt, scales = _scaled_run(2.0**10, inject_inf_at=1)
+    assert int(opt.state[next(iter(opt.param_groups[0]["params"]))]["skipped_steps"]) == 1
+    assert scales[1] == scales[0] / 2  # the scaler saw the overflow too
+
+
+def test_bfloat16_autocast_training_with_scaler():
+    model = tiny_mlp(dtype=torch.float32)
+    opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu")
+    first = last = None
+    x, y = _batches()[0]
+    for _ in range(10):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = torch.nn.functional.cross_entropy(model(x.float()), y, reduction="none").float()
+        scaler.scale(losses.mean()).backward()
+        scaler.step(opt, loss=losses.detach())
+        scaler.update()
+        first = losses.mean().item() if first is None else first
+        last = losses.mean().item()
+    assert last < first
