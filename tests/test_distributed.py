@@ -44,8 +44,9 @@ def _worker(rank, world, init_file, out_dir, name, reduce):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["koala_pp", "koala_v", "koala_m_online_qw"])
-@pytest.mark.parametrize("reduce", [False, True], ids=["per_sample", "batch_mean"])
+@pytest.mark.parametrize("name,reduce", [("koala_pp", False), ("koala_pp", True), ("koala_v", True),
+                                         ("koala_m_online_qw", False)],
+                         ids=["koala_pp-per_sample", "koala_pp-batch_mean", "koala_v-batch_mean", "koala_m-per_sample"])
 def test_ddp_matches_one_process_on_the_whole_batch(tmp_path, name, reduce):
     world = 2
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), name, reduce), nprocs=world, join=True)
@@ -113,3 +114,37 @@ def test_bfloat16_autocast_training_with_scaler():
         first = losses.mean().item() if first is None else first
         last = losses.mean().item()
     assert last < first
+
+
+def _fsdp_worker(rank, world, init_file, out_dir, name):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        cls, kwargs = OPTIMIZERS[name]
+        model = tiny_mlp()  # Linear(5, 7), Linear(7, 3): shards of uneven size, the last bias split 2 + 1
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        opt = cls(model.parameters(), **kwargs)
+        half = BATCH // world
+        local = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in _batches()]
+        _train(model, opt, local, reduce=False)
+        full = [p.full_tensor().detach() for p in model.parameters()]
+        if rank == 0:
+            torch.save(full, os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["koala_pp_wd", "koala_v", "koala_m_online_qw"])
+def test_fsdp2_matches_the_unsharded_run(tmp_path, name):
+    world = 2
+    mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "init"), str(tmp_path), name), nprocs=world, join=True)
+    sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    cls, kwargs = OPTIMIZERS[name]
+    model = tiny_mlp()
+    opt = cls(model.parameters(), **kwargs)
+    _train(model, opt, _batches(), reduce=False)
+    for a, b in zip(sharded, model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._reductions import squared_norms
+from ._sharding import local_tensor, reduce_if, shard_reducer
 from .noise import R_INITIAL, R_STATISTICS, check_loss, check_statistic, loss_moments, loss_statistic, measurement_noise
 
 __all__ = ["KalmanOptimizer", "GradBucket"]
@@ -57,7 +58,8 @@ class GradBucket:
     ``h`` holds the effective gradient ``g + weight_decay * theta`` per tensor, in the state dtype and the
     parameter's shape (contiguous). In the multi-tensor path they are views of ``h_flat``.
     ``grad_sq`` is ``||h||^2`` per tensor, ``param_sq`` is ``||theta||^2`` per tensor (only with weight decay),
-    ``finite`` is a 0-d bool: every ``grad_sq`` and ``param_sq`` is finite.
+    ``finite`` is a 0-d bool: every ``grad_sq`` and ``param_sq`` is finite. For sharded (DTensor) parameters,
+    ``params`` and ``h`` are the local shards and ``grad_sq``/``param_sq`` are already summed over the shards.
     """
 
     params: list[Tensor]
@@ -67,6 +69,7 @@ class GradBucket:
     grad_sq: Tensor
     param_sq: Tensor | None
     finite: Tensor
+    shard_sum: Callable[[Tensor], Tensor] | None = None  # sums per-tensor partial reductions over shards
 
     @property
     def device(self) -> torch.device:
@@ -314,27 +317,33 @@ class KalmanOptimizer(Optimizer):
 
     def _gather(self, group: dict[str, Any], grad_scale: Tensor | None = None) -> list[GradBucket]:
         """Collect the parameters with gradients into (device, state dtype) buckets and form ``h``."""
-        by_key: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[dict]]] = {}
+        by_key: dict[tuple, tuple[list[Tensor], list[Tensor], list[dict], Callable | None]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            local = local_tensor(p)
             st = self.state[p]
             if "step" not in st:
-                self._init_param_state(group, p, st)
-            params, grads, states = by_key.setdefault((p.device, state_dtype(p)), ([], [], []))
-            params.append(p)
-            grads.append(p.grad)
+                self._init_param_state(group, local, st)
+            shard_key, shard_sum = shard_reducer(p)
+            key = (local.device, state_dtype(p), shard_key)
+            params, grads, states, _ = by_key.setdefault(key, ([], [], [], shard_sum))
+            params.append(local)
+            grads.append(local_tensor(p.grad))
             states.append(st)
         foreach = self._use_foreach(group)
+        if not foreach and any(key[2] is not None for key in by_key):
+            raise ValueError("sharded (DTensor) parameters need the multi-tensor path: foreach=True")
         wd = group["weight_decay"]
-        return [_effective_gradient(ps, gs, sts, dtype, wd, foreach, grad_scale)
-                for (_, dtype), (ps, gs, sts) in by_key.items()]
+        return [_effective_gradient(ps, gs, sts, key[1], wd, foreach, grad_scale, shard_sum)
+                for key, (ps, gs, sts, shard_sum) in by_key.items()]
 
 
 def _effective_gradient(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], dtype: torch.dtype,
-                        weight_decay: float, foreach: bool, grad_scale: Tensor | None = None) -> GradBucket:
+                        weight_decay: float, foreach: bool, grad_scale: Tensor | None = None,
+                        shard_sum: Callable[[Tensor], Tensor] | None = None) -> GradBucket:
     """h = g / grad_scale + weight_decay * theta, in ``dtype``, with the per-tensor squared norms."""
     device = params[0].device
     inv_scale = None if grad_scale is None else grad_scale.to(device=device, dtype=dtype).reciprocal()
@@ -362,7 +371,9 @@ def _effective_gradient(params: list[Tensor], grads: list[Tensor], states: list[
                 hi.add_(p.to(dtype), alpha=weight_decay)
             param_sq = torch.stack([p.to(dtype).square().sum() for p in params])
         grad_sq = torch.stack([hi.square().sum() for hi in h])
+    if shard_sum is not None:
+        grad_sq, param_sq = (shard_sum(grad_sq), None) if param_sq is None else reduce_if(shard_sum, grad_sq, param_sq)
     finite = torch.isfinite(grad_sq).all()
     if param_sq is not None:
         finite = finite & torch.isfinite(param_sq).all()
-    return GradBucket(params, states, h, h_flat, grad_sq, param_sq, finite)
+    return GradBucket(params, states, h, h_flat, grad_sq, param_sq, finite, shard_sum)

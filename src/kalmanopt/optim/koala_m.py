@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import _docs
 from ._reductions import squared_norms
+from ._sharding import local_tensor, shard_reducer
 from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
 from .scalar_filter import scalar_covariance_update
 
@@ -97,9 +98,10 @@ class KOALAM(KalmanOptimizer):
             st["weight_ema"] = p.detach().to(state_dtype(p), memory_format=torch.contiguous_format, copy=True)
 
     def _predict_group(self, group: dict[str, Any], group_state: dict[str, Any], gate: Tensor | None) -> None:
-        started = [p for p in group["params"] if "momentum" in self.state[p]]
+        started_params = [p for p in group["params"] if "momentum" in self.state[p]]
+        started = [local_tensor(p) for p in started_params]
         P = group_state["P"]
-        qw = group["qw"] if group["qw"] is not None else self._estimate_qw(group, started, gate, P)
+        qw = group["qw"] if group["qw"] is not None else self._estimate_qw(started_params, started, gate, P)
         kappa = group["a"]
         p11, p12, p22 = P.unbind(0)
         prior = torch.stack([p11 + 2 * p12 + p22 + qw, kappa * (p12 + p22), kappa**2 * p22 + group["qv"]])
@@ -108,7 +110,7 @@ class KOALAM(KalmanOptimizer):
         group_state["P_prior"].copy_(prior)
         if not started:
             return
-        momenta = [self.state[p]["momentum"] for p in started]
+        momenta = [self.state[p]["momentum"] for p in started_params]
         move = torch.ones_like(p11) if gate is None else gate.to(p11.dtype)
         decay = move * kappa + (1 - move)  # kappa, or 1 when gated off
         if self._use_foreach(group):
@@ -119,14 +121,16 @@ class KOALAM(KalmanOptimizer):
                 p.copy_(p.to(m.dtype) + move.to(m.device) * m)
                 m.mul_(decay.to(m.device))
 
-    def _estimate_qw(self, group: dict[str, Any], started: list[Tensor], gate: Tensor | None, P: Tensor) -> Tensor:
-        """q_w = ||theta - theta_bar||^2 / n, then theta_bar <- EMA(theta) (gated)."""
-        if not started:
+    def _estimate_qw(self, params: list[Tensor], local: list[Tensor], gate: Tensor | None, P: Tensor) -> Tensor:
+        """q_w = ||theta - theta_bar||^2 / n, then theta_bar <- EMA(theta) (gated). ``local``: rank-local shards."""
+        if not params:
             return torch.zeros_like(P[0])
-        emas = [self.state[p]["weight_ema"] for p in started]
-        diffs = torch._foreach_sub(emas, started)  # theta_bar - theta, in the state dtype
-        n = sum(p.numel() for p in started)
-        qw = squared_norms(diffs).to(P).sum() / n
+        emas = [self.state[p]["weight_ema"] for p in params]
+        diffs = torch._foreach_sub(emas, local)  # theta_bar - theta, in the state dtype
+        n = sum(p.numel() for p in params)  # a DTensor's numel is the global one
+        partial = squared_norms(diffs).to(P)
+        _, shard_sum = shard_reducer(params[0])
+        qw = (partial if shard_sum is None else shard_sum(partial)).sum() / n
         weight = (1 - _WEIGHT_EMA) * (torch.ones_like(P[0]) if gate is None else gate.to(P.dtype))
         torch._foreach_addcmul_(emas, diffs, [-weight.to(e) for e in emas])
         return qw

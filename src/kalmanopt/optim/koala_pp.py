@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor
 
 from . import _docs
 from ._reductions import dots, squared_norms
+from ._sharding import reduce_if
 from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
 
 __all__ = ["KOALAPlusPlus", "koala_pp"]
@@ -104,22 +106,31 @@ class KOALAPlusPlus(KalmanOptimizer):
                 layer_loss=b.layer_loss(loss_mean, group["weight_decay"]),
                 noise=noise.to(b.device, b.grad_sq.dtype), ok=ok.to(b.device),
                 lr=group["lr"], sigma=group["sigma"], q=group["q"], symmetric=group["symmetric"],
-                foreach=self._use_foreach(group), grad_sq=b.grad_sq,
+                foreach=self._use_foreach(group), grad_sq=b.grad_sq, shard_sum=b.shard_sum,
             )
 
 
 def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], vs: list[Tensor],
              prev_S: list[Tensor], prev_grad_sq: list[Tensor], prev_grad_v: list[Tensor], steps: list[Tensor], *,
              layer_loss: Tensor, noise: Tensor, ok: Tensor, lr: float, sigma: float, q: float, symmetric: bool,
-             foreach: bool, grad_sq: Tensor | None = None) -> None:
+             foreach: bool, grad_sq: Tensor | None = None, shard_sum: Callable[[Tensor], Tensor] | None = None) -> None:
     """Functional KOALA++ measurement update. See :class:`KOALAPlusPlus`.
 
     ``hs`` are the effective gradients (state dtype, contiguous, finite), ``layer_loss`` the per-tensor residuals
-    (1-d), ``noise`` the 0-d R, ``ok`` a 0-d bool that, when False, leaves every tensor untouched.
+    (1-d), ``noise`` the 0-d R, ``ok`` a 0-d bool that, when False, leaves every tensor untouched. ``grad_sq``
+    (1-d, optional) are the squared norms of ``hs`` if already known; the reference recomputes them. ``shard_sum``
+    sums per-tensor partial reductions over shards when the tensors are local shards (multi-tensor path only).
     """
-    fn = _multi_tensor_koala_pp if foreach else _single_tensor_koala_pp
-    fn(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps, layer_loss=layer_loss, noise=noise,
-       ok=ok, lr=lr, sigma=sigma, q=q, symmetric=symmetric)
+    if foreach:
+        _multi_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps,
+                               layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q,
+                               symmetric=symmetric, grad_sq=grad_sq, shard_sum=shard_sum)
+    else:
+        if shard_sum is not None:
+            raise ValueError("sharded tensors need the multi-tensor path: foreach=True")
+        _single_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps,
+                                layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q,
+                                symmetric=symmetric)
 
 
 def _innovation(h: Tensor, H_prev: Tensor, v_prev: Tensor, S_prev: Tensor, *, q: float, noise: Tensor,
@@ -186,10 +197,9 @@ def _coefficients(hh: Tensor, h_dot_prev: Tensor, h_dot_v: Tensor, prev_sq: Tens
 
 
 def _multi_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps, *,
-                           layer_loss, noise, ok, lr, sigma, q, symmetric, grad_sq=None) -> None:
+                           layer_loss, noise, ok, lr, sigma, q, symmetric, grad_sq=None, shard_sum=None) -> None:
     # One batched reduction pass: h.H_prev and h.v_prev for every tensor.
-    h_dot_prev = dots(hs, prev_grads)
-    h_dot_v = dots(hs, vs)
+    h_dot_prev, h_dot_v = reduce_if(shard_sum, dots(hs, prev_grads), dots(hs, vs))
     hh = squared_norms(hs) if grad_sq is None else grad_sq
     S_prev, prev_sq, prev_dot_v = torch.stack(prev_S), torch.stack(prev_grad_sq), torch.stack(prev_grad_v)
 
