@@ -1,0 +1,1 @@
+"""Adapters from kalmanopt's optimizers to other frameworks (the optimizers import none of them)."""
