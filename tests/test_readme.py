@@ -1,0 +1,41 @@
+"""The README's examples run as written."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_has_python_examples():
+    assert len(BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_python_block_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may write output folders
+    code = BLOCKS[index]
+    if "transformers" in code:
+        pytest.importorskip("transformers")
+    if "pytorch_lightning" in code:
+        pytest.importorskip("pytorch_lightning")
+    exec(compile(code, f"README.md block {index}", "exec"), {"__name__": "__readme__"})
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_example(fsdp):
+    torchrun = shutil.which("torchrun")
+    command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    command += ["--nproc_per_node=2", str(ROOT / "examples" / "distributed.py"), "--steps", "5"]
+    if fsdp:
+        command.append("--fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 2 ranks" in result.stdout
