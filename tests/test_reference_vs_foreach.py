@@ -67,3 +67,23 @@ def test_many_random_shapes_koala_pp():
         runs.append(params)
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_several_param_groups_and_a_reused_scratch_buffer(optimizer_spec):
+    """Each group's effective gradient lives in its own reused buffer; results still equal the reference."""
+    cls, kwargs = optimizer_spec
+    runs = []
+    for foreach in (False, True):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
+        opt = cls([{"params": params[:3]}, {"params": params[3:], "lr": 0.2}], foreach=foreach, **kwargs)
+        for k in range(4):
+            for i, p in enumerate(params):
+                p.grad = None if (i + k) % 4 == 0 else torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step(loss=torch.rand(5, generator=gen, dtype=torch.float64) + 0.5)
+        runs.append(params)
+        if foreach:
+            buffers = opt.__dict__["_scratch_buffers"]
+            assert len(buffers) == 2 and "_scratch_buffers" not in opt.state_dict()
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -8,7 +8,7 @@ trainable parameter of every group, in the order the groups list them (``layer_s
 .. math::
     \begin{aligned}
         &P^- = P + q I,\quad S = H P^- H^\top + R,\quad K = P^- H^\top S^{-1}\ \text{(Cholesky solve)} \\
-        &\theta \leftarrow \theta + K e,\quad P \leftarrow P^- - K (P^- H^\top)^\top\ \text{(then symmetrised)}
+        &\theta \leftarrow \theta + K e,\quad P \leftarrow P^- - W W^\top,\ W = P^- H^\top L^{-\top},\ S = L L^\top
     \end{aligned}
 
 Memory is ``n^2`` state-dtype numbers (n = 5,000 float32 parameters: 100 MB), time ``O(n^2 m)`` per step. The
@@ -44,8 +44,9 @@ class FullKalman(Optimizer):
 
     Args:
         params: parameters or param groups (``p0`` may differ per group: the prior is block-diagonal).
-        p0 (float): prior variance. Default 0.03.
-        r0, beta, observation, noise, r_min, jacobian: as in :class:`kalmanopt.LoKO` (default ``noise="moment"``).
+        p0 (float): prior variance. Default 0.3.
+        r0, beta, observation, noise, r_min, jacobian: as in :class:`kalmanopt.LoKO` (same defaults: logit
+            observation, fixed ``R = r0 I`` with ``r0 = 1``).
         q (float): process noise added to the diagonal of ``P`` before every step. Default 0.
         max_params (int): refuse more trainable numbers than this (a guard against allocating n^2 by mistake).
 
@@ -54,8 +55,8 @@ class FullKalman(Optimizer):
     ``noise_estimate``.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float = 0.03, r0: float = 0.1,
-                 beta: float = 0.95, observation: str = "softmax", q: float = 0.0, *, noise: str = "moment",
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float = 0.3, r0: float = 1.0,
+                 beta: float = 0.95, observation: str = "logits", q: float = 0.0, *, noise: str = "fixed",
                  r_min: float = 1e-3, jacobian: str = "batched", max_params: int = 20_000) -> None:
         defaults = dict(p0=p0, r0=r0, beta=beta, observation=observation, q=q, noise=noise, r_min=r_min,
                         jacobian=jacobian, p0_scale=1.0, variance_update="fd")
@@ -139,30 +140,34 @@ class FullKalman(Optimizer):
         if not (bool(torch.isfinite(H).all()) and bool(torch.isfinite(e).all())):
             return False
         q = g0["q"]
-        Pp = P + q * torch.eye(P.shape[0], dtype=P.dtype, device=P.device) if q else P
-        PHt = Pp @ H.T  # (n, m)
+        PHt = P @ H.T  # (n, m); with process noise, P^- H^T = P H^T + q H^T
+        if q:
+            PHt.add_(H.T, alpha=q)
+        HPH = (H @ PHt).to(torch.float64)
         R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
-        S = (H @ PHt).to(torch.float64) + R
-        L = cholesky_with_jitter(S)
+        L = cholesky_with_jitter(HPH + R)
         if L is None:
             warnings.warn("FullKalman: the innovation covariance is not positive definite; sample skipped",
                           RuntimeWarning, stacklevel=3)
             return False
-        Kt = torch.cholesky_solve(PHt.T.to(torch.float64), L).to(P.dtype)  # K^T = S^-1 H P  (m, n)
-        delta = Kt.T @ e.to(P.dtype)
-        newP = Pp - Kt.T @ PHt.T
-        newP = 0.5 * (newP + newP.T)
-        if not (bool(torch.isfinite(delta).all()) and bool(torch.isfinite(newP).all())):
+        # K = P^- H^T S^-1 = W L^-1 with W = P^- H^T L^-T, so that P^- - K H P^- = P^- - W W^T (symmetric, rank m)
+        W = torch.linalg.solve_triangular(L, PHt.T.to(torch.float64), upper=False).T  # (n, m)
+        delta = (W @ torch.linalg.solve_triangular(L, e.unsqueeze(1), upper=False)).squeeze(1).to(P.dtype)
+        W = W.to(P.dtype)
+        if not (bool(torch.isfinite(delta).all()) and bool(torch.isfinite(W).all())):
             return False
         if g0["noise"] in ("ema", "ema_diag"):
-            hph = (H @ newP @ H.T).to(torch.float64)
+            HW = (H @ W).to(torch.float64)
+            hph = HPH - HW @ HW.T  # H P_new H^T without forming P_new
             blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
             new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - (H @ delta).to(torch.float64),
                                            hph, g0["beta"], blocks)
             if not bool(torch.isfinite(new_r).all()):
                 return False
             gst["noise_estimate"].copy_(new_r)
-        P.copy_(newP)
+        if q:
+            P.diagonal().add_(q)
+        P.addmm_(W, W.T, alpha=-1.0)
         start = 0
         for p in params:
             p.add_(delta[start:start + p.numel()].view(p.shape).to(p.dtype))

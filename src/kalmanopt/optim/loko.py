@@ -42,9 +42,19 @@ R recursions, the automatic P0 and the precision-matching variance update are **
     ``"fd"``: the variance-matching update above (the diagonal of the exact EKF update). ``"vd"``: precision
     matching (VD-EKF), ``1/p += diag(H^T R^-1 H)``, whose mean update uses the new ``p`` and ``R^-1``.
 ``p0``
-    a number per param group, or ``"auto"``: at the first step with a non-zero Jacobian, one scalar for every
-    ``"auto"`` group such that ``trace(H P0 H^T) = p0_scale * trace(R)``: the prior explains ``p0_scale`` times the
-    observation noise. (With LoRA's ``B = 0`` start, ``dh/dA = 0`` at step 0, so ``A`` gets the same scalar.)
+    a number per param group, or ``"auto"``. With ``auto_scope="joint"``: at the first step with a non-zero
+    Jacobian, one scalar for every ``"auto"`` group such that ``trace(H P0 H^T) = p0_scale * trace(R)``, the prior
+    explains ``p0_scale`` times the observation noise (with LoRA's ``B = 0`` start, ``dh/dA = 0`` at step 0, so
+    ``A`` gets the same scalar). With ``"group"`` (``"tensor"``): each of the U auto groups (tensors) gets its own
+    scalar at its own first non-zero Jacobian, explaining ``p0_scale * trace(R) / U``; this adapts to groups whose
+    derivatives differ by orders of magnitude (a fresh head next to LoRA factors).
+
+Defaults (``observation="logits"``, ``noise="fixed"`` with ``r0=1``, ``variance_update="fd"``, scalar ``p0=0.3``)
+are what won on the tuning streams of ``kalmanopt bench online`` (docs/benchmarks/online.md): with the logit
+observation and the variance-matching update the linearised change of the logits, ``H P H^T (H P H^T + R)^-1 e``,
+is shorter than the innovation ``e = onehot - softmax``, so a step cannot overshoot into a saturated softmax; the
+softmax observation (any R) and the precision-matching update (which ignores the correlation between parameters within a
+step) took steps that saturated or diverged there. All the other choices remain options, ablated in the benchmark.
 
 Everything inside one step runs in float64 for the ``m x m`` algebra and in the state dtype (float32 for 16/32-bit
 parameters, float64 for float64 ones) for the ``O(n m)`` work.
@@ -76,7 +86,8 @@ VARIANCE_UPDATES = ("fd", "vd")
 JACOBIAN_MODES = ("batched", "loop")
 
 # Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
-_SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "p0_scale", "jacobian")
+_SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "p0_scale", "auto_scope", "jacobian")
+AUTO_SCOPES = ("joint", "group", "tensor")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -254,18 +265,20 @@ class LoKO(Optimizer):
 
     Args:
         params: iterable of parameters or of dicts defining param groups (only ``requires_grad`` ones are filtered).
-        p0 (float or "auto"): prior variance per param group, or ``"auto"`` (see module docs). Default 0.03.
-        r0 (float): initial (``"ema"``) or fixed (``"fixed"``) observation noise scale, ``R_0 = r0 I``.
-            Default 0.1.
+        p0 (float or "auto"): prior variance per param group, or ``"auto"`` (see module docs). Default 0.3.
+        r0 (float): fixed (``"fixed"``) or initial (``"ema"``) observation noise scale, ``R = r0 I``. Default 1.
         beta (float): EMA coefficient of R for ``noise="ema"``/``"ema_diag"``. Default 0.95.
-        observation (str): ``"softmax"`` (default), ``"logits"`` or ``"loss"``.
+        observation (str): ``"logits"`` (default), ``"softmax"`` or ``"loss"``.
         q (float): process noise added to ``p`` before every step (per group). Default 0.
-        noise (str): ``"moment"`` (default), ``"ema"``, ``"ema_diag"`` or ``"fixed"``.
-        variance_update (str): ``"vd"`` (precision matching, default) or ``"fd"`` (variance matching).
+        noise (str): ``"fixed"`` (default), ``"ema"`` (the paper's adaptive estimate), ``"ema_diag"`` or
+            ``"moment"`` (softmax only).
+        variance_update (str): ``"fd"`` (variance matching, default) or ``"vd"`` (precision matching).
         r_min (float): floor added to R, keeps S positive definite. Default 1e-3.
         p_min (float): floor of ``p`` after the ``"fd"`` update. Default 1e-12.
         inflation (float): multiplicative inflation ``p <- (1 + inflation) p`` before every step. Default 0.
         p0_scale (float): the constant of ``p0="auto"``. Default 1.
+        auto_scope (str): ``"joint"`` (one scalar for all ``"auto"`` groups, default), ``"group"`` or ``"tensor"``
+            (one scalar per group / per tensor, each explaining an equal share; see ``_initial_variances``).
         jacobian (str): ``"batched"`` (default) or ``"loop"``.
 
     ``step(forward_fn, target)``: ``forward_fn()`` returns logits ``(batch, classes)``; ``target`` holds class
@@ -274,13 +287,13 @@ class LoKO(Optimizer):
     ``skipped_steps``, the R estimate ``noise_estimate`` and ``p0_auto``.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float | str = 0.03, r0: float = 0.1,
-                 beta: float = 0.95, observation: str = "softmax", q: float = 0.0, *, noise: str = "moment",
-                 variance_update: str = "vd", r_min: float = 1e-3, p_min: float = 1e-12, inflation: float = 0.0,
-                 p0_scale: float = 1.0, jacobian: str = "batched") -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float | str = 0.3, r0: float = 1.0,
+                 beta: float = 0.95, observation: str = "logits", q: float = 0.0, *, noise: str = "fixed",
+                 variance_update: str = "fd", r_min: float = 1e-3, p_min: float = 1e-12, inflation: float = 0.0,
+                 p0_scale: float = 1.0, auto_scope: str = "joint", jacobian: str = "batched") -> None:
         defaults = dict(p0=p0, r0=r0, beta=beta, observation=observation, q=q, noise=noise,
                         variance_update=variance_update, r_min=r_min, p_min=p_min, inflation=inflation,
-                        p0_scale=p0_scale, jacobian=jacobian)
+                        p0_scale=p0_scale, auto_scope=auto_scope, jacobian=jacobian)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -292,6 +305,8 @@ class LoKO(Optimizer):
         _check_number("p_min", group["p_min"], 0.0)
         _check_number("inflation", group["inflation"], 0.0)
         _check_number("p0_scale", group["p0_scale"], 0.0, low_inclusive=False)
+        if group["auto_scope"] not in AUTO_SCOPES:
+            raise ValueError(f"Invalid auto_scope: {group['auto_scope']!r} (expected one of {AUTO_SCOPES})")
         if group["variance_update"] not in VARIANCE_UPDATES:
             raise ValueError(f"Invalid variance_update: {group['variance_update']!r} (expected one of "
                              f"{VARIANCE_UPDATES})")
@@ -313,7 +328,7 @@ class LoKO(Optimizer):
             st["step"] = torch.zeros((), dtype=torch.int64)
             st["skipped_steps"] = torch.zeros((), dtype=torch.int64)
             st["noise_estimate"] = g["r0"] * torch.eye(c, dtype=torch.float64, device=leader.device)
-            st["p0_auto"] = torch.full((), float("nan"), dtype=torch.float64)
+            st["p0_auto"] = torch.zeros((), dtype=torch.float64)  # 0: not set yet
         return st
 
     @property
@@ -325,10 +340,12 @@ class LoKO(Optimizer):
         return int(self.state[pairs[0][1]]["skipped_steps"])
 
     # ------------------------------------------------------------------ step
-    def step(self, forward_fn: Callable[[], Tensor], target: Tensor) -> Tensor:  # type: ignore[override]
+    def step(self, forward_fn: Callable[[], Tensor] | None = None,  # type: ignore[override]
+             target: Tensor | None = None) -> Tensor:
         """Observe one batch: returns the outputs computed before the update (detached)."""
-        if not callable(forward_fn):
-            raise TypeError("LoKO.step(forward_fn, target): forward_fn must be a callable returning logits")
+        if not callable(forward_fn) or target is None:
+            raise TypeError("LoKO.step(forward_fn, target) measures the model's outputs, not a loss: forward_fn() must "
+                            "return logits (batch, classes) with autograd enabled, target the class indices")
         pairs = self._trainable()
         if not pairs:
             raise ValueError("LoKO has no parameter with requires_grad=True")
@@ -352,6 +369,41 @@ class LoKO(Optimizer):
             gst["skipped_steps"] += 1
         return returned
 
+    def _initial_variances(self, pairs: list[tuple[dict[str, Any], Tensor]], H: list[Tensor], R: Tensor,
+                           gst: dict[str, Any]) -> list[float | None]:
+        """The prior variance of every not-yet-started parameter (None: started, or "auto" still undetermined).
+
+        ``"auto"`` with ``auto_scope="joint"``: one scalar for every auto parameter, ``p0_scale * tr(R) / tr(H H^T)``
+        over all of them; ``"group"``/``"tensor"``: each auto group/tensor u of the U that exist gets
+        ``p0_scale * tr(R) / (U * tr(H_u H_u^T))`` at its first non-zero Jacobian, so every unit explains an equal
+        share of ``p0_scale * tr(R)`` whatever the scale of its derivatives.
+        """
+        g0 = self.param_groups[0]
+        out: list[float | None] = [None] * len(pairs)
+        units: dict[Any, list[int]] = {}
+        scope = g0["auto_scope"]
+        for i, (g, p) in enumerate(pairs):
+            if "p" in self.state[p]:
+                continue
+            if g["p0"] != "auto":
+                out[i] = float(g["p0"])
+            elif scope == "joint" and bool(gst["p0_auto"] > 0):
+                out[i] = float(gst["p0_auto"])
+            else:
+                key = 0 if scope == "joint" else (id(g) if scope == "group" else i)
+                units.setdefault(key, []).append(i)
+        if not units:
+            return out
+        auto = [i for i, (g, _) in enumerate(pairs) if g["p0"] == "auto"]
+        count = {"joint": 1, "group": len({id(pairs[i][0]) for i in auto}), "tensor": len(auto)}[scope]
+        target = g0["p0_scale"] * float(torch.trace(R)) / count
+        for members in units.values():
+            tr = sum(float(H[i].double().square().sum()) for i in members)
+            if tr > 0 and tr != float("inf"):
+                for i in members:
+                    out[i] = target / tr
+        return out
+
     @torch.no_grad()
     def _update(self, pairs: list[tuple[dict[str, Any], Tensor]], rows: list[Tensor], e: Tensor, yhat: Tensor,
                 gst: dict[str, Any]) -> bool:
@@ -368,22 +420,14 @@ class LoKO(Optimizer):
         R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
 
         # prior variances (time update), with the automatic p0 where asked for
-        p0_auto = gst["p0_auto"]
-        new_auto = None
-        if any(g["p0"] == "auto" and "p" not in self.state[p] for g, p in pairs) and not bool(p0_auto.isfinite()):
-            tr = sum(float(hr.double().square().sum()) for (g, _), hr in zip(pairs, H, strict=True)
-                     if g["p0"] == "auto")
-            if tr > 0 and tr == tr and tr != float("inf"):
-                new_auto = g0["p0_scale"] * float(torch.trace(R)) / tr
+        init = self._initial_variances(pairs, H, R, gst)
         prior = []
-        for g, p in pairs:
+        for (g, p), value in zip(pairs, init, strict=True):
             st = self.state[p]
             if "p" in st:
                 pp = st["p"].reshape(-1) * (1.0 + g["inflation"]) + g["q"]
-            else:
-                value = g["p0"] if g["p0"] != "auto" else (float(p0_auto) if bool(p0_auto.isfinite()) else new_auto)
-                dtype = state_dtype(p)
-                pp = torch.full((p.numel(),), 0.0 if value is None else value, dtype=dtype, device=p.device)
+            else:  # value None: an "auto" prior still waiting for a non-zero Jacobian (it contributes nothing)
+                pp = torch.full((p.numel(),), 0.0 if value is None else value, dtype=state_dtype(p), device=p.device)
             prior.append(pp)
 
         S = R.clone()
@@ -426,15 +470,16 @@ class LoKO(Optimizer):
             gst["noise_estimate"].copy_(new_r)
 
         # commit
-        for (g, p), d, post in zip(pairs, deltas, posts, strict=True):
+        for (_, p), d, post, value in zip(pairs, deltas, posts, init, strict=True):
             st = self.state[p]
             if "p" not in st:
-                if g["p0"] == "auto" and not bool(p0_auto.isfinite()) and new_auto is None:
+                if value is None:
                     continue  # its Jacobian was zero, d is zero: initialise at the first informative step
                 st["p"] = torch.empty(p.shape, dtype=state_dtype(p), device=p.device)
             st["p"].copy_(post.view(p.shape))
             p.add_(d.view(p.shape).to(p.dtype))
-        if new_auto is not None:
-            gst["p0_auto"].fill_(new_auto)
+        joint = [v for (g, p), v in zip(pairs, init, strict=True) if g["p0"] == "auto" and v is not None]
+        if joint and g0["auto_scope"] == "joint":
+            gst["p0_auto"].fill_(joint[0])
         gst["step"] += 1
         return True
