@@ -91,6 +91,24 @@ class GradBucket:
                 h.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def load_state_keep_dtypes(opt: Optimizer, state_dict: dict[str, Any]) -> None:
+    """``Optimizer.load_state_dict`` that keeps each saved tensor's dtype.
+
+    torch.optim casts floating state to the parameter dtype; ours is float32 for low-precision parameters, so after
+    the standard load every tensor is put back in the dtype it was saved with (on the parameter's device).
+    """
+    saved = state_dict["state"]
+    Optimizer.load_state_dict(opt, state_dict)
+    index_to_param = [p for g in opt.param_groups for p in g["params"]]
+    for key, values in saved.items():
+        if not isinstance(key, int) or key >= len(index_to_param):
+            continue
+        p = index_to_param[key]
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                opt.state[p][name] = value.to(device=p.device, copy=True)
+
+
 def _check_number(name: str, value: Any, low: float, *, low_inclusive: bool = True, high: float | None = None,
                   high_inclusive: bool = True, optional: bool = False) -> None:
     if value is None and optional:
@@ -176,18 +194,7 @@ class KalmanOptimizer(Optimizer):
         raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch.optim casts floating state to the parameter dtype; ours is float32 for low-precision parameters,
-        # so after the standard load we put back every tensor in the dtype it was saved with.
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        index_to_param = [p for g in self.param_groups for p in g["params"]]
-        for key, values in saved.items():
-            if not isinstance(key, int) or key >= len(index_to_param):
-                continue
-            p = index_to_param[key]
-            for name, value in values.items():
-                if isinstance(value, Tensor):
-                    self.state[p][name] = value.to(device=p.device, copy=True)
+        load_state_keep_dtypes(self, state_dict)
 
     # ------------------------------------------------------------------ the three ways in
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:

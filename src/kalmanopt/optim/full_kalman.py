@@ -25,11 +25,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import _check_number, state_dtype
+from .base import _check_number, load_state_keep_dtypes, state_dtype
 from .loko import (
     cholesky_with_jitter,
     jacobian_rows,
-    load_state_keep_dtypes,
     noise_matrix,
     observe,
     updated_noise_estimate,

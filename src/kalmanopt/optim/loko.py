@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import _check_number, state_dtype
+from .base import _check_number, load_state_keep_dtypes, state_dtype
 
 __all__ = ["LoKO", "OBSERVATIONS", "NOISE_MODELS", "VARIANCE_UPDATES"]
 
@@ -237,20 +237,6 @@ def validate_shared(opt: Optimizer, group: dict[str, Any]) -> None:
         if key in group and group[key] != first[key]:
             raise ValueError(f"Invalid {key}: every param group must use the same {key} (the measurement is shared);"
                              f" got {group[key]!r} and {first[key]!r}")
-
-
-def load_state_keep_dtypes(opt: Optimizer, state_dict: dict[str, Any]) -> None:
-    """``Optimizer.load_state_dict`` that keeps each saved tensor's dtype (torch casts to the parameter's)."""
-    saved = state_dict["state"]
-    Optimizer.load_state_dict(opt, state_dict)
-    index_to_param = [p for g in opt.param_groups for p in g["params"]]
-    for key, values in saved.items():
-        if not isinstance(key, int) or key >= len(index_to_param):
-            continue
-        p = index_to_param[key]
-        for name, value in values.items():
-            if isinstance(value, Tensor):
-                opt.state[p][name] = value.to(device=p.device, copy=True)
 
 
 # ---------------------------------------------------------------------------------------------------- LoKO

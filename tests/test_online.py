@@ -1,0 +1,78 @@
+"""The online protocol: predict before update, same bookkeeping for LoKO and torch optimizers."""
+
+import pytest
+import torch
+
+from kalmanopt import FullKalman, LoKO
+from kalmanopt.online import OnlineResult, run_online
+
+
+def stream(n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 3, generator=g)
+    x = torch.randn(n, 5, generator=g)
+    return x, (x @ w).argmax(1)
+
+
+def test_records_prediction_before_update():
+    """A model that memorises instantly still gets its first sight of each sample wrong-or-right as predicted."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = stream(30)
+    expected = []
+    ref = torch.nn.Linear(5, 3)
+    ref.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for i in range(30):
+        with torch.no_grad():
+            expected.append(int(ref(x[i:i + 1]).argmax(1).item() == y[i].item()))
+        ref_opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[i:i + 1]), y[i:i + 1]).backward()
+        ref_opt.step()
+    result = run_online(model, torch.optim.SGD(model.parameters(), lr=0.5), x, y, progress=False)
+    assert result.correct == expected
+    assert torch.allclose(model.weight, ref.weight)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: LoKO(m.parameters(), p0=0.5),
+    lambda m: FullKalman(m.parameters(), p0=0.5),
+    lambda m: torch.optim.AdamW(m.parameters(), lr=0.05),
+    lambda m: torch.optim.Adagrad(m.parameters(), lr=0.2),
+], ids=["loko", "full_kalman", "adamw", "adagrad"])
+def test_every_optimizer_learns_the_stream(make):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = stream(300)
+    result = run_online(model, make(model), x, y, progress=False)
+    assert len(result.correct) == len(result.loss) == 300
+    assert result.online_accuracy[-1] > 0.7
+    assert sum(result.correct[-100:]) >= 80
+    assert result.skipped_steps == 0
+
+
+def test_order_batch_size_and_max_samples():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = stream(50)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(1)).tolist()
+    result = run_online(model, LoKO(model.parameters()), x, y, order=order, batch_size=4, max_samples=21,
+                        progress=False)
+    assert len(result.correct) == 21
+
+
+def test_result_curves():
+    r = OnlineResult(correct=[1, 0, 1, 1], loss=[1.0, 3.0, 2.0, 2.0])
+    assert r.online_accuracy == [1.0, 0.5, 2 / 3, 0.75]
+    assert r.running_loss(window=2) == [1.0, 2.0, 2.5, 2.0]
+    assert r.summary()["online_accuracy"] == 0.75
+
+
+def test_list_inputs_are_collated():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = stream(10)
+    items = [{"x": x[i:i + 1]} for i in range(10)]
+    result = run_online(model, LoKO(model.parameters()), items, y, forward=lambda m, b: m(b["x"]), batch_size=3,
+                        progress=False)
+    assert len(result.correct) == 10
