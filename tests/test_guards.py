@@ -120,7 +120,7 @@ def test_zero_gradient_leaves_tensor_and_state_alone(cls):
         state["momentum"].zero_()
     opt.step(loss=losses)
     assert torch.equal(zero.detach(), value)
-    for k in ("step", "prev_grad", "v", "prev_S", "prev_grad_sq", "prev_grad_v", "momentum"):
+    for k in ("step", "prev_grad", "gain", "prev_q", "prev_S", "prev_grad_sq", "prev_grad_v", "momentum"):
         if k in state:
             assert torch.equal(opt.state[zero][k], state[k]), k
 
@@ -147,7 +147,7 @@ def test_restart_from_prior(corrupt):
     fresh.grad = g2
     ref.step(loss=torch.tensor(2.0, dtype=torch.float64))
     torch.testing.assert_close(p.detach(), fresh.detach(), rtol=1e-14, atol=1e-14)
-    assert torch.isfinite(opt.state[p]["v"]).all()
+    assert torch.isfinite(opt.state[p]["gain"]).all()
 
 
 @pytest.mark.parametrize("shape", [(2, 3), (1, 1, 4)])

@@ -77,12 +77,13 @@ def test_two_steps_worked_numerically():
     opt.step(loss=torch.tensor(L1, dtype=torch.float64))
     torch.testing.assert_close(p.detach(), theta0 - torch.tensor([0.3, 0.6], dtype=torch.float64))
     st = opt.state[p]
-    torch.testing.assert_close(st["v"], torch.tensor([0.1, 0.2], dtype=torch.float64))
+    # the state keeps the gain numerator v + q H: [0.1, 0.2] + 0.1 * [1, 2]
+    torch.testing.assert_close(st["gain"], torch.tensor([0.2, 0.4], dtype=torch.float64))
     assert math.isclose(st["prev_S"].item(), 2.0)
     p.grad = torch.tensor(H2, dtype=torch.float64)
     opt.step(loss=torch.tensor(L2, dtype=torch.float64))
     torch.testing.assert_close(p.detach(), theta0 - torch.tensor([0.3 + 4 / 9, 0.6], dtype=torch.float64))
-    torch.testing.assert_close(st["v"], torch.tensor([0.2, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(st["gain"], torch.tensor([0.2, 0.0], dtype=torch.float64) + 0.1 * torch.tensor(H2))
     assert math.isclose(st["prev_S"].item(), 1.8)
     assert st["step"].item() == 2
 

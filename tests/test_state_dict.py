@@ -56,6 +56,6 @@ def test_load_keeps_float32_state_for_bfloat16_params():
     opt2 = KOALAPlusPlus(model.parameters())
     opt2.load_state_dict(sd)
     for p in model.parameters():
-        assert opt2.state[p]["v"].dtype == torch.float32
-        assert torch.equal(opt2.state[p]["v"], opt.state[p]["v"])
+        assert opt2.state[p]["gain"].dtype == torch.float32
+        assert torch.equal(opt2.state[p]["gain"], opt.state[p]["gain"])
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]

@@ -90,7 +90,10 @@ class KOALAPlusPlus(KalmanOptimizer):
         kw = {"device": p.device, "dtype": state_dtype(p)}
         st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         st["prev_grad"] = torch.zeros(p.shape, **kw)  # H_{k-1}; all zeros means "no previous gradient"
-        st["v"] = torch.zeros(p.shape, **kw)  # v_{k-1} = H_{k-1} P_{k-2}
+        # The gain numerator v_{k-1} + Q H_{k-1} = H_{k-1}(P_{k-2} + Q I), stored instead of v_{k-1} itself: the
+        # parameter update is then a single multiply-add (v is recovered with the Q it was stored with).
+        st["gain"] = torch.zeros(p.shape, **kw)
+        st["prev_q"] = torch.zeros((), **kw)
         st["prev_S"] = torch.zeros((), **kw)  # S_{k-1}
         st["prev_grad_sq"] = torch.zeros((), **kw)  # ||H_{k-1}||^2
         st["prev_grad_v"] = torch.zeros((), **kw)  # H_{k-1} . v_{k-1}
@@ -100,9 +103,10 @@ class KOALAPlusPlus(KalmanOptimizer):
         for b in buckets:
             koala_pp(
                 b.params, b.h,
-                [st["prev_grad"] for st in b.states], [st["v"] for st in b.states],
+                [st["prev_grad"] for st in b.states], [st["gain"] for st in b.states],
                 [st["prev_S"] for st in b.states], [st["prev_grad_sq"] for st in b.states],
-                [st["prev_grad_v"] for st in b.states], [st["step"] for st in b.states],
+                [st["prev_grad_v"] for st in b.states], [st["prev_q"] for st in b.states],
+                [st["step"] for st in b.states],
                 layer_loss=b.layer_loss(loss_mean, group["weight_decay"]),
                 noise=noise.to(b.device, b.grad_sq.dtype), ok=ok.to(b.device),
                 lr=group["lr"], sigma=group["sigma"], q=group["q"], symmetric=group["symmetric"],
@@ -110,25 +114,27 @@ class KOALAPlusPlus(KalmanOptimizer):
             )
 
 
-def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], vs: list[Tensor],
-             prev_S: list[Tensor], prev_grad_sq: list[Tensor], prev_grad_v: list[Tensor], steps: list[Tensor], *,
+def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], gains: list[Tensor],
+             prev_S: list[Tensor], prev_grad_sq: list[Tensor], prev_grad_v: list[Tensor], prev_q: list[Tensor],
+             steps: list[Tensor], *,
              layer_loss: Tensor, noise: Tensor, ok: Tensor, lr: float, sigma: float, q: float, symmetric: bool,
              foreach: bool, grad_sq: Tensor | None = None, shard_sum: Callable[[Tensor], Tensor] | None = None) -> None:
     """Functional KOALA++ measurement update. See :class:`KOALAPlusPlus`.
 
-    ``hs`` are the effective gradients (state dtype, contiguous, finite), ``layer_loss`` the per-tensor residuals
+    ``hs`` are the effective gradients (state dtype, contiguous, finite); ``gains`` hold ``v + prev_q * H_prev``;
+    ``layer_loss`` the per-tensor residuals
     (1-d), ``noise`` the 0-d R, ``ok`` a 0-d bool that, when False, leaves every tensor untouched. ``grad_sq``
     (1-d, optional) are the squared norms of ``hs`` if already known; the reference recomputes them. ``shard_sum``
     sums per-tensor partial reductions over shards when the tensors are local shards (multi-tensor path only).
     """
     if foreach:
-        _multi_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps,
+        _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps,
                                layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q,
                                symmetric=symmetric, grad_sq=grad_sq, shard_sum=shard_sum)
     else:
         if shard_sum is not None:
             raise ValueError("sharded tensors need the multi-tensor path: foreach=True")
-        _single_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps,
+        _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps,
                                 layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q,
                                 symmetric=symmetric)
 
@@ -148,10 +154,11 @@ def _innovation(h: Tensor, H_prev: Tensor, v_prev: Tensor, S_prev: Tensor, *, q:
     return v, S
 
 
-def _single_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps, *,
+def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps, *,
                             layer_loss, noise, ok, lr, sigma, q, symmetric) -> None:
     for i, param in enumerate(params):
-        h, H_prev, v_prev = hs[i].reshape(-1), prev_grads[i].view(-1), vs[i].view(-1)
+        h, H_prev, gain_prev = hs[i].reshape(-1), prev_grads[i].view(-1), gains[i].view(-1)
+        v_prev = gain_prev - prev_q[i] * H_prev
         hh = h.dot(h)
         v, S = _innovation(h, H_prev, v_prev, prev_S[i], q=q, noise=noise, symmetric=symmetric)
         # The prior: pretend the same gradient was seen before under P0 = sigma * I.
@@ -164,9 +171,11 @@ def _single_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, pr
 
         commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
         step_size = lr * layer_loss[i] / S
-        new_param = param.to(h.dtype) - step_size * (v + q * h).view(param.shape)
+        gain = v + q * h
+        new_param = param.to(h.dtype) - step_size * gain.view(param.shape)
         param.copy_(torch.where(commit, new_param, param.to(h.dtype)))
-        vs[i].copy_(torch.where(commit, v, v_prev).view(vs[i].shape))
+        gains[i].copy_(torch.where(commit, gain, gain_prev).view(gains[i].shape))
+        prev_q[i].copy_(torch.where(commit, torch.full_like(prev_q[i], q), prev_q[i]))
         prev_grads[i].copy_(torch.where(commit, h, H_prev).view(prev_grads[i].shape))
         prev_S[i].copy_(torch.where(commit, S, prev_S[i]))
         prev_grad_sq[i].copy_(torch.where(commit, hh, prev_grad_sq[i]))
@@ -196,12 +205,14 @@ def _coefficients(hh: Tensor, h_dot_prev: Tensor, h_dot_v: Tensor, prev_sq: Tens
     return _Coefficients(a, b, c, h_dot_v_new, h_dot_v_new + q * hh + noise)
 
 
-def _multi_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, prev_grad_v, steps, *,
+def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps, *,
                            layer_loss, noise, ok, lr, sigma, q, symmetric, grad_sq=None, shard_sum=None) -> None:
-    # One batched reduction pass: h.H_prev and h.v_prev for every tensor.
-    h_dot_prev, h_dot_v = reduce_if(shard_sum, dots(hs, prev_grads), dots(hs, vs))
+    # One batched reduction pass: h.H_prev and h.gain_prev for every tensor; h.v_prev follows.
+    h_dot_prev, h_dot_gain = reduce_if(shard_sum, dots(hs, prev_grads), dots(hs, gains))
     hh = squared_norms(hs) if grad_sq is None else grad_sq
     S_prev, prev_sq, prev_dot_v = torch.stack(prev_S), torch.stack(prev_grad_sq), torch.stack(prev_grad_v)
+    q_prev = torch.stack(prev_q)
+    h_dot_v = h_dot_gain - q_prev * h_dot_prev
 
     normal = _coefficients(hh, h_dot_prev, h_dot_v, prev_sq, prev_dot_v, S_prev, q=q, noise=noise,
                            symmetric=symmetric)
@@ -217,23 +228,27 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, vs, prev_S, prev_grad_sq, pre
     S = torch.where(use_prior, prior.S, normal.S)
     h_dot_v_new = torch.where(use_prior, prior.h_dot_v, normal.h_dot_v)
 
+    # The same update on the stored gain numerator: with v_prev = gain_prev - q_prev * H_prev,
+    # gain = v + q h = a gain_prev + (c - a q_prev) H_prev + (b + q) h.
+    c = c - a * q_prev
+    b = b + q
     # Masking by coefficients (not by torch.where on tensors) keeps it one pass; hs are finite, so a skipped
-    # tensor gets exactly v*1 + 0, theta - 0 and a lerp of weight 0.
+    # tensor gets exactly gain*1 + 0, theta - 0 and a lerp of weight 0.
     commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
     a = torch.where(commit, a, one)
     b = torch.where(commit, b, zero)
     c = torch.where(commit, c, zero)
     neg_step = torch.where(commit, -lr * layer_loss / S, zero)
 
-    # One element-wise pass over v, theta and H_prev.
-    torch._foreach_mul_(vs, a.unbind(0))
-    torch._foreach_addcmul_(vs, prev_grads, c.unbind(0))
-    torch._foreach_addcmul_(vs, hs, b.unbind(0))
-    torch._foreach_addcmul_(params, vs, neg_step.unbind(0))
-    torch._foreach_addcmul_(params, hs, (neg_step * q).unbind(0))
+    # One element-wise pass over the gain, theta and H_prev.
+    torch._foreach_mul_(gains, a.unbind(0))
+    torch._foreach_addcmul_(gains, prev_grads, c.unbind(0))
+    torch._foreach_addcmul_(gains, hs, b.unbind(0))
+    torch._foreach_addcmul_(params, gains, neg_step.unbind(0))
     torch._foreach_lerp_(prev_grads, hs, list(commit.to(hh.dtype).unbind(0)))
 
     torch._foreach_copy_(prev_S, torch.where(commit, S, S_prev).unbind(0))
     torch._foreach_copy_(prev_grad_sq, torch.where(commit, hh, prev_sq).unbind(0))
     torch._foreach_copy_(prev_grad_v, torch.where(commit, h_dot_v_new, prev_dot_v).unbind(0))
+    torch._foreach_copy_(prev_q, torch.where(commit, torch.full_like(q_prev, q), q_prev).unbind(0))
     torch._foreach_add_(steps, commit.to(torch.float32).unbind(0))
