@@ -1,0 +1,308 @@
+"""What the vision and language-model suites share: the training loop under an epoch or a wall-clock budget, the
+learning-rate sweep, provenance, and the results file.
+
+One *run* is (optimizer, learning rate, seed). Within a seed every optimizer starts from the same initial weights
+(``torch.manual_seed(seed)`` before the model is built) and sees the same batches in the same order (a separate
+``torch.Generator`` seeded with ``seed`` draws each epoch's permutation). Evaluation is not counted in the training
+time. A run whose training loss turns non-finite stops and is marked ``diverged``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import registry
+
+__all__ = ["Budget", "RunSpec", "add_common_arguments", "provenance", "resolve_defaults", "run_suite", "train_run"]
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``kalmanopt ...`` command that reproduces ``args``: the sub-command and every option the user set
+    (values that differ from the parser's defaults), whatever way the parser was invoked (shell or ``main(argv)``)."""
+    parser: argparse.ArgumentParser = args._parser
+    words = ["kalmanopt", *args._prog.split()]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0] if isinstance(action, argparse.BooleanOptionalAction) else \
+            max(action.option_strings, key=len)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs == 0:
+            words.append(flag)
+        elif isinstance(value, list):
+            if action.nargs in ("+", "*"):
+                words += [flag, *map(str, value)]
+            else:
+                for v in value:
+                    words += [flag, str(v)]
+        else:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(words)
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """Command line, git revision, package versions, CPU, threads, load average and date."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "command": command or shlex.join(sys.argv),
+        "git_revision": _git_revision(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "packages": {d: _version(d) for d in ("kalmanopt", "torch", "pytorch_optimizer", "numpy")},
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": load,
+        "platform": platform.platform(),
+        "device": "cpu",
+    }
+
+
+# ------------------------------------------------------------------------------------------------ one run
+@dataclass(frozen=True)
+class Budget:
+    """``epochs`` (an upper bound when ``seconds`` is set) and an optional training-time limit in seconds."""
+
+    epochs: int
+    seconds: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return "time" if self.seconds is not None else "epochs"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    optimizer: str
+    lr: float
+    seed: int
+
+
+Batches = Callable[[torch.Generator], Iterator[tuple[Tensor, Tensor]]]
+
+
+def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], epoch_batches: Batches,
+              steps_per_epoch: int, per_sample_loss: Callable[[nn.Module, Tensor, Tensor], Tensor],
+              evaluate: Callable[[nn.Module], dict[str, float]], budget: Budget, progress: bool = True,
+              desc: str = "") -> dict[str, Any]:
+    """Train one fresh model; return its record (history per epoch, final metrics, time, state size)."""
+    from tqdm.auto import tqdm
+
+    entry = registry.get(spec.optimizer)
+    torch.manual_seed(spec.seed)
+    model = make_model()
+    opt = entry.make(model.parameters(), task, lr=spec.lr)
+    order = torch.Generator().manual_seed(spec.seed)
+    history: list[dict[str, float]] = [{"epoch": 0.0, "seconds": 0.0, "train_loss": math.nan,
+                                        **evaluate(model)}]
+    train_seconds, steps, diverged, out_of_time = 0.0, 0, False, False
+    total = budget.epochs * steps_per_epoch
+    bar = tqdm(total=total, desc=desc or f"{spec.optimizer} lr={spec.lr:g} seed={spec.seed}", leave=False,
+               disable=not progress, mininterval=2.0, dynamic_ncols=True)
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        if entry.loss == "hessian":  # the fused attention kernels have no double backward; the math one has
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        for epoch in range(budget.epochs):
+            model.train()
+            loss_sum, n_steps = 0.0, 0
+            start = time.perf_counter()
+            for x, y in epoch_batches(order):
+                opt.zero_grad(set_to_none=True)
+                loss = registry.backward_and_step(entry, opt, per_sample_loss(model, x, y)).item()
+                loss_sum += loss
+                n_steps += 1
+                steps += 1
+                bar.update(1)
+                if not math.isfinite(loss):
+                    diverged = True
+                    break
+                if budget.seconds is not None and train_seconds + time.perf_counter() - start >= budget.seconds:
+                    out_of_time = True
+                    break
+                if n_steps % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}", refresh=False)
+            train_seconds += time.perf_counter() - start
+            opt.zero_grad(set_to_none=True)  # frees create_graph graphs
+            history.append({"epoch": epoch + n_steps / steps_per_epoch, "seconds": train_seconds,
+                            "train_loss": loss_sum / max(n_steps, 1), **evaluate(model)})
+            if diverged or out_of_time:
+                break
+    bar.close()
+    skipped = 0
+    for st in opt.state.values():
+        if isinstance(st, dict) and "skipped_steps" in st:
+            skipped += int(st["skipped_steps"])
+    final = history[-1]
+    return {
+        "optimizer": spec.optimizer, "label": entry.label, "lr": spec.lr, "seed": spec.seed,
+        "weight_decay": entry.weight_decay.get(task, 0.0), "budget": budget.kind,
+        "epochs": final["epoch"], "steps": steps, "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / final["epoch"] if final["epoch"] > 0 else math.nan,
+        "optimizer_state_bytes": registry.state_bytes(opt), "parameters": sum(p.numel() for p in model.parameters()),
+        "skipped_steps": skipped, "diverged": diverged, "final": final, "history": history,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ a suite
+def _score(record: dict[str, Any], key: str, higher_is_better: bool) -> float:
+    value = record["final"].get(key, math.nan)
+    if record["diverged"] or not math.isfinite(value):
+        return -math.inf
+    return value if higher_is_better else -value
+
+
+def run_suite(args: argparse.Namespace, *, task: str, config: dict[str, Any], run: Callable[..., dict[str, Any]],
+              select_key: str, higher_is_better: bool, out_path: Path) -> dict[str, Any]:
+    """Sweep (optional) then the seeded runs; write the results file after every run (so a killed suite keeps
+    what it finished). ``run(spec, budget, split)`` trains one run; ``split`` is ``"valid"`` in the sweep."""
+    from tqdm.auto import tqdm
+
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    for n in names:
+        registry.get(n)
+    overrides = dict(_parse_lr(s) for s in (args.lr or []))
+    prov = provenance(getattr(args, "_command", None))
+    result: dict[str, Any] = {"suite": task, "config": config, "provenance": prov,
+                              "optimizers": {n: {"label": registry.get(n).label, "note": registry.get(n).note,
+                                                 "loss": registry.get(n).loss} for n in names},
+                              "left_out": registry.LEFT_OUT, "sweep": None, "runs": []}
+    chosen = {n: overrides.get(n, registry.get(n).lr[task]) for n in names}
+
+    def save() -> None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=float))
+        tmp.replace(out_path)
+
+    if args.sweep:
+        sweep_budget = Budget(args.sweep_epochs)
+        sweep: dict[str, Any] = {"budget_epochs": args.sweep_epochs, "seed": args.sweep_seed,
+                                 "factors": list(registry.SWEEP_FACTORS), "selected_on": select_key,
+                                 "runs": []}
+        result["sweep"] = sweep
+        for n in names:
+            if n in overrides:
+                continue
+            best = None
+            for lr in registry.lr_grid(n, task):
+                rec = run(RunSpec(n, lr, args.sweep_seed), sweep_budget, "valid")
+                sweep["runs"].append({k: rec[k] for k in ("optimizer", "lr", "seed", "diverged", "final",
+                                                           "train_seconds")})
+                value = rec["final"].get(select_key, math.nan)
+                tqdm.write(f"  sweep {n:<16} lr={lr:<8g} {select_key}={value:.4f}"
+                           f"{' DIVERGED' if rec['diverged'] else ''}")
+                if best is None or _score(rec, select_key, higher_is_better) > _score(best, select_key,
+                                                                                       higher_is_better):
+                    best = rec
+            chosen[n] = best["lr"]
+            save()
+        sweep["chosen"] = dict(chosen)
+    result["chosen_lr"] = chosen
+    budget = Budget(args.epochs, args.seconds)
+    for seed in args.seeds:
+        for n in names:
+            rec = run(RunSpec(n, chosen[n], seed), budget, "test")
+            result["runs"].append(rec)
+            f = rec["final"]
+            metrics = "  ".join(f"{k}={v:.4f}" for k, v in f.items() if k not in ("epoch", "seconds"))
+            tqdm.write(f"  {n:<16} lr={chosen[n]:<8g} seed={seed} epochs={rec['epochs']:.2f} "
+                  f"{rec['train_seconds']:.1f}s  {metrics}{'  DIVERGED' if rec['diverged'] else ''}")
+            save()
+    result["provenance"]["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    save()
+    print(f"wrote {out_path}")
+    return result
+
+
+def _parse_lr(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    registry.get(name)
+    return name, float(value)
+
+
+def resolve_defaults(args: argparse.Namespace, normal: dict[str, Any], quick: dict[str, Any]) -> None:
+    """Fill every argument the user left at None from ``quick`` (with ``--quick``) or ``normal``."""
+    for key, value in {**normal, **(quick if args.quick else {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iterable[str]) -> None:
+    p.add_argument("--optimizers", default=None,
+                   help=f"comma-separated registry names (default: {','.join(default_optimizers)}; known: "
+                        f"{', '.join(registry.REGISTRY)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (the upper bound with --seconds)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="equal wall-clock budget: training seconds per run (evaluation not counted)")
+    p.add_argument("--lr", action="append", metavar="NAME=LR", help="fix an optimizer's lr (skips its sweep)")
+    p.add_argument("--sweep", action="store_true",
+                   help="first sweep each optimizer's lr over default x (1/3, 1, 3) on one seed, select on the "
+                        "validation split, then run the seeds with the chosen values")
+    p.add_argument("--sweep-epochs", type=int, default=1, help="epochs per sweep run (the same for every optimizer)")
+    p.add_argument("--sweep-seed", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--data-root", default=None, help="read the dataset from this directory instead of the cache")
+    p.add_argument("--out", default=None, help="results file (JSON)")

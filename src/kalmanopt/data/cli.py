@@ -1,0 +1,69 @@
+"""``kalmanopt data``: ``list`` what is known and cached, ``fetch NAME|all``, ``path NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .sources import DATASETS, FetchError, cache_dir, fetch, is_cached, locate
+
+__all__ = ["add_parser"]
+
+
+def _list(args: argparse.Namespace) -> int:
+    print(f"cache: {cache_dir()}  (set KALMANOPT_DATA to move it)")
+    for name, d in DATASETS.items():
+        try:
+            where = "cached" if is_cached(name) else f"in place: {locate(name)}"
+        except FileNotFoundError:
+            where = "missing"
+        print(f"  {name:<14} {where:<12} {d.description}")
+    return 0
+
+
+def _path(args: argparse.Namespace) -> int:
+    try:
+        print(locate(args.name))
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    targets = list(DATASETS) if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in DATASETS:
+        print(f"unknown dataset {args.name!r}; known: {', '.join(DATASETS)}, all", file=sys.stderr)
+        return 2
+    missing = []
+    for name in targets:
+        try:
+            fetch(name, force=args.force, source_dir=args.source_dir, offline=args.offline)
+        except FetchError as e:
+            missing.append(name)
+            print(f"\n{e}\n", file=sys.stderr)
+    got = [n for n in targets if n not in missing]
+    print(f"\nfetched or cached: {', '.join(got) or 'none'}")
+    if missing:
+        print(f"MISSING: {', '.join(missing)} (see the messages above for how to get them by hand)")
+        return 1
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the top-level ``data`` command to ``kalmanopt``'s sub-parsers."""
+    data = subparsers.add_parser("data", help="datasets: list, fetch (with checksums) into the cache, path")
+    sub = data.add_subparsers(dest="data_command", required=True)
+    ls = sub.add_parser("list", help="known datasets and whether they are cached")
+    ls.set_defaults(func=_list)
+    fe = sub.add_parser("fetch", help="obtain a dataset (or all) from its ordered sources, verify, cache")
+    fe.add_argument("name", help=f"one of: {', '.join(DATASETS)}, or all")
+    fe.add_argument("--force", action="store_true", help="fetch again even if cached")
+    fe.add_argument("--from", dest="source_dir", default=None, metavar="DIR",
+                    help="a directory holding the files (downloaded by hand), tried first")
+    fe.add_argument("--offline", action="store_true", help="do not try the canonical URLs")
+    fe.set_defaults(func=_fetch)
+    pa = sub.add_parser("path", help="print the directory a dataset is read from")
+    pa.add_argument("name")
+    pa.set_defaults(func=_path)
+    return data

@@ -1,0 +1,167 @@
+"""The vision and language-model suites end to end on tiny data written in the real formats (IDX gzip, npm text),
+the registry's loss paths, the models, and ``kalmanopt report``. CPU only, no network, well under a minute."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kalmanopt.bench import models, registry
+from kalmanopt.bench.lm import windows
+from kalmanopt.cli import main as cli_main
+from kalmanopt.data import write_idx
+from kalmanopt.data.idx import IDX_FILES
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    """A 600/200-image Fashion-MNIST look-alike: class k is a bright k-th row band, plus noise."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "fm"
+    d.mkdir()
+
+    def make(n):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(y):
+            x[i, 2 * k + 3 : 2 * k + 6, :] = 250
+        return x, y
+
+    (xtr, ytr), (xte, yte) = make(600), make(200)
+    for name, a in zip(IDX_FILES.values(), (xtr, ytr, xte, yte), strict=True):
+        write_idx(d / name, a)
+    return d
+
+
+@pytest.fixture
+def moby_dir(tmp_path):
+    d = tmp_path / "md" / "package" / "data"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    words = ["call", "me", "ishmael", "the", "whale", "sea", "ship", "ahab"]
+    (d / "data.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(1500)) + "\n")
+    return tmp_path / "md"
+
+
+def test_models_shapes():
+    assert models.SmallCNN()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert models.small_resnet()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert models.resnet18(num_classes=100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    tok = models.CharTokenizer("hello world")
+    assert tok.decode(tok.encode("hello")) == "hello" and tok.encode("z").tolist() == [0]
+    gpt = models.GPT(tok.vocab_size, context=16, d_model=32, n_layers=4, n_heads=4)
+    assert gpt(torch.zeros(3, 16, dtype=torch.long)).shape == (3, 16, tok.vocab_size)
+    assert gpt.tok.weight is not None and len(gpt.blocks) == 4
+    w = windows(torch.arange(21), 5)
+    assert w.shape == (4, 6) and w[1].tolist() == [5, 6, 7, 8, 9, 10]
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("name", registry.DEFAULT)
+def test_every_registered_optimizer_takes_a_step(name):
+    torch.manual_seed(0)
+    model = models.SmallCNN(width=4, hidden=8)
+    entry = registry.get(name)
+    opt = entry.make(model.parameters(), "vision")
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = registry.backward_and_step(entry, opt, F.cross_entropy(model(x), y, reduction="none"))
+    assert math.isfinite(loss.item())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert registry.lr_grid(name, "vision")[1] == pytest.approx(entry.lr["vision"], rel=1e-3)
+
+
+def test_gpt_with_hessian_optimizer_runs():
+    """AdaHessian needs a double backward through attention: the suite switches to the math SDPA kernel."""
+    from kalmanopt.bench import common
+
+    gpt = lambda: models.GPT(20, context=8, d_model=16, n_layers=1, n_heads=2)  # noqa: E731
+    ids = torch.randint(0, 20, (8, 9))
+    rec = common.train_run(common.RunSpec("adahessian", 0.1, 0), task="lm", make_model=gpt,
+                           epoch_batches=lambda g: iter([(ids[:, :-1], ids[:, 1:])]), steps_per_epoch=1,
+                           per_sample_loss=lambda m, x, y: F.cross_entropy(m(x).reshape(-1, 20), y.reshape(-1),
+                                                                           reduction="none"),
+                           evaluate=lambda m: {"test_loss": 0.0}, budget=common.Budget(1), progress=False)
+    assert rec["steps"] == 1 and not rec["diverged"]
+
+
+def test_bench_vision_sweep_runs_and_report(fashion_dir, tmp_path):
+    out = tmp_path / "results" / "vision" / "fm.json"
+    rc = cli_main(["bench", "vision", "--data-root", str(fashion_dir), "--train-size", "300", "--valid-size", "100",
+                   "--test-size", "200", "--batch-size", "50", "--epochs", "2", "--seeds", "0", "1",
+                   "--optimizers", "koala++,sgd,adamw", "--sweep", "--sweep-epochs", "1", "--lr", "adamw=0.003",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    prov = res["provenance"]
+    for key in ("command", "git_revision", "packages", "cpu", "threads", "date"):
+        assert key in prov
+    assert prov["threads"] == 1 and "bench vision" in prov["command"]
+    assert len(res["runs"]) == 6 and len(res["sweep"]["runs"]) == 6  # adamw's lr was fixed: no sweep for it
+    assert res["chosen_lr"]["adamw"] == 0.003
+    assert res["chosen_lr"]["koala++"] in registry.lr_grid("koala++", "vision")
+    # identical data order and initial weights within a seed: the evaluation before training is identical
+    first = {(r["optimizer"], r["seed"]): r["history"][0]["test_loss"] for r in res["runs"]}
+    assert first[("koala++", 0)] == first[("sgd", 0)] == first[("adamw", 0)] != first[("sgd", 1)]
+    for r in res["runs"]:
+        assert len(r["history"]) == 3 and r["history"][-1]["epoch"] == 2
+    best = max(r["final"]["test_accuracy"] for r in res["runs"])
+    assert best > 0.5  # the bands are easy to see
+    md = tmp_path / "docs" / "vm.md"
+    assert cli_main(["report", str(out.parent), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "| KOALA++ (symmetric) |" in text and "±" in text and "Learning-rate sweep" in text
+    assert out.with_suffix(".png").is_file() and "../results/vision/fm.png" in text
+
+
+def test_bench_vision_quick(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    assert cli_main(["bench", "vision", "--quick", "--data-root", str(fashion_dir), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["quick"] and res["config"]["seeds"] == [0] and res["config"]["epochs"] == 1
+    assert [r["optimizer"] for r in res["runs"]] == ["koala++", "koala-v", "sgd", "adam", "adahessian"]
+    assert "--quick" in res["provenance"]["command"]
+
+
+def test_bench_vision_equal_time_budget(fashion_dir, tmp_path):
+    out = tmp_path / "t.json"
+    assert cli_main(["bench", "vision", "--data-root", str(fashion_dir), "--train-size", "500", "--valid-size", "50",
+                     "--batch-size", "10", "--epochs", "50", "--seconds", "0.3", "--seeds", "0",
+                     "--optimizers", "sgd,adahessian", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for r in res["runs"]:
+        assert r["budget"] == "time" and r["train_seconds"] < 5.0 and r["epochs"] < 50
+    assert "equal wall-clock" in cli_report_text(out)
+
+
+def cli_report_text(path) -> str:
+    from kalmanopt.bench import report
+
+    results = report.load_results([path])
+    return report.markdown(results, path.parent, {})
+
+
+def test_bench_lm_quick_on_npm_layout(moby_dir, tmp_path):
+    out = tmp_path / "lm.json"
+    assert cli_main(["bench", "lm", "--quick", "--data-root", str(moby_dir), "--train-chars", "6000",
+                     "--eval-chars", "1500", "--d-model", "16", "--context", "16", "--n-layers", "1",
+                     "--optimizers", "koala++,adamw,sophiah", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["quick"] and res["config"]["train_chars"] == 6000
+    for r in res["runs"]:
+        f = r["final"]
+        assert math.isclose(f["test_ppl"], math.exp(f["test_loss"]), rel_tol=1e-6)
+        assert f["test_ppl"] < res["config"]["vocab_size"] * 1.5
+    text = cli_report_text(out)
+    assert "test ppl" in text and "KOALA++" in text
+    from kalmanopt.bench import report
+
+    summary = report.summary_table(report.load_results([out, out]))
+    assert summary.count("| KOALA++ (symmetric) |") == 1 and summary.count("**") >= 4
