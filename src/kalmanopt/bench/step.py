@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -483,31 +481,14 @@ def run_preset(preset: Preset, settings: Settings) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what :mod:`platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def provenance(device: torch.device) -> dict[str, Any]:
-    """Where and how the numbers were taken: the command line, versions, threads, hardware and date."""
-    return {
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "kalmanopt": kalmanopt.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "platform": platform.platform(),
-    }
+    """Where and how the numbers were taken: the suites' common provenance plus the device timed on."""
+    from .common import provenance as common_provenance
+
+    info = common_provenance(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    info.update(kalmanopt=kalmanopt.__version__, torch=torch.__version__, device=str(device),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    return info
 
 
 def _format_ratio(ratio: float | None) -> str:
