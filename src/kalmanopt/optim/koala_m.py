@@ -11,7 +11,7 @@ from . import _docs
 from ._reductions import squared_norms
 from ._sharding import local_tensor, shard_reducer
 from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
-from .scalar_filter import scalar_covariance_update
+from .scalar_filter import correct_buckets
 
 __all__ = ["KOALAM"]
 
@@ -138,16 +138,9 @@ class KOALAM(KalmanOptimizer):
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
         prior = group_state["P_prior"]
-        largest = torch.zeros_like(prior[0])
-        for b in buckets:
-            dtype = b.h[0].dtype
-            ratio = scalar_covariance_update(
-                b.params, b.h, [st["momentum"] for st in b.states], [st["step"] for st in b.states],
-                layer_loss=b.layer_loss(loss_mean, group["weight_decay"]), noise=noise.to(b.device, dtype),
-                ok=ok.to(b.device), lr=group["lr"], p11=prior[0].to(b.device, dtype),
-                p21=prior[1].to(b.device, dtype), foreach=self._use_foreach(group), grad_sq=b.grad_sq,
-            )
-            largest = torch.maximum(largest, ratio.to(largest))
+        largest = correct_buckets(buckets, momentum_key="momentum", loss_mean=loss_mean, noise=noise, ok=ok,
+                                  lr=group["lr"], weight_decay=group["weight_decay"], p11=prior[0], p21=prior[1],
+                                  foreach=self._use_foreach(group))
         p11, p12, p22 = prior.unbind(0)
         posterior = torch.stack([p11 - largest * p11 * p11, p12 - largest * p11 * p12, p22 - largest * p12 * p12])
         group_state["P"].copy_(torch.where(ok, posterior, group_state["P"]))

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _docs
 from .base import GradBucket, KalmanOptimizer, _check_number
-from .scalar_filter import scalar_covariance_update
+from .scalar_filter import correct_buckets
 
 __all__ = ["KOALAV"]
 
@@ -79,14 +79,8 @@ class KOALAV(KalmanOptimizer):
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
         prior = group_state["sigma_prior"]
-        largest = torch.zeros_like(prior)
-        for b in buckets:
-            ratio = scalar_covariance_update(
-                b.params, b.h, None, [st["step"] for st in b.states],
-                layer_loss=b.layer_loss(loss_mean, group["weight_decay"]), noise=noise.to(b.device, b.h[0].dtype),
-                ok=ok.to(b.device), lr=group["lr"], p11=prior.to(b.device, b.h[0].dtype), p21=None,
-                foreach=self._use_foreach(group), grad_sq=b.grad_sq,
-            )
-            largest = torch.maximum(largest, ratio.to(largest))
+        largest = correct_buckets(buckets, momentum_key=None, loss_mean=loss_mean, noise=noise, ok=ok, lr=group["lr"],
+                                  weight_decay=group["weight_decay"], p11=prior, p21=None,
+                                  foreach=self._use_foreach(group))
         posterior = prior - prior.square() * largest
         group_state["sigma"].copy_(torch.where(ok, posterior, group_state["sigma"]))

@@ -13,12 +13,17 @@ it is group-level). Returns that largest ratio over the tensors that were correc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ._reductions import squared_norms
 
-__all__ = ["scalar_covariance_update"]
+if TYPE_CHECKING:
+    from .base import GradBucket
+
+__all__ = ["correct_buckets", "scalar_covariance_update"]
 
 
 def scalar_covariance_update(params: list[Tensor], hs: list[Tensor], momenta: list[Tensor] | None,
@@ -31,6 +36,26 @@ def scalar_covariance_update(params: list[Tensor], hs: list[Tensor], momenta: li
                              p21=p21, grad_sq=grad_sq)
     return _single_tensor(params, hs, momenta, steps, layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, p11=p11,
                           p21=p21)
+
+
+def correct_buckets(buckets: list[GradBucket], *, momentum_key: str | None, loss_mean: Tensor, noise: Tensor,
+                    ok: Tensor, lr: float, weight_decay: float, p11: Tensor, p21: Tensor | None,
+                    foreach: bool) -> Tensor:
+    """Run :func:`scalar_covariance_update` on every bucket of a group; returns the largest ratio (on p11's device).
+
+    ``momentum_key`` names the per-tensor velocity state (KOALA-M), or is None (KOALA-V).
+    """
+    largest = torch.zeros_like(p11)
+    for b in buckets:
+        dtype = b.h[0].dtype
+        ratio = scalar_covariance_update(
+            b.params, b.h, None if momentum_key is None else [st[momentum_key] for st in b.states],
+            [st["step"] for st in b.states], layer_loss=b.layer_loss(loss_mean, weight_decay),
+            noise=noise.to(b.device, dtype), ok=ok.to(b.device), lr=lr, p11=p11.to(b.device, dtype),
+            p21=None if p21 is None else p21.to(b.device, dtype), foreach=foreach, grad_sq=b.grad_sq,
+        )
+        largest = torch.maximum(largest, ratio.to(largest))
+    return largest
 
 
 def _single_tensor(params, hs, momenta, steps, *, layer_loss, noise, ok, lr, p11, p21) -> Tensor:
