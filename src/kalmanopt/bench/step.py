@@ -161,8 +161,8 @@ class _ReferenceStructureKOALAPlusPlus(Optimizer):
     """KOALA++ written the way the public reference code (github.com/Sumxiaa/KOALA_Plus_Plus) is *structured*.
 
     Our re-creation of that structure, not their code: the mathematics of the paper's Algorithm 1 (per-tensor
-    ``v``, previous gradient, ``S``; first step from the prior ``P0 = sigma * I``, see koala.md) in the naive
-    style the library is measured against: a Python loop over tensors, about 25 small separate torch
+    ``v``, previous gradient, ``S``; first step from the prior ``P0 = sigma * I``, see docs/algorithms.md) in the
+    naive style the library is measured against: a Python loop over tensors, about 25 small separate torch
     operations per tensor, ``.view(-1)`` dot products, fresh state tensors every step, and a host
     synchronisation per tensor (``if grad.norm() < eps`` on a tensor). It has none of the library's guards.
 
