@@ -82,6 +82,24 @@ def test_step_equals_diagonal_of_dense_ekf(observation, noise):
     torch.testing.assert_close(p_new, torch.diagonal(P_ref), rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("observation,noise", [("softmax", "moment"), ("logits", "fixed"), ("loss", "ema")])
+def test_step_returns_the_outputs_before_the_update(observation, noise):
+    """The online protocol scores the prediction made before the sample is learnt: ``step`` returns exactly the
+    outputs of the forward pass it measured, not outputs at the updated weights."""
+    model = tiny()
+    opt = LoKO(model.parameters(), p0=0.5, observation=observation, noise=noise)
+    for k in range(3):
+        x, y = data(k, n=2)
+        with torch.no_grad():
+            before = model(x)
+        out = opt.step(lambda x=x: model(x), y)
+        with torch.no_grad():
+            after = model(x)
+        assert torch.equal(out, before)
+        assert not out.requires_grad
+        assert (out - after).abs().max() > 1e-6  # the update moved the outputs: the check above can fail
+
+
 def test_loss_observation_is_a_scalar_measurement_update():
     model = tiny()
     x, y = data(n=3)

@@ -34,6 +34,33 @@ def test_records_prediction_before_update():
     assert torch.allclose(model.weight, ref.weight)
 
 
+@pytest.mark.parametrize("make", [lambda m: LoKO(m.parameters(), p0=0.5),
+                                  lambda m: FullKalman(m.parameters(), p0=0.5)], ids=["loko", "full_kalman"])
+def test_kalman_filters_record_the_prediction_before_the_update(make):
+    """Replayed step by step: each recorded hit and loss is the one of the prediction made before the update."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    replay = torch.nn.Linear(5, 3)
+    replay.load_state_dict(model.state_dict())
+    x, y = stream(40)
+    result = run_online(model, make(model), x, y, progress=False)
+    opt = make(replay)
+    expected_correct, expected_loss, flips = [], [], 0
+    for i in range(40):
+        xi, yi = x[i:i + 1], y[i:i + 1]
+        with torch.no_grad():
+            before = replay(xi)
+        opt.step(lambda xi=xi: replay(xi), yi)
+        with torch.no_grad():
+            after = replay(xi)
+        expected_correct.append(int(before.argmax(1).item() == yi.item()))
+        expected_loss.append(torch.nn.functional.cross_entropy(before, yi).item())
+        flips += int(after.argmax(1).item() != before.argmax(1).item())
+    assert result.correct == expected_correct
+    assert result.loss == pytest.approx(expected_loss, rel=1e-6)
+    assert flips >= 3  # an update often changes the predicted class: scoring after the update would differ
+
+
 @pytest.mark.parametrize("make", [
     lambda m: LoKO(m.parameters(), p0=0.5),
     lambda m: FullKalman(m.parameters(), p0=0.5),
