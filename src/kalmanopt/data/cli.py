@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kalmanopt.errors import DataUnavailable
+
 from .sources import DATASETS, FetchError, cache_dir, fetch, is_cached, locate
 
 __all__ = ["add_parser"]
@@ -22,10 +24,14 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _path(args: argparse.Namespace) -> int:
+    if args.name not in DATASETS:
+        raise DataUnavailable(f"unknown dataset {args.name!r}; known: {', '.join(DATASETS)}")
     try:
         print(locate(args.name))
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
+        if getattr(e, "details", None):
+            print(e.details, file=sys.stderr)
         return 1
     return 0
 

