@@ -67,7 +67,8 @@ def test_every_registered_optimizer_takes_a_step(name):
     torch.manual_seed(0)
     model = models.SmallCNN(width=4, hidden=8)
     entry = registry.get(name)
-    opt = entry.make(model.parameters(), "vision")
+    opt = entry.make(model, "vision")  # K-FAC and AdaFisher take the model
+    entry.to_train(opt)  # Schedule-Free steps only in training mode
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):

@@ -1,4 +1,12 @@
-"""The ``kalmanopt`` command line: ``kalmanopt demo`` and ``kalmanopt bench ...``."""
+"""The ``kalmanopt`` command line: ``kalmanopt demo``, ``kalmanopt bench ...``, ``kalmanopt data ...``, ``report``.
+
+Expected failures (:class:`kalmanopt.errors.UsageError`: data that cannot be obtained, an optional package that is
+not installed, a bad option value) print one line, ``kalmanopt: error: ...``, and exit with status 2; so do the
+parser's own errors. Every ``kalmanopt bench`` command first fetches the datasets it needs (as ``kalmanopt data
+fetch`` would, with its progress): those a suite lists in ``required_datasets(args)``, else those named by its
+``--dataset``/``--corpus`` option (none with ``--data-root``); a dataset loaded later in the run is fetched when it is
+loaded.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,8 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Sequence
+
+from kalmanopt.errors import OPTIONAL_DEPENDENCIES, UsageError, missing_dependency
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,8 +55,15 @@ def _optional_module(name: str):
     return importlib.import_module(name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (the sub-parsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kalmanopt", description="Kalman-filter optimizers for PyTorch.")
+    parser = _Parser(prog="kalmanopt", description="Kalman-filter optimizers for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small MLP on scikit-learn digits with KOALA++ and AdamW")
@@ -68,9 +85,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def required_datasets(args: argparse.Namespace) -> list[str]:
+    """The datasets a ``kalmanopt bench`` command reads: its module's ``required_datasets(args)`` if it has one, else
+    the value of ``--dataset``/``--corpus`` (none when ``--data-root`` is given)."""
+    module = sys.modules.get(getattr(args.func, "__module__", ""))
+    hook = getattr(module, "required_datasets", None)
+    if hook is not None:
+        return list(hook(args))
+    if getattr(args, "data_root", None):
+        return []
+    return [v for v in (getattr(args, "dataset", None), getattr(args, "corpus", None)) if isinstance(v, str)]
+
+
+def _check_optimizers(args: argparse.Namespace) -> None:
+    """The suites built on ``bench.common`` (registry optimizers, ``--lr NAME=LR``): unknown names, malformed
+    values and missing optional packages are reported before any data is fetched or run is started."""
+    if not hasattr(args, "sweep_seed"):  # an option of bench.common.add_common_arguments only
+        return
+    from kalmanopt.bench import registry
+
+    for text in getattr(args, "lr", None) or []:
+        registry.parse_lr(text)
+    if isinstance(getattr(args, "optimizers", None), str):
+        for name in (n.strip() for n in args.optimizers.split(",")):
+            if name:
+                registry.check(name)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command != "bench":
+        return args.func(args)
+    from kalmanopt import data
+
+    _check_optimizers(args)
+    with data.auto_fetch():
+        for name in required_datasets(args):
+            data.ensure(name)
+        return args.func(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return _run(args)
+    except UsageError as e:
+        message = str(e).strip().splitlines()
+        print(f"kalmanopt: error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional package imported without kalmanopt.errors.require
+        if e.name is None or e.name.split(".")[0] not in OPTIONAL_DEPENDENCIES:
+            raise
+        print(f"kalmanopt: error: {missing_dependency(e.name)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kalmanopt: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["DataUnavailable", "MissingDependency", "OPTIONAL_DEPENDENCIES", "UsageError", "require"]
+__all__ = ["OPTIONAL_DEPENDENCIES", "DataUnavailable", "MissingDependency", "UsageError", "install_hint",
+           "missing_dependency", "require"]
 
 
 class UsageError(Exception):

@@ -1,6 +1,6 @@
 """``kalmanopt bench online``: online fine-tuning of LoRA/DoRA adapters, LoKO against LoRA/AdamW and LoRA/AdaGrad.
 
-Protocol (spec: /work/shared/spec/loko.md, "Online accuracy"): every sample of a stream is seen once, batch size 1;
+Protocol (docs/algorithms.md, LoKO, "Online accuracy"): every sample of a stream is seen once, batch size 1;
 the model predicts with its current parameters, the prediction is recorded, then the optimizer updates. Streams:
 
 * ``cv_mnist``: a small CNN pretrained here on Fashion-MNIST (cached under the data cache, ``models/``), its head
@@ -107,7 +107,7 @@ def pretrained_cnn(epochs: int = 2, progress: bool = True) -> dict[str, torch.Te
     """The Fashion-MNIST CNN's weights, trained once (AdamW 1e-3, batch 128, seed 0) and cached."""
     from kalmanopt import data
 
-    path = data.cache_dir() / "models" / f"online_cnn_fashion_mnist_e{epochs}.pt"
+    path = _pretrained_path(epochs)
     if path.exists():
         return torch.load(path, weights_only=True)
     from tqdm.auto import tqdm
@@ -134,6 +134,24 @@ def pretrained_cnn(epochs: int = 2, progress: bool = True) -> dict[str, torch.Te
     state["_fashion_mnist_test_accuracy"] = torch.tensor(acc)
     torch.save(state, path)
     return state
+
+
+def _pretrained_path(epochs: int = 2):
+    from kalmanopt import data
+
+    return data.cache_dir() / "models" / f"online_cnn_fashion_mnist_e{epochs}.pt"
+
+
+def required_datasets(args: argparse.Namespace) -> list[str]:
+    """What ``kalmanopt bench online`` reads (fetched before the run): MNIST subset and, unless the pretrained CNN
+    is cached, Fashion-MNIST for the CV task; BBC News / SpamAssassin for the NLP tasks."""
+    names: list[str] = []
+    for task in SUITES[args.suite] if args.task is None else (args.task,):
+        if task == "cv_mnist":
+            names += ([] if _pretrained_path().exists() else ["fashion_mnist"]) + ["mnist_subset"]
+        else:
+            names.append({"nlp_bbc": "bbc_news", "nlp_spam": "spam_assassin"}[task])
+    return names
 
 
 # ------------------------------------------------------------------------------------------------ tasks
