@@ -22,6 +22,7 @@ parameter state, such as distributed checkpointing).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,16 @@ from torch.optim import Optimizer
 
 from ._reductions import squared_norms
 from ._sharding import local_tensor, reduce_if, shard_reducer
-from .noise import R_INITIAL, R_STATISTICS, check_loss, check_statistic, loss_moments, loss_statistic, measurement_noise
+from .noise import (
+    R_CLIP,
+    R_INITIAL,
+    R_STATISTICS,
+    check_loss,
+    check_statistic,
+    loss_moments,
+    loss_statistic,
+    measurement_noise,
+)
 
 __all__ = ["KalmanOptimizer", "GradBucket"]
 
@@ -70,6 +80,7 @@ class GradBucket:
     param_sq: Tensor | None
     finite: Tensor
     shard_sum: Callable[[Tensor], Tensor] | None = None  # sums per-tensor partial reductions over shards
+    plan: Any = None  # what an optimizer's _check_group derived for this bucket, reused by its _correct_group
 
     @property
     def device(self) -> torch.device:
@@ -91,42 +102,135 @@ class GradBucket:
                 h.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def load_state_keep_dtypes(opt: Optimizer, state_dict: dict[str, Any]) -> None:
-    """``Optimizer.load_state_dict`` that keeps each saved tensor's dtype.
+# name -> (shape, dtype) of the state tensors an optimizer creates for one parameter; -1 in a shape: any size
+StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
-    torch.optim casts floating state to the parameter dtype; ours is float32 for low-precision parameters, so after
-    the standard load every tensor is put back in the dtype it was saved with (on the parameter's device).
+
+def _is_dtensor(t: Tensor) -> bool:
+    return dist.is_available() and isinstance(t, dist.tensor.DTensor)
+
+
+def spec_of(probe: dict[str, Any]) -> StateSpec:
+    """The :data:`StateSpec` of a state dict built on meta tensors (or any tensors)."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in probe.items() if isinstance(v, Tensor)}
+
+
+def _checked_dtype(opt: Optimizer, key: Any, name: str, value: Tensor, want: torch.dtype) -> torch.dtype:
+    """The dtype ``value`` is loaded in: ``want`` where the cast is safe, else ValueError."""
+    if value.dtype == want:
+        return want
+    where = f"{type(opt).__name__}.load_state_dict: state {name!r} of parameter {key}"
+    if value.is_floating_point() and want.is_floating_point:
+        if bool((torch.isfinite(value) & ~torch.isfinite(value.to(want))).any()):
+            raise ValueError(f"{where} does not fit in {want} (saved as {value.dtype})")
+        return want
+    integral = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    if value.dtype in integral and want in integral:
+        return want
+    raise ValueError(f"{where} is {value.dtype}, the optimizer needs {want}: the state dict is not this optimizer's")
+
+
+def load_state_keep_dtypes(opt: Optimizer, state_dict: dict[str, Any],
+                           expected: Callable[[dict[str, Any], Tensor], StateSpec] | None = None) -> None:
+    """``Optimizer.load_state_dict`` that checks the state first and keeps the state dtypes.
+
+    ``expected(group, p)`` gives the shape and dtype of every state tensor the optimizer creates for ``p``. Before
+    anything is loaded, each saved tensor it names is checked: a different shape raises ``ValueError`` (the state
+    belongs to other parameters; the optimizer is left untouched), a different dtype is cast to the expected one
+    where that is safe (between floating dtypes when the values stay finite, e.g. a float32 checkpoint into a
+    float64 model; between integer dtypes), else ``ValueError``. Tensors it does not name are loaded as saved.
+    (torch.optim would cast floating state to the parameter dtype; ours is float32 for low-precision parameters.)
+    State of DTensor parameters is not checked here (see ``_sharding``).
     """
-    saved = state_dict["state"]
-    Optimizer.load_state_dict(opt, state_dict)
-    index_to_param = [p for g in opt.param_groups for p in g["params"]]
+    saved, groups, saved_groups = state_dict["state"], opt.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    by_id: dict[Any, tuple[dict[str, Any], Tensor]] = {}
+    for group, saved_group in zip(groups, saved_groups, strict=True):
+        if len(group["params"]) != len(saved_group["params"]):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        by_id.update(zip(saved_group["params"], ((group, p) for p in group["params"]), strict=True))
+    dtypes: dict[tuple[Any, str], torch.dtype] = {}
     for key, values in saved.items():
-        if not isinstance(key, int) or key >= len(index_to_param):
+        if key not in by_id:
             continue
-        p = index_to_param[key]
+        group, p = by_id[key]
+        spec = {} if expected is None or _is_dtensor(p) else expected(group, p)
+        for name, value in values.items():
+            if not isinstance(value, Tensor) or name not in spec or _is_dtensor(value):
+                continue
+            shape, dtype = spec[name]
+            if value.dim() != len(shape) or any(s not in (-1, v) for s, v in zip(shape, value.shape, strict=True)):
+                want = tuple("*" if s == -1 else s for s in shape)
+                raise ValueError(
+                    f"{type(opt).__name__}.load_state_dict: state {name!r} of parameter {key} has shape "
+                    f"{tuple(value.shape)}, but the parameter (shape {tuple(p.shape)}, {p.dtype}) needs {want}: "
+                    "the state dict belongs to other parameters")
+            dtypes[key, name] = _checked_dtype(opt, key, name, value, dtype)
+    Optimizer.load_state_dict(opt, state_dict)
+    for key, values in saved.items():
+        if key not in by_id:
+            continue
+        p = by_id[key][1]
         for name, value in values.items():
             if isinstance(value, Tensor):
-                opt.state[p][name] = value.to(device=p.device, copy=True)
+                dtype = dtypes.get((key, name), value.dtype)
+                opt.state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
 
 
 def _check_number(name: str, value: Any, low: float, *, low_inclusive: bool = True, high: float | None = None,
-                  high_inclusive: bool = True, optional: bool = False) -> None:
+                  high_inclusive: bool = True, optional: bool = False, tensor_ok: bool = True) -> None:
+    """Construction-time check of one hyperparameter: a finite number in the given range.
+
+    A one-element tensor is accepted when ``tensor_ok`` (its value is read here, at construction only; inside
+    ``step`` tensor hyperparameters are checked on the device, see :func:`check_group_numbers`).
+    """
     if value is None and optional:
         return
     if isinstance(value, Tensor):
+        if not tensor_ok:
+            raise ValueError(f"Invalid {name}: must be a Python number, got a tensor {value!r}")
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"Invalid {name}: must be a number, got a tensor of shape {tuple(value.shape)}")
         value = value.item()  # construction time only, never inside step
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"Invalid {name}: must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number)")
     ok = value >= low if low_inclusive else value > low
     if high is not None:
         ok = ok and (value <= high if high_inclusive else value < high)
-    if not ok or value != value:
+    if not ok:
         lo = "[" if low_inclusive else "("
         hi = "]" if high_inclusive else ")"
         rng = f"{lo}{low}, {high if high is not None else 'inf'}{hi if high is not None else ')'}"
         raise ValueError(f"Invalid {name}: {value!r} (must lie in {rng})")
+
+
+def check_group_numbers(group: dict[str, Any]) -> list[Tensor]:
+    """Step-time check of a param group's hyperparameters, which may change between steps (schedulers, users).
+
+    A Python number that is not finite raises ``ValueError`` (before anything is written). Tensor hyperparameters
+    (e.g. a tensor ``lr``) are not read on the host: they are returned, and ``step`` folds ``isfinite`` of them into
+    its device-side guard, so a non-finite one skips the step and counts it.
+    """
+    tensors = []
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"Invalid {key}: {value!r} in a param group (must be a finite number)")
+        if isinstance(value, Tensor) and value.is_floating_point():
+            tensors.append(value)
+    return tensors
+
+
+def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The conjunction of two optional device flags (None: no condition)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return a & b.to(a.device)
 
 
 class KalmanOptimizer(Optimizer):
@@ -151,6 +255,7 @@ class KalmanOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any], *,
                  process_group: Any = None) -> None:
+        defaults.setdefault("r_clip", R_CLIP)  # for subclasses that do not take it as an argument
         super().__init__(params, defaults)
         self._process_group = process_group
 
@@ -159,6 +264,7 @@ class KalmanOptimizer(Optimizer):
         """Check the hyperparameters every KOALA optimizer shares (subclasses extend)."""
         _check_number("lr", group["lr"], 0.0)
         _check_number("r", group["r"], 0.0, optional=True)
+        _check_number("r_clip", group["r_clip"], 1.0, optional=True)
         _check_number("alpha_r", group["alpha_r"], 0.0, high=1.0, high_inclusive=False)
         _check_number("weight_decay", group["weight_decay"], 0.0)
         if group["r_stat"] not in R_STATISTICS:
@@ -182,6 +288,7 @@ class KalmanOptimizer(Optimizer):
             kw = {"device": leader.device, "dtype": state_dtype(leader)}
             st["measurement_noise"] = torch.tensor(R_INITIAL, **kw)
             st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=leader.device)
+            st["noise_updates"] = torch.zeros((), dtype=torch.int64, device=leader.device)  # committed R updates
             st["predicted"] = False
             self._init_group_state(group, st, kw)
         return st
@@ -193,8 +300,20 @@ class KalmanOptimizer(Optimizer):
         """Create the algorithm's per-tensor state (called once, at the tensor's first gradient)."""
         raise NotImplementedError
 
+    def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
+        """Shapes and dtypes of ``p``'s state (and of the group state if ``p`` leads its group), made on meta."""
+        probe: dict[str, Any] = {}
+        self._init_param_state(group, torch.empty_like(local_tensor(p), device="meta"), probe)
+        if p is group["params"][0]:
+            kw = {"device": torch.device("meta"), "dtype": state_dtype(p)}
+            probe["measurement_noise"] = torch.empty((), **kw)
+            probe["skipped_steps"] = torch.empty((), dtype=torch.int64, device="meta")
+            probe["noise_updates"] = torch.empty((), dtype=torch.int64, device="meta")
+            self._init_group_state(group, probe, kw)
+        return spec_of(probe)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        load_state_keep_dtypes(self, state_dict)
+        load_state_keep_dtypes(self, state_dict, self._expected_state)
 
     # ------------------------------------------------------------------ the three ways in
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:
@@ -209,6 +328,7 @@ class KalmanOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__}.step() takes a closure or loss=, not both")
         if closure is None and loss is None:
             raise TypeError(_NO_LOSS_MESSAGE.format(name=type(self).__name__))
+        hyper_ok = self._hyperparameters_ok()  # raises on a non-finite number before anything is written
         with torch.no_grad():
             self._ensure_predicted()
         if closure is not None:
@@ -223,14 +343,20 @@ class KalmanOptimizer(Optimizer):
         with torch.no_grad():
             moments = self._all_reduce(loss_moments(measured))
             loss_mean = moments[0] / moments[2]
-            ok = self._measurement_update(loss_mean, lambda group: loss_statistic(moments, group["r_stat"]))
+            ok = self._measurement_update(loss_mean, lambda group: loss_statistic(moments, group["r_stat"]),
+                                          hyper_ok)
             self._time_update(gate=ok)
         return returned
 
     def predict(self) -> None:
-        """The filter's time update (the papers' ``predict()``); call it before the forward pass."""
+        """The filter's time update (the papers' ``predict()``); call it before the forward pass.
+
+        After an :meth:`update` that was skipped (bad input), the prediction it consumed is still current, so this
+        call is then a no-op on the device: a skipped ``predict``/``update`` pair leaves no trace.
+        """
+        hyper_ok = self._hyperparameters_ok()
         with torch.no_grad():
-            self._time_update(gate=None)
+            self._time_update(gate=_both(self._take_pending_gate(), hyper_ok))
 
     def update(self, loss_mean: Tensor | float, loss_var: Tensor | float) -> None:
         """The filter's measurement update (the papers' ``update``), after ``backward`` on the mean loss.
@@ -243,10 +369,25 @@ class KalmanOptimizer(Optimizer):
         var = self._as_scalar("loss_var", loss_var)
         if not isinstance(loss_var, Tensor) and loss_var < 0:
             raise ValueError(f"loss_var must be non-negative, got {loss_var}")
+        hyper_ok = self._hyperparameters_ok()
         with torch.no_grad():
             self._ensure_predicted()
             mean, var, ranks = self._all_reduce(torch.stack([mean, var.to(mean), torch.ones_like(mean)])).unbind(0)
-            self._measurement_update(mean / ranks, lambda group: var / ranks)
+            ok = self._measurement_update(mean / ranks, lambda group: var / ranks, hyper_ok)
+        # The next prediction (explicit, or the one step()/update() make first) is gated by this outcome: after a
+        # skipped update the current prediction still stands, and predicting again would move KOALA-M twice.
+        self.__dict__["_pending_gate"] = ok
+
+    def _take_pending_gate(self) -> Tensor | None:
+        return self.__dict__.pop("_pending_gate", None)
+
+    def _hyperparameters_ok(self) -> Tensor | None:
+        """Check every group's hyperparameters (see :func:`check_group_numbers`); the device flag for tensor ones."""
+        flags = [torch.isfinite(t.detach()).all() for g in self.param_groups for t in check_group_numbers(g)]
+        if not flags:
+            return None
+        device = flags[0].device
+        return torch.stack([f.to(device) for f in flags]).all()
 
     def _all_reduce(self, values: Tensor) -> Tensor:
         """Sum ``values`` over the data-parallel group when running distributed; identity otherwise."""
@@ -269,8 +410,9 @@ class KalmanOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the filter
     def _ensure_predicted(self) -> None:
+        gate = self._take_pending_gate()
         if not all(self._group_state(g)["predicted"] for g in self.param_groups):
-            self._time_update(gate=None, only_pending=True)
+            self._time_update(gate=_both(gate, self._hyperparameters_ok()), only_pending=True)
 
     def _time_update(self, gate: Tensor | None, only_pending: bool = False) -> None:
         for group in self.param_groups:
@@ -283,9 +425,16 @@ class KalmanOptimizer(Optimizer):
     def _predict_group(self, group: dict[str, Any], group_state: dict[str, Any], gate: Tensor | None) -> None:
         """Time update of one group. ``gate`` (0-d bool or None) masks it: False leaves everything unchanged."""
 
-    def _measurement_update(self, loss_mean: Tensor, statistic_for: Callable[[dict[str, Any]], Tensor]) -> Tensor:
-        """Correct every group with the measured loss; returns the device flag ``ok`` (False: step skipped)."""
+    def _measurement_update(self, loss_mean: Tensor, statistic_for: Callable[[dict[str, Any]], Tensor],
+                            hyper_ok: Tensor | None = None) -> Tensor:
+        """Correct every group with the measured loss; returns the device flag ``ok`` (False: step skipped).
+
+        Every check comes before the first write: the inputs, then what is derived from them, each in the dtype it
+        is stored or computed in (a float64 loss of 1e20 is finite, its square in float32 state is not).
+        """
         ok = torch.isfinite(loss_mean)
+        if hyper_ok is not None:  # tensor hyperparameters (see check_group_numbers)
+            ok = ok & hyper_ok.to(ok.device)
         # Set by torch.amp.GradScaler.step for optimizers with _step_supports_amp_scaling.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if found_inf is not None:
@@ -293,24 +442,49 @@ class KalmanOptimizer(Optimizer):
         pending = []
         for index, group in enumerate(self.param_groups):
             st = self._group_state(group)
-            stat = statistic_for(group)
-            ok = ok & (torch.isfinite(stat) & (stat >= 0)).to(ok.device)
+            previous = st["measurement_noise"]
+            stat = statistic_for(group).to(previous)  # the statistic in the state dtype, finite there or a skip
+            mean = loss_mean.to(previous)
+            ok = ok & (torch.isfinite(stat) & (stat >= 0) & torch.isfinite(mean)).to(ok.device)
             buckets = self._gather(group, grad_scale, index)
             for b in buckets:
                 ok = ok & b.finite.to(ok.device)
             pending.append((group, st, stat, buckets))
+        planned = []
         for group, st, stat, buckets in pending:
-            device = st["measurement_noise"].device
-            group_ok = ok.to(device)
-            noise = measurement_noise(st["measurement_noise"], stat.to(device), group["r"], group["alpha_r"])
-            noise = torch.where(group_ok, noise, st["measurement_noise"])
-            st["measurement_noise"].copy_(noise)
-            st["skipped_steps"].add_((~group_ok).to(torch.int64))
+            previous = st["measurement_noise"]
+            if "noise_updates" not in st:  # a checkpoint from before the counter: R has been measured
+                st["noise_updates"] = torch.ones((), dtype=torch.int64, device=previous.device)
+            noise, stored = measurement_noise(previous, stat, group["r"], group["alpha_r"], group.get("r_clip"),
+                                              first=st["noise_updates"] == 0)
+            ok = ok & (torch.isfinite(noise) & torch.isfinite(stored)).to(ok.device)
+            group_loss = loss_mean.to(previous.device)
             for b in buckets:
                 b.sanitize()
-            self._correct_group(group, st, buckets, loss_mean.to(device), noise, group_ok)
+                ok = ok & torch.isfinite(b.layer_loss(group_loss, group["weight_decay"])).all().to(ok.device)
+            derived = self._check_group(group, st, buckets, group_loss, noise)
+            if derived is not None:
+                ok = ok & derived.to(ok.device)
+            planned.append((group, st, noise, stored, buckets, group_loss))
+        for group, st, noise, stored, buckets, group_loss in planned:
+            previous = st["measurement_noise"]
+            group_ok = ok.to(previous.device)
+            noise = torch.where(group_ok, noise, previous)
+            previous.copy_(torch.where(group_ok, stored, previous))
+            st["skipped_steps"].add_((~group_ok).to(torch.int64))
+            st["noise_updates"].add_(group_ok.to(torch.int64))
+            self._correct_group(group, st, buckets, group_loss, noise, group_ok)
             st["predicted"] = False
         return ok
+
+    def _check_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
+                     loss_mean: Tensor, noise: Tensor) -> Tensor | None:
+        """The algorithm's checks of what this step would write, before anything is written (a 0-d bool or None).
+
+        Called for every group before any group is corrected; False skips the whole step. A subclass may stash what
+        it computed here in ``bucket.plan`` for :meth:`_correct_group` to reuse.
+        """
+        return None
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:

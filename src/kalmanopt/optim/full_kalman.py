@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import _check_number, load_state_keep_dtypes, state_dtype
+from .base import StateSpec, _check_number, load_state_keep_dtypes, state_dtype
 from .loko import (
+    check_numbers,
     cholesky_with_jitter,
     jacobian_rows,
     noise_matrix,
@@ -70,10 +71,18 @@ class FullKalman(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_shared(self, group)
-        _check_number("p0", group["p0"], 0.0, low_inclusive=False)
+        _check_number("p0", group["p0"], 0.0, low_inclusive=False, tensor_ok=False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        load_state_keep_dtypes(self, state_dict)
+        load_state_keep_dtypes(self, state_dict, self._expected_state)
+
+    def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
+        pairs = self._trainable()
+        if not pairs or p is not pairs[0][1]:
+            return {}
+        n = sum(q.numel() for _, q in pairs)
+        return {"P": ((n, n), state_dtype(p)), "step": ((), torch.int64), "skipped_steps": ((), torch.int64),
+                "noise_estimate": ((-1, -1), torch.float64)}
 
     def _trainable(self) -> list[tuple[dict[str, Any], Tensor]]:
         return [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -115,6 +124,7 @@ class FullKalman(Optimizer):
         pairs = self._trainable()
         if not pairs:
             raise ValueError("FullKalman has no parameter with requires_grad=True")
+        check_numbers(self)
         g0 = self.param_groups[0]
         params = [p for _, p in pairs]
         with torch.enable_grad():

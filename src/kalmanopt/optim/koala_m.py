@@ -11,7 +11,8 @@ from . import _docs
 from ._reductions import squared_norms
 from ._sharding import local_tensor, shard_reducer
 from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
-from .scalar_filter import correct_buckets
+from .noise import R_CLIP
+from .scalar_filter import apply_buckets, plan_buckets, planned_largest, shrink
 
 __all__ = ["KOALAM"]
 
@@ -70,10 +71,10 @@ class KOALAM(KalmanOptimizer):
 
     def __init__(self, params, lr: float = 1.0, sw: float = 0.1, sc: float = 0.0, sv: float = 0.1, a: float = 0.9,
                  qw: float | None = 0.01, qv: float = 0.01, r: float | None = None, alpha_r: float = 0.9,
-                 weight_decay: float = 0.0, *, r_stat: str = "second_moment", foreach: bool | None = None,
-                 process_group: Any = None) -> None:
+                 weight_decay: float = 0.0, *, r_stat: str = "second_moment", r_clip: float | None = R_CLIP,
+                 foreach: bool | None = None, process_group: Any = None) -> None:
         defaults = dict(lr=lr, sw=sw, sc=sc, sv=sv, a=a, qw=qw, qv=qv, r=r, alpha_r=alpha_r,
-                        weight_decay=weight_decay, r_stat=r_stat, foreach=foreach)
+                        weight_decay=weight_decay, r_stat=r_stat, r_clip=r_clip, foreach=foreach)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -101,18 +102,26 @@ class KOALAM(KalmanOptimizer):
         started_params = [p for p in group["params"] if "momentum" in self.state[p]]
         started = [local_tensor(p) for p in started_params]
         P = group_state["P"]
-        qw = group["qw"] if group["qw"] is not None else self._estimate_qw(started_params, started, gate, P)
+        online = None if group["qw"] is not None else self._estimate_qw(started_params, started, P)
+        qw = group["qw"] if online is None else online[0]
         kappa = group["a"]
         p11, p12, p22 = P.unbind(0)
         prior = torch.stack([p11 + 2 * p12 + p22 + qw, kappa * (p12 + p22), kappa**2 * p22 + group["qv"]])
-        if gate is not None:  # the online q_w depends on where the weights are, so a skipped step keeps the old
-            prior = torch.where(gate, prior, group_state["P_prior"])
-        group_state["P_prior"].copy_(prior)
+        # A gated prediction (after a skipped step) keeps the old prior: the online q_w depends on where the weights
+        # are. A prediction that would not be finite (q_w overflowing the state dtype) is not made at all.
+        go = torch.isfinite(prior).all()
+        if gate is not None:
+            go = go & gate
+        group_state["P_prior"].copy_(torch.where(go, prior, group_state["P_prior"]))
+        if online is not None and online[1]:
+            weight = (1 - _WEIGHT_EMA) * go.to(P.dtype)
+            emas, diffs = online[1], online[2]
+            torch._foreach_addcmul_(emas, diffs, [-weight.to(e) for e in emas])
         if not started:
             return
-        momenta = [self.state[p]["momentum"] for p in started_params]
-        move = torch.ones_like(p11) if gate is None else gate.to(p11.dtype)
-        decay = move * kappa + (1 - move)  # kappa, or 1 when gated off
+        momenta = [local_tensor(self.state[p]["momentum"]) for p in started_params]
+        move = go.to(p11.dtype)
+        decay = torch.where(go, kappa * torch.ones_like(p11), torch.ones_like(p11))  # kappa, or 1 when gated off
         if self._use_foreach(group):
             torch._foreach_addcmul_(started, momenta, [move.to(p.device) for p in started])
             torch._foreach_mul_(momenta, [decay.to(m.device) for m in momenta])
@@ -121,26 +130,45 @@ class KOALAM(KalmanOptimizer):
                 p.copy_(p.to(m.dtype) + move.to(m.device) * m)
                 m.mul_(decay.to(m.device))
 
-    def _estimate_qw(self, params: list[Tensor], local: list[Tensor], gate: Tensor | None, P: Tensor) -> Tensor:
-        """q_w = ||theta - theta_bar||^2 / n, then theta_bar <- EMA(theta) (gated). ``local``: rank-local shards."""
+    def _estimate_qw(self, params: list[Tensor], local: list[Tensor],
+                     P: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+        """q_w = ||theta - theta_bar||^2 / n, with the EMAs and the differences for the caller's (gated) EMA update.
+
+        ``local``: rank-local shards. Only tensors the filter has corrected at least once count (``n`` is their
+        size): a tensor whose state was created by a step that was then skipped, or that has only had zero gradients,
+        is not part of the filter yet, so a skipped step leaves the q_w of later steps as if it never happened.
+        """
         if not params:
-            return torch.zeros_like(P[0])
-        emas = [self.state[p]["weight_ema"] for p in params]
+            return torch.zeros_like(P[0]), [], []
+        states = [self.state[p] for p in params]
+        emas = [local_tensor(st["weight_ema"]) for st in states]
         diffs = torch._foreach_sub(emas, local)  # theta_bar - theta, in the state dtype
-        n = sum(p.numel() for p in params)  # a DTensor's numel is the global one
-        partial = squared_norms(diffs).to(P)
+        started = torch.stack([local_tensor(st["step"]).to(P) > 0 for st in states]).to(P.dtype)
+        partial = squared_norms(diffs).to(P) * started
+        n = sum(s * p.numel() for s, p in zip(started.unbind(0), params, strict=True))  # a DTensor's numel is global
         _, shard_sum = shard_reducer(params[0])
-        qw = (partial if shard_sum is None else shard_sum(partial)).sum() / n
-        weight = (1 - _WEIGHT_EMA) * (torch.ones_like(P[0]) if gate is None else gate.to(P.dtype))
-        torch._foreach_addcmul_(emas, diffs, [-weight.to(e) for e in emas])
-        return qw
+        total = (partial if shard_sum is None else shard_sum(partial)).sum()
+        qw = torch.where(n > 0, total / n.clamp_min(1), torch.zeros_like(total))
+        return qw, emas, diffs
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
         prior = group_state["P_prior"]
-        largest = correct_buckets(buckets, momentum_key="momentum", loss_mean=loss_mean, noise=noise, ok=ok,
-                                  lr=group["lr"], weight_decay=group["weight_decay"], p11=prior[0], p21=prior[1],
-                                  foreach=self._use_foreach(group))
-        p11, p12, p22 = prior.unbind(0)
-        posterior = torch.stack([p11 - largest * p11 * p11, p12 - largest * p11 * p12, p22 - largest * p12 * p12])
+        apply_buckets(buckets, momentum_key="momentum", ok=ok, foreach=self._use_foreach(group))
+        posterior = self._posterior(prior, planned_largest(buckets, prior[0]))
         group_state["P"].copy_(torch.where(ok, posterior, group_state["P"]))
+
+    def _check_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
+                     loss_mean: Tensor, noise: Tensor) -> Tensor:
+        prior = group_state["P_prior"]
+        largest, ok = plan_buckets(buckets, with_momentum=True, loss_mean=loss_mean, noise=noise, lr=group["lr"],
+                                   weight_decay=group["weight_decay"], p11=prior[0], p21=prior[1],
+                                   foreach=self._use_foreach(group))
+        return ok & torch.isfinite(self._posterior(prior, largest)).all()
+
+    @staticmethod
+    def _posterior(prior: Tensor, largest: Tensor) -> Tensor:
+        """P^ - P^ diag(c, 0) P^T in forms that keep the variances non-negative and cannot overflow (see shrink)."""
+        p11, p12, p22 = prior.unbind(0)
+        factor = shrink(p11, largest)  # 1 - c P11
+        return torch.stack([p11 * factor, p12 * factor, (p22 - largest * p12 * p12).clamp_min(0.0)])

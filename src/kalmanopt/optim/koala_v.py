@@ -9,7 +9,8 @@ from torch import Tensor
 
 from . import _docs
 from .base import GradBucket, KalmanOptimizer, _check_number
-from .scalar_filter import correct_buckets
+from .noise import R_CLIP
+from .scalar_filter import apply_buckets, plan_buckets, planned_largest, shrink
 
 __all__ = ["KOALAV"]
 
@@ -55,9 +56,9 @@ class KOALAV(KalmanOptimizer):
 
     def __init__(self, params, lr: float = 1.0, sigma: float = 0.1, q: float = 1.0, r: float | None = None,
                  alpha_r: float = 0.9, weight_decay: float = 0.0, *, r_stat: str = "second_moment",
-                 foreach: bool | None = None, process_group: Any = None) -> None:
+                 r_clip: float | None = R_CLIP, foreach: bool | None = None, process_group: Any = None) -> None:
         defaults = dict(lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, weight_decay=weight_decay, r_stat=r_stat,
-                        foreach=foreach)
+                        r_clip=r_clip, foreach=foreach)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -73,14 +74,25 @@ class KOALAV(KalmanOptimizer):
         st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
     def _predict_group(self, group: dict[str, Any], group_state: dict[str, Any], gate: Tensor | None) -> None:
-        # Recomputed from the posterior, so a repeated or gated prediction needs no masking.
-        torch.add(group_state["sigma"], group["q"], out=group_state["sigma_prior"])
+        # Recomputed from the posterior, so a repeated prediction needs no masking; a gated one keeps the old prior.
+        prior = group_state["sigma"] + group["q"]
+        if gate is not None:
+            prior = torch.where(gate, prior, group_state["sigma_prior"])
+        group_state["sigma_prior"].copy_(prior)
+
+    def _check_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
+                     loss_mean: Tensor, noise: Tensor) -> Tensor:
+        prior = group_state["sigma_prior"]
+        largest, ok = plan_buckets(buckets, with_momentum=False, loss_mean=loss_mean, noise=noise, lr=group["lr"],
+                                   weight_decay=group["weight_decay"], p11=prior, p21=None,
+                                   foreach=self._use_foreach(group))
+        return ok & torch.isfinite(prior * shrink(prior, largest))
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
         prior = group_state["sigma_prior"]
-        largest = correct_buckets(buckets, momentum_key=None, loss_mean=loss_mean, noise=noise, ok=ok, lr=group["lr"],
-                                  weight_decay=group["weight_decay"], p11=prior, p21=None,
-                                  foreach=self._use_foreach(group))
-        posterior = prior - prior.square() * largest
+        largest = planned_largest(buckets, prior)
+        apply_buckets(buckets, momentum_key=None, ok=ok, foreach=self._use_foreach(group))
+        # sigma_prior - sigma_prior^2 * largest, in the form that stays in [0, sigma_prior] (see shrink)
+        posterior = prior * shrink(prior, largest)
         group_state["sigma"].copy_(torch.where(ok, posterior, group_state["sigma"]))

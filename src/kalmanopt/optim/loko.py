@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import _check_number, load_state_keep_dtypes, state_dtype
+from .base import StateSpec, _check_number, check_group_numbers, load_state_keep_dtypes, state_dtype
 
 __all__ = ["LoKO", "OBSERVATIONS", "NOISE_MODELS", "VARIANCE_UPDATES"]
 
@@ -96,10 +96,17 @@ def one_hot_target(target: Tensor, outputs: Tensor) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {type(target)!r}")
     b, c = outputs.shape
-    if target.dim() == 1 and not target.is_floating_point():
+    if target.dim() == 1 and not target.is_floating_point() and not target.is_complex():
+        # any integer dtype; bool as the classes 0 and 1
         if target.numel() != b:
             raise ValueError(f"target has {target.numel()} labels for a batch of {b} outputs")
-        return F.one_hot(target.to(outputs.device), c).to(torch.float64)
+        labels = target.to(device=outputs.device, dtype=torch.int64)
+        if b and not bool(((labels >= 0) & (labels < c)).all()):  # LoKO synchronises anyway
+            raise ValueError(f"target holds class indices outside [0, {c}) for outputs with {c} classes")
+        return F.one_hot(labels, c).to(torch.float64)
+    if target.dim() == 1 and target.shape != outputs.shape:
+        raise ValueError(f"target of shape ({b},) must hold integer class indices, got dtype {target.dtype} "
+                         f"(probabilities have shape ({b}, {c}))")
     if target.shape == outputs.shape and target.is_floating_point():
         return target.detach().to(device=outputs.device, dtype=torch.float64)
     raise ValueError(f"target must be class indices of shape ({b},) or probabilities of shape ({b}, {c}), "
@@ -210,8 +217,21 @@ def cholesky_with_jitter(a: Tensor, retries: int = 2) -> Tensor | None:
     return None
 
 
+def check_numbers(opt: Optimizer) -> None:
+    """Step-time check: every hyperparameter is still a finite Python number (groups may be changed after
+    construction); LoKO and FullKalman take no tensor hyperparameters."""
+    for group in opt.param_groups:
+        for key, value in group.items():
+            if key != "params" and isinstance(value, Tensor):
+                raise ValueError(f"Invalid {key}: {type(opt).__name__} takes Python numbers, got a tensor")
+        check_group_numbers(group)
+
+
 def validate_shared(opt: Optimizer, group: dict[str, Any]) -> None:
     """Checks of the measurement hyperparameters, and that every group agrees on them."""
+    for key, value in group.items():
+        if key != "params" and isinstance(value, Tensor):
+            raise ValueError(f"Invalid {key}: {type(opt).__name__} takes Python numbers, got a tensor")
     if group["observation"] not in OBSERVATIONS:
         raise ValueError(f"Invalid observation: {group['observation']!r} (expected one of {OBSERVATIONS})")
     if group["noise"] not in NOISE_MODELS:
@@ -221,10 +241,10 @@ def validate_shared(opt: Optimizer, group: dict[str, Any]) -> None:
                          f"got observation={group['observation']!r}")
     if group["jacobian"] not in JACOBIAN_MODES:
         raise ValueError(f"Invalid jacobian: {group['jacobian']!r} (expected one of {JACOBIAN_MODES})")
-    _check_number("beta", group["beta"], 0.0, high=1.0, high_inclusive=False)
-    _check_number("r0", group["r0"], 0.0)
-    _check_number("r_min", group["r_min"], 0.0)
-    _check_number("q", group["q"], 0.0)
+    _check_number("beta", group["beta"], 0.0, high=1.0, high_inclusive=False, tensor_ok=False)
+    _check_number("r0", group["r0"], 0.0, tensor_ok=False)
+    _check_number("r_min", group["r_min"], 0.0, tensor_ok=False)
+    _check_number("q", group["q"], 0.0, tensor_ok=False)
     if group["noise"] in ("ema", "ema_diag", "fixed") and group["r0"] + group["r_min"] <= 0:
         raise ValueError("r0 and r_min cannot both be 0: R would be singular")
     if group["noise"] == "moment" and group["r_min"] <= 0:
@@ -286,11 +306,11 @@ class LoKO(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_shared(self, group)
-        if group["p0"] != "auto":
-            _check_number("p0", group["p0"], 0.0, low_inclusive=False)
-        _check_number("p_min", group["p_min"], 0.0)
-        _check_number("inflation", group["inflation"], 0.0)
-        _check_number("p0_scale", group["p0_scale"], 0.0, low_inclusive=False)
+        if not (isinstance(group["p0"], str) and group["p0"] == "auto"):
+            _check_number("p0", group["p0"], 0.0, low_inclusive=False, tensor_ok=False)
+        _check_number("p_min", group["p_min"], 0.0, tensor_ok=False)
+        _check_number("inflation", group["inflation"], 0.0, tensor_ok=False)
+        _check_number("p0_scale", group["p0_scale"], 0.0, low_inclusive=False, tensor_ok=False)
         if group["auto_scope"] not in AUTO_SCOPES:
             raise ValueError(f"Invalid auto_scope: {group['auto_scope']!r} (expected one of {AUTO_SCOPES})")
         if group["variance_update"] not in VARIANCE_UPDATES:
@@ -300,7 +320,15 @@ class LoKO(Optimizer):
             raise ValueError("Invalid r_min: variance_update='vd' needs R positive definite, use r_min > 0")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        load_state_keep_dtypes(self, state_dict)
+        load_state_keep_dtypes(self, state_dict, self._expected_state)
+
+    def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
+        spec: StateSpec = {"p": (tuple(p.shape), state_dtype(p))}
+        pairs = self._trainable()
+        if pairs and p is pairs[0][1]:
+            spec |= {"step": ((), torch.int64), "skipped_steps": ((), torch.int64),
+                     "noise_estimate": ((-1, -1), torch.float64), "p0_auto": ((), torch.float64)}
+        return spec
 
     # ------------------------------------------------------------------ state
     def _trainable(self) -> list[tuple[dict[str, Any], Tensor]]:
@@ -335,6 +363,7 @@ class LoKO(Optimizer):
         pairs = self._trainable()
         if not pairs:
             raise ValueError("LoKO has no parameter with requires_grad=True")
+        check_numbers(self)
         g0 = self.param_groups[0]
         with torch.enable_grad():
             outputs = forward_fn()

@@ -15,6 +15,18 @@ observation. ``R`` is either fixed (``r=<float>``) or an exponential average (co
     per-sample losses and ``B >= 2``.
 
 ``update(loss_mean, loss_var)`` bypasses the choice and feeds ``loss_var`` as it is.
+
+**Outliers** (``r_clip``, default 100). In the papers' average a single outlier loss stays in R for a long time:
+a loss 1e30 times the normal one puts R at about 1e59 and, at ``alpha_r = 0.9``, R needs about 1,300 steps to
+come back, steps in which the filter barely moves. So the statistic *stored* into the average is clipped at
+``r_clip`` times the previous R. The R *used* in that same step is the papers' (unclipped) average, so the outlier's
+own step stays as damped as in the paper; only its memory is bounded (after the outlier R is at most
+``alpha_r + (1 - alpha_r) * r_clip`` = 10.9 times what it was, gone in about 23 steps). The clip is inactive at the
+first measurement (group state ``noise_updates`` = 0: the first statistic sets the scale), and a statistic below
+the cap passes unchanged, so a run without 100-fold jumps of the statistic is the papers' recursion bit for bit;
+``r_clip=None`` is the papers' average always (what a "paper" configuration should use). 100 is far above the
+step-to-step variation of a training loss's statistic (a 10-fold jump of the loss itself), so it only acts on
+outliers.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from torch import Tensor
 
 R_STATISTICS = ("second_moment", "squared_mean", "mean_variance")
 R_INITIAL = 1.0
+R_CLIP = 100.0  # default r_clip: see "Outliers" above
 
 
 def check_loss(loss: Tensor) -> Tensor:
@@ -78,8 +91,23 @@ def loss_statistic(moments: Tensor, r_stat: str) -> Tensor:
     raise ValueError(f"unknown r_stat {r_stat!r}; expected one of {R_STATISTICS}")
 
 
-def measurement_noise(previous: Tensor, statistic: Tensor, r: float | None, alpha_r: float) -> Tensor:
-    """This step's R: fixed ``r``, or the exponential average ``alpha_r * R + (1 - alpha_r) * statistic``."""
+def measurement_noise(previous: Tensor, statistic: Tensor, r: float | None, alpha_r: float,
+                      r_clip: float | None = None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """This step's R and the R to store for the next step.
+
+    Fixed ``r``: both are ``r``. Otherwise this step uses the exponential average
+    ``alpha_r * R + (1 - alpha_r) * statistic``, and the stored one feeds ``min(statistic, r_clip * R)`` instead
+    (unless ``r_clip`` is None or ``first``, a 0-d bool, says no measurement has been made yet; see "Outliers" in
+    the module docstring).
+    """
     if r is not None:
-        return torch.full_like(previous, r)
-    return previous * alpha_r + statistic.to(previous) * (1.0 - alpha_r)
+        fixed = torch.full_like(previous, r)
+        return fixed, fixed
+    statistic = statistic.to(previous)
+    used = previous * alpha_r + statistic * (1.0 - alpha_r)
+    if r_clip is None:
+        return used, used
+    cap = previous * r_clip
+    if first is not None:
+        cap = torch.where(first.to(previous.device), statistic, cap)
+    return used, previous * alpha_r + torch.minimum(statistic, cap) * (1.0 - alpha_r)
