@@ -12,6 +12,7 @@ from . import _docs
 from ._reductions import dots, squared_norms
 from ._sharding import reduce_if
 from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
+from .noise import R_CLIP
 
 __all__ = ["KOALAPlusPlus", "koala_pp"]
 
@@ -72,9 +73,10 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     def __init__(self, params, lr: float = 1.0, sigma: float = 0.1, q: float = 0.1, r: float | None = None,
                  alpha_r: float = 0.9, weight_decay: float = 0.0, symmetric: bool = True, *,
-                 r_stat: str = "second_moment", foreach: bool | None = None, process_group: Any = None) -> None:
+                 r_stat: str = "second_moment", r_clip: float | None = R_CLIP, foreach: bool | None = None,
+                 process_group: Any = None) -> None:
         defaults = dict(lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, weight_decay=weight_decay,
-                        symmetric=symmetric, r_stat=r_stat, foreach=foreach)
+                        symmetric=symmetric, r_stat=r_stat, r_clip=r_clip, foreach=foreach)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
