@@ -33,6 +33,10 @@ COMMON_ARGS = r"""
             per-tensor residual ``L + wd/2 * ||theta||^2`` (default: 0).
         r_stat (str, optional): the loss statistic R averages: ``"second_moment"`` (default), ``"squared_mean"``
             or ``"mean_variance"``.
+        r_clip (float or None, optional): outlier guard of that average: the statistic *stored* into it is clipped
+            at ``r_clip`` times the previous R (not at the first measurement; the step itself uses the unclipped
+            average), so one outlier loss does not stall the filter for hundreds of steps (default: 100).
+            ``None`` is the papers' average bit for bit. See :mod:`kalmanopt.optim.noise`.
         foreach (bool, optional): use the multi-tensor fast path (default: ``None``, i.e. on for CPU and CUDA
             tensors). ``False`` selects the readable single-tensor reference.
         process_group (optional): the data-parallel group whose loss statistics are summed when
@@ -40,7 +44,12 @@ COMMON_ARGS = r"""
 """
 
 GUARDS = r"""
-    Bad input never corrupts the filter: a non-finite loss, loss statistic or gradient skips the whole step without
-    a host synchronisation (parameters and state stay bit-for-bit unchanged; ``skipped_steps`` in the group state
-    counts the skips); a tensor whose gradient is ``None`` or exactly zero is left alone with its state.
+    Bad input never corrupts the filter: a non-finite loss, loss statistic or gradient, a loss whose statistic does
+    not fit the state dtype, or an update that would not fit where it is stored skips the whole step without a host
+    synchronisation (parameters and state stay bit-for-bit unchanged; ``skipped_steps`` in the group state counts
+    the skips). Non-finite hyperparameters raise ``ValueError``, also when a param group is changed between steps
+    (a tensor hyperparameter is checked on the device instead: a non-finite one skips the step). A tensor whose
+    gradient is ``None`` is not corrected (KOALA-M's prediction still moves it by its velocity); an exactly zero
+    gradient is not corrected either without weight decay, but with ``weight_decay > 0`` the filter sees
+    ``wd * theta`` and moves the tensor toward zero, as weight decay does.
 """

@@ -8,16 +8,21 @@
 * **The measurement noise** R, per param group (see :mod:`kalmanopt.optim.noise`).
 * **Guards without host synchronisation.** A non-finite loss, loss statistic or gradient anywhere turns a device-side
   flag ``ok`` off; every write of the step is then masked, so parameters and state stay bit-for-bit unchanged and the
-  skip is counted in ``skipped_steps``. Nothing in ``step`` calls ``.item()`` or branches on a tensor.
+  skip is counted in ``skipped_steps``. Nothing in ``step`` calls ``.item()`` or branches on a tensor. The checks
+  are made in the dtype a value is stored in, and cover what the step derives (R, the algorithm's covariance
+  scalars and step coefficients, via :meth:`KalmanOptimizer._check_group`), all before the first write. Python-number
+  hyperparameters are checked at every step (a non-finite one raises); tensor ones join ``ok``.
 * **The effective gradient** ``h = g + weight_decay * theta`` in the state dtype (float32 for 16/32-bit parameters,
   float64 for float64 ones), with its per-tensor squared norms, computed once for every algorithm. The multi-tensor
   path writes it into one flat buffer per (device, dtype) bucket so that it can be sanitised in one kernel.
 * **State-dict hygiene.** State holds only tensors, bools and numbers, so ``torch.load(weights_only=True)`` reads a
-  checkpoint; loading keeps the saved state dtypes (``torch.optim`` would cast them to the parameter dtype).
+  checkpoint. Loading checks every state tensor's shape and dtype against what the optimizer creates for the
+  parameter before anything is written (``ValueError`` for state of other parameters) and puts it in the state dtype
+  (``torch.optim`` would cast it to the parameter dtype), casting where that is safe.
 
-Group-level quantities (R, the skip counter, KOALA-V's sigma, KOALA-M's 2x2 covariance) are kept in the state of the
-group's first parameter, so that they travel with the standard ``state_dict`` layout (and with tools that remap
-parameter state, such as distributed checkpointing).
+Group-level quantities (R, the skip counter, the count of R updates, KOALA-V's sigma, KOALA-M's 2x2 covariance) are
+kept in the state of the group's first parameter, so that they travel with the standard ``state_dict`` layout (and
+with tools that remap parameter state, such as distributed checkpointing).
 """
 
 from __future__ import annotations

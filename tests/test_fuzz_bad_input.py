@@ -1,0 +1,236 @@
+"""Property-based tests of bad input for every optimizer (hypothesis, derandomized: deterministic, never flaky).
+
+For each optimizer: some good steps (none: the bad step is the first), optionally a restart through
+``state_dict``/``load_state_dict``, then one bad step (NaN/inf at random positions of a gradient or of the loss or
+outputs, or a loss that overflows the float32 state), with mixed parameter dtypes and ``None``/zero gradients.
+Asserted: the parameters and every state tensor that existed (per-tensor and group-level) are bit-for-bit
+unchanged, exactly one skip is counted, the KOALA step does not synchronise with the host, and the run then goes
+on bit for bit as a twin that never saw the bad step.
+"""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kalmanopt import KOALAM, KOALAV, FullKalman, KOALAPlusPlus, LoKO
+
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None)
+SHAPES = [(3,), (2, 3), (4,)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+BAD = [float("nan"), float("inf"), float("-inf")]
+
+KOALA_CONFIGS = {
+    "koala_pp": (KOALAPlusPlus, {"lr": 0.5}),
+    "koala_pp_wd": (KOALAPlusPlus, {"lr": 0.5, "weight_decay": 1e-2, "r": 0.3}),
+    "koala_v": (KOALAV, {"lr": 0.5, "weight_decay": 1e-2}),
+    "koala_m": (KOALAM, {"lr": 0.5}),
+    "koala_m_online_qw": (KOALAM, {"lr": 0.5, "qw": None, "weight_decay": 1e-2}),
+}
+OUTPUT_CONFIGS = {
+    "loko": (LoKO, {}),
+    "loko_ema_softmax": (LoKO, {"observation": "softmax", "noise": "ema", "p0": "auto"}),
+    "full_kalman": (FullKalman, {}),
+    "full_kalman_ema_loss": (FullKalman, {"observation": "loss", "noise": "ema"}),
+}
+
+
+class _NoSync:
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.names}
+
+        def forbid(name):
+            def f(self, *a, **k):
+                raise AssertionError(f"host synchronisation: Tensor.{name} inside step")
+            return f
+
+        for n in self.names:
+            setattr(torch.Tensor, n, forbid(n))
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def _skips(opt):
+    return sum(int(s["skipped_steps"]) for s in opt.state.values() if "skipped_steps" in s)
+
+
+def _snapshot(params, opt):
+    values = [p.detach().clone() for p in params]
+    state = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+             for p, s in opt.state.items() if s}
+    return values, state
+
+
+def _assert_skipped(params, opt, before, skips_before):
+    values, state = before
+    for old, p in zip(values, params, strict=True):
+        assert torch.equal(old, p.detach())
+    for p, s in opt.state.items():
+        old = state.get(id(p))
+        if old is None:  # state created by the skipped step: never committed
+            assert "step" not in s or float(s["step"]) == 0
+            continue
+        assert old.keys() <= s.keys()
+        for k, v in old.items():
+            if k == "skipped_steps":
+                continue
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == s[k].dtype and torch.equal(v, s[k]), k
+            else:
+                assert v == s[k], k
+    assert _skips(opt) == skips_before + 1
+
+
+def _assert_same_run(a_params, a, b_params, b):
+    """Bit-for-bit the same parameters and state, except the skip counter and never-committed fresh state."""
+    for x, y in zip(a_params, b_params, strict=True):
+        assert torch.equal(x.detach(), y.detach())
+    sa = {i: a.state[p] for i, p in enumerate(a_params) if a.state.get(p)}
+    sb = {i: b.state[p] for i, p in enumerate(b_params) if b.state.get(p)}
+    for i in set(sa) - set(sb):
+        assert float(sa[i]["step"]) == 0
+    for i, s in sb.items():
+        assert i in sa and sa[i].keys() == s.keys(), i
+        for k, v in s.items():
+            if k == "skipped_steps":
+                continue
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == sa[i][k].dtype and torch.equal(v, sa[i][k]), (i, k)
+            else:
+                assert v == sa[i][k], (i, k)
+
+
+# ------------------------------------------------------------------------------------------------ KOALA family
+def _koala_params(dtypes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(d))
+            for s, d in zip(SHAPES, dtypes, strict=True)]
+
+
+def _good_step(opt, params, k, seed):
+    g = torch.Generator().manual_seed(seed * 1000 + k)
+    for p in params:
+        mode = int(torch.randint(0, 6, (), generator=g))  # 0: None, 1: zero, else a gradient
+        grad = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5
+        p.grad = None if mode == 0 else (torch.zeros_like(p) if mode == 1 else grad.to(p.dtype))
+    losses = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    opt.step(loss=losses)
+
+
+@pytest.mark.parametrize("name", sorted(KOALA_CONFIGS))
+@settings(max_examples=30, **SETTINGS)
+@given(data=st.data())
+def test_koala_bad_step_is_a_no_op(name, data):
+    cls, kwargs = KOALA_CONFIGS[name]
+    dtypes = data.draw(st.lists(st.sampled_from(DTYPES), min_size=3, max_size=3), label="dtypes")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    warmup = data.draw(st.integers(0, 3), label="warmup")
+    restart = data.draw(st.booleans(), label="restart via load_state_dict")
+    foreach = data.draw(st.booleans(), label="foreach")
+    kind = data.draw(st.sampled_from(["loss", "grad", "overflow"] if dtypes[0] != torch.float64 else ["loss", "grad"]),
+                     label="bad")
+    modes = data.draw(st.lists(st.sampled_from(["grad", "none", "zero"]), min_size=3, max_size=3), label="grads")
+    value = data.draw(st.sampled_from(BAD), label="bad value")
+
+    runs = []
+    for _ in range(2):  # a: sees the bad step, b: its twin that never does
+        params = _koala_params(dtypes, seed)
+        opt = cls(params, foreach=foreach, **kwargs)
+        for k in range(warmup):
+            _good_step(opt, params, k, seed)
+        if restart:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = cls(params, foreach=foreach, **kwargs)
+            opt.load_state_dict(saved)
+        runs.append((params, opt))
+    (params, opt), (twin_params, twin) = runs
+
+    g = torch.Generator().manual_seed(seed + 7)
+    if kind == "grad":
+        target = data.draw(st.integers(0, 2), label="bad tensor")
+        modes[target] = "grad"
+    for p, mode in zip(params, modes, strict=True):
+        grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        p.grad = None if mode == "none" else (torch.zeros_like(p) if mode == "zero" else grad)
+    losses = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    if kind == "grad":
+        flat = params[target].grad.view(-1)
+        flat[data.draw(st.integers(0, flat.numel() - 1), label="position")] = value
+    elif kind == "loss":
+        losses[data.draw(st.integers(0, 4), label="position")] = value
+    else:
+        losses[data.draw(st.integers(0, 4), label="position")] = 1e20  # finite in float64, not squared in float32
+
+    before, skips = _snapshot(params, opt), _skips(opt)
+    with _NoSync():
+        opt.step(loss=losses)
+    _assert_skipped(params, opt, before, skips)
+
+    for k in range(warmup, warmup + 2):
+        _good_step(opt, params, k, seed)
+        _good_step(twin, twin_params, k, seed)
+    _assert_same_run(params, opt, twin_params, twin)
+
+
+# ------------------------------------------------------------------------------------------------ LoKO, FullKalman
+def _model(dtype, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 3).to(dtype)
+
+
+def _observe(opt, model, k, seed, bad=None):
+    g = torch.Generator().manual_seed(seed * 1000 + k)
+    dtype = model.weight.dtype
+    x = torch.randn(2, 4, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 3, (2,), generator=g)
+    if bad is None:
+        return opt.step(lambda: model(x), y)
+    where, position, value = bad
+    if where == "input":
+        x.view(-1)[position % x.numel()] = value
+        return opt.step(lambda: model(x), y)
+    spoil = torch.zeros(2, 3, dtype=dtype)
+    spoil.view(-1)[position % spoil.numel()] = value
+    return opt.step(lambda: model(x) + spoil, y)
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUT_CONFIGS))
+@settings(max_examples=12, **SETTINGS)
+@given(data=st.data())
+def test_output_filter_bad_step_is_a_no_op(name, data):
+    cls, kwargs = OUTPUT_CONFIGS[name]
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    warmup = data.draw(st.integers(0, 2), label="warmup")
+    restart = data.draw(st.booleans(), label="restart via load_state_dict")
+    bad = (data.draw(st.sampled_from(["input", "output"]), label="where"), data.draw(st.integers(0, 11)),
+           data.draw(st.sampled_from(BAD), label="bad value"))
+
+    runs = []
+    for _ in range(2):
+        model = _model(dtype, seed)
+        opt = cls(model.parameters(), **kwargs)
+        for k in range(warmup):
+            _observe(opt, model, k, seed)
+        if restart:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = cls(model.parameters(), **kwargs)
+            opt.load_state_dict(saved)
+        runs.append((model, opt))
+    (model, opt), (twin_model, twin) = runs
+    params, twin_params = list(model.parameters()), list(twin_model.parameters())
+
+    before, skips = _snapshot(params, opt), _skips(opt)
+    _observe(opt, model, 99, seed, bad)
+    _assert_skipped(params, opt, before, skips)
+
+    for k in range(warmup, warmup + 2):
+        _observe(opt, model, k, seed)
+        _observe(twin, twin_model, k, seed)
+    _assert_same_run(params, opt, twin_params, twin)
