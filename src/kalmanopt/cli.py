@@ -2,10 +2,10 @@
 
 Expected failures (:class:`kalmanopt.errors.UsageError`: data that cannot be obtained, an optional package that is
 not installed, a bad option value) print one line, ``kalmanopt: error: ...``, and exit with status 2; so do the
-parser's own errors. Every ``kalmanopt bench`` command first fetches the datasets it needs (as ``kalmanopt data
-fetch`` would, with its progress): those a suite lists in ``required_datasets(args)``, else those named by its
-``--dataset``/``--corpus`` option (none with ``--data-root``); a dataset loaded later in the run is fetched when it is
-loaded.
+parser's own errors. Every ``kalmanopt bench`` command first checks the optional packages its suite lists in
+``required_packages(args)``, then fetches the datasets it needs (as ``kalmanopt data fetch`` would, with its
+progress): those the suite lists in ``required_datasets(args)``, else those named by its ``--dataset``/``--corpus``
+option (none with ``--data-root``); a dataset loaded later in the run is fetched when it is loaded.
 """
 
 from __future__ import annotations
@@ -85,11 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hook(args: argparse.Namespace, name: str):
+    """The function ``name`` of the module that defines the command's ``func``, or None."""
+    return getattr(sys.modules.get(getattr(args.func, "__module__", "")), name, None)
+
+
 def required_datasets(args: argparse.Namespace) -> list[str]:
     """The datasets a ``kalmanopt bench`` command reads: its module's ``required_datasets(args)`` if it has one, else
     the value of ``--dataset``/``--corpus`` (none when ``--data-root`` is given)."""
-    module = sys.modules.get(getattr(args.func, "__module__", ""))
-    hook = getattr(module, "required_datasets", None)
+    hook = _hook(args, "required_datasets")
     if hook is not None:
         return list(hook(args))
     if getattr(args, "data_root", None):
@@ -118,6 +122,10 @@ def _run(args: argparse.Namespace) -> int:
     from kalmanopt import data
 
     _check_optimizers(args)
+    packages = _hook(args, "required_packages")
+    for module in packages(args) if packages is not None else ():
+        if importlib.util.find_spec(module) is None:
+            raise missing_dependency(module, f"`kalmanopt bench {args.func.__module__.rsplit('.', 1)[-1]}`")
     with data.auto_fetch():
         for name in required_datasets(args):
             data.ensure(name)

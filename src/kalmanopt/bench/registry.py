@@ -22,7 +22,7 @@ The suites know optimizers only through this table. An entry says
 
 Weight decay is the *coupled* L2 form (``g + wd * theta``) for the KOALA family, SGD, AdaGrad, K-FAC and AdaFisher (as
 in the references), and the decoupled form for AdamW, AdaHessian, SophiaH, SOAP, Schedule-Free AdamW and MoMo (their
-libraries' defaults).
+libraries' defaults; MoMo's is proximal).
 """
 
 from __future__ import annotations
@@ -185,13 +185,14 @@ def _entries() -> list[OptimizerEntry]:
                        weight_decay={"vision": 5e-4, "lm": 1e-4},
                        note="our implementation (kalmanopt.bench.baselines.KFAC), empirical Fisher on Linear/Conv2d; "
                             "momentum 0.9, damping 3e-3, factor EMA 0.95 every 10 steps, eigendecompositions every "
-                            "100 steps, KL clip 1e-3"),
+                            "100 steps, KL clip 1e-3; other parameters take the plain gradient"),
         OptimizerEntry("adafisher", "AdaFisher (ours)",
                        lambda m, lr, wd: _baseline("AdaFisher")(m, lr=lr, weight_decay=wd),
                        "plain", {"vision": 1e-3, "lm": 1e-3}, family="second-order", needs_model=True,
                        weight_decay={"vision": 5e-4, "lm": 1e-4},
                        note="our implementation from the paper (kalmanopt.bench.baselines.AdaFisher): diagonal "
-                            "Kronecker factors on Linear/Conv2d every step, gamma 0.92, lambda 1e-3, beta 0.9"),
+                            "Kronecker factors on Linear/Conv2d every step, gamma 0.92, lambda 1e-3, beta 0.9; other "
+                            "parameters (embeddings and the GPT's tied head, LayerNorm) take momentum SGD at lr"),
         # The no-schedule peers, at their packages' defaults (lr and weight decay included).
         OptimizerEntry("adamw-schedulefree", "Schedule-Free AdamW",
                        lambda p, lr, wd: _sf("AdamWScheduleFree")(p, lr=lr, weight_decay=wd),
