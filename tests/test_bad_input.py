@@ -407,3 +407,19 @@ def test_first_statistic_is_not_clipped():
     p.grad = torch.ones(2, dtype=torch.float64)
     opt.step(loss=torch.tensor(1e4, dtype=torch.float64))
     assert float(opt.state[p]["measurement_noise"]) == 0.9 + 1e8 * (1 - 0.9)
+
+
+def test_skipped_update_does_not_gate_the_prediction_after_a_load():
+    def run(skip_first):
+        model = tiny_mlp()
+        opt = KOALAM(model.parameters(), lr=0.5)
+        train(model, opt, 2)
+        checkpoint = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        if skip_first:
+            opt.update(torch.tensor(NAN, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        model.load_state_dict(checkpoint[0])
+        opt.load_state_dict(checkpoint[1])
+        train(model, opt, 2, seed=5, path="predict_update")
+        return opt
+
+    _state_equal(run(True), run(False))
