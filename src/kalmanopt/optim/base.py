@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._reductions import squared_norms
-from ._sharding import local_tensor, reduce_if, shard_reducer
+from ._sharding import local_state, local_tensor, reduce_if, shard_loaded_state, shard_reducer, shard_state
 from .noise import (
     R_CLIP,
     R_INITIAL,
@@ -305,6 +305,34 @@ class KalmanOptimizer(Optimizer):
         """Create the algorithm's per-tensor state (called once, at the tensor's first gradient)."""
         raise NotImplementedError
 
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        """Create ``p``'s per-tensor state; for a DTensor ``p``, per-element state is a DTensor laid out like it."""
+        st = self.state[p]
+        before = set(st)
+        self._init_param_state(group, local_tensor(p), st)
+        shard_state(p, st, [key for key in st if key not in before])
+        return st
+
+    def _checkpoint_probe(self) -> bool:
+        """Create the whole state if this ``step()`` without a loss is ``torch.distributed.checkpoint``'s probe.
+
+        ``get_state_dict`` / ``set_state_dict`` give an optimizer without state all-zero gradients and lr 0 and call
+        ``step()``, to create the state they then save or load into. A filter step cannot run without a loss, so the
+        state is created here without a step (nothing moves). Outside training: the zero test reads the gradients.
+        """
+        if self.state or any(float(group["lr"]) != 0 for group in self.param_groups):
+            return False
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or any(bool(local_tensor(g).count_nonzero()) for g in grads):
+            return False
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._group_state(group)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._init_state(group, p)
+        return True
+
     def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
         """Shapes and dtypes of ``p``'s state (and of the group state if ``p`` leads its group), made on meta."""
         probe: dict[str, Any] = {}
@@ -320,6 +348,7 @@ class KalmanOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_state_keep_dtypes(self, state_dict, self._expected_state)
         self._take_pending_gate()  # the outcome of an update() before the load says nothing about the loaded state
+        shard_loaded_state(self)  # per-element state of DTensor parameters as DTensors (see _sharding)
 
     # ------------------------------------------------------------------ the three ways in
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:
@@ -333,6 +362,8 @@ class KalmanOptimizer(Optimizer):
         if closure is not None and loss is not None:
             raise TypeError(f"{type(self).__name__}.step() takes a closure or loss=, not both")
         if closure is None and loss is None:
+            if self._checkpoint_probe():
+                return None
             raise TypeError(_NO_LOSS_MESSAGE.format(name=type(self).__name__))
         hyper_ok = self._hyperparameters_ok()  # raises on a non-finite number before anything is written
         with torch.no_grad():
@@ -528,13 +559,13 @@ class KalmanOptimizer(Optimizer):
             local = local_tensor(p)
             st = self.state[p]
             if "step" not in st:
-                self._init_param_state(group, local, st)
+                st = self._init_state(group, p)
             shard_key, shard_sum = shard_reducer(p)
             key = (local.device, state_dtype(p), shard_key)
             params, grads, states, _ = by_key.setdefault(key, ([], [], [], shard_sum))
             params.append(local)
             grads.append(local_tensor(p.grad))
-            states.append(st)
+            states.append(st if local is p else local_state(st))  # the kernels work on local shards
         foreach = self._use_foreach(group)
         if not foreach and any(key[2] is not None for key in by_key):
             raise ValueError("sharded (DTensor) parameters need the multi-tensor path: foreach=True")
