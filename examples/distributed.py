@@ -1,7 +1,9 @@
 """Data-parallel training with KOALA++ under torchrun: DDP (default) or FSDP2 (--fsdp), CPU (gloo) or CUDA (nccl).
 
-    torchrun --nproc_per_node=2 examples/distributed.py            # DDP
-    torchrun --nproc_per_node=2 examples/distributed.py --fsdp     # FSDP2 (fully_shard)
+    torchrun --standalone --nproc_per_node=2 examples/distributed.py            # DDP
+    torchrun --standalone --nproc_per_node=2 examples/distributed.py --fsdp     # FSDP2 (fully_shard)
+
+(``--standalone`` runs the rendezvous on a free local port, so several jobs on one machine do not collide.)
 
 Every rank feeds its own per-sample losses; the optimizer sums the loss statistics over the ranks, so all ranks
 take the step one process would take on the global batch.
@@ -9,6 +11,7 @@ take the step one process would take on the global batch.
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -52,9 +55,18 @@ def main() -> None:
         if rank == 0 and step % 10 == 0:
             print(f"step {step:3d}  loss {losses.mean().item():.4f}")
     if rank == 0:
-        print(f"done: {world} ranks, {'FSDP2' if args.fsdp else 'DDP'}, final loss {losses.mean().item():.4f}")
+        print(f"done: {world} ranks, {'FSDP2' if args.fsdp else 'DDP'}, final loss {losses.mean().item():.4f}",
+              flush=True)
+    dist.barrier()  # no rank tears down its connections while a peer is still in a collective
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # gloo (CPU) keeps its worker threads after destroy_process_group, and a worker may still be releasing the last
+    # collective's tensors when the interpreter shuts down; taking the GIL then aborts the process ("terminate
+    # called without an active exception", exit code -6) although training finished. Leave without interpreter
+    # shutdown once everything is flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

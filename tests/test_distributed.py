@@ -1,6 +1,7 @@
 """Data parallelism (two gloo processes on CPU) and mixed precision (GradScaler)."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -30,6 +31,15 @@ def _train(model, opt, batches, *, reduce, world=1):
         opt.step(loss=losses.view(world, -1).mean(1).squeeze(0) if reduce else losses)
 
 
+def _leave():
+    """Exit a finished worker without interpreter shutdown: gloo's worker threads outlive destroy_process_group and
+    may still release a collective's tensors while the interpreter shuts down, which aborts the process (exit code
+    -6, "terminate called without an active exception") after the work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank, world, init_file, out_dir, name, reduce):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -40,8 +50,10 @@ def _worker(rank, world, init_file, out_dir, name, reduce):
         local = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in _batches()]
         _train(model, opt, local, reduce=reduce)
         torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.parametrize("name,reduce", [("koala_pp", False), ("koala_pp", True), ("koala_v", True),
@@ -133,8 +145,10 @@ def _fsdp_worker(rank, world, init_file, out_dir, name):
         full = [p.full_tensor().detach() for p in model.parameters()]
         if rank == 0:
             torch.save(full, os.path.join(out_dir, "fsdp.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.parametrize("name", ["koala_pp_wd", "koala_v", "koala_m_online_qw"])

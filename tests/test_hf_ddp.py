@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 
 DDP_WORKER = textwrap.dedent("""
-    import json, sys, warnings
+    import json, os, sys, warnings
     from pathlib import Path
     import torch
     import torch.distributed as dist
@@ -37,6 +37,13 @@ DDP_WORKER = textwrap.dedent("""
               "replica_diff": (gathered[0] - gathered[1]).abs().max().item(),
               "moved": (flat - start).abs().max().item()}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    dist.barrier()  # a clean shutdown: no rank closes its connections while a peer is still in a collective
+    dist.destroy_process_group()
+    # gloo's worker threads outlive destroy_process_group and may release a collective's tensors during interpreter
+    # shutdown, which aborts the process: leave without it (as examples/distributed.py does)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 """)
 
 

@@ -32,10 +32,18 @@ def test_python_block_runs(index, tmp_path, monkeypatch):
 def test_torchrun_example(fsdp):
     torchrun = shutil.which("torchrun")
     command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    command += ["--nproc_per_node=2", str(ROOT / "examples" / "distributed.py"), "--steps", "5"]
+    # --standalone: a rendezvous on a free port (the default fixed port 29500 collides with concurrent runs)
+    command += ["--standalone", "--nproc_per_node=2", str(ROOT / "examples" / "distributed.py"), "--steps", "5"]
     if fsdp:
         command.append("--fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: 2 ranks" in result.stdout
+
+
+def test_readme_torchrun_commands_match_the_example():
+    """The README's single-machine commands are the ones this file runs (same launcher flags, same script)."""
+    readme = (ROOT / "README.md").read_text()
+    assert "torchrun --standalone --nproc_per_node=2 examples/distributed.py " in readme
+    assert "torchrun --standalone --nproc_per_node=2 examples/distributed.py --fsdp" in readme
