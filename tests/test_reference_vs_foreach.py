@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
+
 from conftest import OPTIMIZERS
 
 SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (7, 1), (16, 8), (2, 2, 2, 2, 2)]
@@ -87,3 +89,76 @@ def test_several_param_groups_and_a_reused_scratch_buffer(optimizer_spec):
             assert len(buffers) == 2 and "_scratch_buffers" not in opt.state_dict()
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# Every per-group option of each optimizer takes a different value in each of three groups, so a fast path that
+# read one group's value for another (or a default) would leave the reference.
+PER_GROUP = {
+    "koala_pp": (KOALAPlusPlus, [
+        dict(lr=0.5, sigma=0.2, q=0.05, r=None, alpha_r=0.9, weight_decay=0.0, symmetric=True,
+             r_stat="second_moment"),
+        dict(lr=0.3, sigma=0.05, q=0.2, r=0.3, alpha_r=0.9, weight_decay=1e-2, symmetric=False,
+             r_stat="squared_mean"),
+        dict(lr=0.8, sigma=0.5, q=0.0, r=None, alpha_r=0.5, weight_decay=5e-3, symmetric=True,
+             r_stat="mean_variance"),
+    ]),
+    "koala_v": (KOALAV, [
+        dict(lr=0.5, sigma=0.1, q=1.0, r=None, alpha_r=0.9, weight_decay=0.0, r_stat="second_moment"),
+        dict(lr=0.3, sigma=0.4, q=0.05, r=0.3, alpha_r=0.9, weight_decay=1e-2, r_stat="squared_mean"),
+        dict(lr=0.8, sigma=0.05, q=0.3, r=None, alpha_r=0.6, weight_decay=5e-3, r_stat="mean_variance"),
+    ]),
+    "koala_m": (KOALAM, [
+        dict(lr=0.5, sw=0.1, sc=0.0, sv=0.1, a=0.9, qw=0.01, qv=0.01, r=None, alpha_r=0.9, weight_decay=0.0,
+             r_stat="second_moment"),
+        dict(lr=0.3, sw=0.3, sc=0.05, sv=0.2, a=0.8, qw=None, qv=0.02, r=0.5, alpha_r=0.9, weight_decay=1e-2,
+             r_stat="squared_mean"),
+        dict(lr=0.8, sw=0.05, sc=-0.01, sv=0.05, a=0.5, qw=0.03, qv=0.0, r=None, alpha_r=0.6, weight_decay=5e-3,
+             r_stat="mean_variance"),
+    ]),
+}
+GROUP_SLICES = [slice(0, 2), slice(2, 5), slice(5, None)]
+
+
+def _run_groups(cls, options, foreach, *, steps=6, seed=4):
+    """Three param groups with their own options; ``foreach`` is one bool for all, or one per group."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
+    per_group = foreach if isinstance(foreach, list) else [foreach] * len(options)
+    groups = [{"params": params[sl], **opts, "foreach": f}
+              for sl, opts, f in zip(GROUP_SLICES, options, per_group, strict=True)]
+    opt = cls(groups)
+    for k in range(steps):
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
+            if (k + i) % 5 == 0:
+                p.grad = None
+        opt.step(loss=torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    return params, opt
+
+
+def _assert_same_run(run_a, run_b):
+    (pa_list, opt_a), (pb_list, opt_b) = run_a, run_b
+    for a, b in zip(pa_list, pb_list, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for pa, pb in zip(pa_list, pb_list, strict=True):
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("name", sorted(PER_GROUP))
+def test_fast_path_matches_reference_with_every_option_per_group(name):
+    cls, options = PER_GROUP[name]
+    assert all(set(o) == set(options[0]) for o in options)
+    for key in options[0]:
+        assert len({repr(o[key]) for o in options}) > 1, f"{key} takes one value in every group"
+    reference = _run_groups(cls, options, False)
+    _assert_same_run(reference, _run_groups(cls, options, True))
+    # groups on different paths in one optimizer
+    _assert_same_run(reference, _run_groups(cls, options, [True, False, True]))
+    # and the groups really differ: the same run with group 0's options everywhere ends elsewhere
+    uniform = _run_groups(cls, [options[0]] * 3, False)
+    assert not torch.allclose(reference[0][-1], uniform[0][-1])
