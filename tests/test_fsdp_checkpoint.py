@@ -9,6 +9,7 @@ whole (it is read back unsharded in one process); scalar state is the same on ev
 import io
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -32,6 +33,15 @@ def _free_port():
 
 def _spawn(fn, *args):
     mp.spawn(fn, args=(f"tcp://127.0.0.1:{_free_port()}", *args), nprocs=WORLD, join=True)
+
+
+def _leave():
+    """Exit a finished worker without interpreter shutdown: gloo's worker threads outlive destroy_process_group and
+    may release a collective's tensors while the interpreter shuts down, which aborts the process (as in
+    test_distributed.py)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _sharded(name, seed=0):
@@ -104,6 +114,7 @@ def _save_worker(rank, init, out, name):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    _leave()
 
 
 def _resume_worker(rank, init, out, name):
@@ -147,6 +158,7 @@ def _resume_worker(rank, init, out, name):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    _leave()
 
 
 def _assert_same_state(a, b):
