@@ -113,8 +113,10 @@ def test_bench_vision_sweep_runs_and_report(fashion_dir, tmp_path):
     assert first[("koala++", 0)] == first[("sgd", 0)] == first[("adamw", 0)] != first[("sgd", 1)]
     for r in res["runs"]:
         assert len(r["history"]) == 3 and r["history"][-1]["epoch"] == 2
-    best = max(r["final"]["test_accuracy"] for r in res["runs"])
-    assert best > 0.5  # the bands are easy to see
+    for r in res["runs"]:  # every run learns the bands: far above the untrained model (chance, ~0.1) it started as
+        untrained, final = r["history"][0], r["final"]
+        assert final["test_accuracy"] >= untrained["test_accuracy"] + 0.6, r["optimizer"]
+        assert final["test_loss"] <= 0.5 * untrained["test_loss"], r["optimizer"]
     md = tmp_path / "docs" / "vm.md"
     assert cli_main(["report", str(out.parent), "--out", str(md)]) == 0
     text = md.read_text()
@@ -159,7 +161,11 @@ def test_bench_lm_quick_on_npm_layout(moby_dir, tmp_path):
     for r in res["runs"]:
         f = r["final"]
         assert math.isclose(f["test_ppl"], math.exp(f["test_loss"]), rel_tol=1e-6)
-        assert f["test_ppl"] < res["config"]["vocab_size"] * 1.5
+        # better than a uniform predictor (perplexity = vocabulary size) and than the untrained model
+        assert f["test_ppl"] < res["config"]["vocab_size"], r["optimizer"]
+        assert f["test_ppl"] < r["history"][0]["test_ppl"], r["optimizer"]
+        if r["optimizer"] in ("koala++", "adamw"):  # the two that must learn in one quick epoch: 5% below untrained
+            assert f["test_ppl"] < 0.95 * r["history"][0]["test_ppl"], r["optimizer"]
     text = cli_report_text(out)
     assert "test ppl" in text and "KOALA++" in text
     from kalmanopt.bench import report

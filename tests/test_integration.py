@@ -138,24 +138,34 @@ def test_step_compiles_without_graph_breaks_and_matches_eager(cls):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls,kwargs", [
-    (KOALAPlusPlus, {"lr": 1.0}),
-    (KOALAPlusPlus, {"lr": 1.0, "symmetric": False}),
-    (KOALAV, {"lr": 1.0}),
-    (KOALAM, {"lr": 0.3}),
-])
-def test_converges_on_sklearn_digits(cls, kwargs):
-    """Real data: 8x8 digits, MLP, 10 epochs; every KOALA variant must reach 93% test accuracy (AdamW: ~95%)."""
-    pytest.importorskip("sklearn")
-    from kalmanopt.bench.digits import train_digits
+# Explicit hyperparameters (not the defaults, which may be retuned): the test is about the filter, not the defaults.
+DIGITS_CONFIGS = [
+    (KOALAPlusPlus, {"lr": 1.0, "sigma": 0.1, "q": 0.1, "r": None, "alpha_r": 0.9, "r_stat": "second_moment"}),
+    (KOALAPlusPlus, {"lr": 1.0, "sigma": 0.1, "q": 0.1, "r": None, "alpha_r": 0.9, "r_stat": "second_moment",
+                     "symmetric": False}),
+    (KOALAV, {"lr": 1.0, "sigma": 0.1, "q": 1.0, "r": None, "alpha_r": 0.9}),
+    (KOALAM, {"lr": 0.3, "sw": 0.1, "sc": 0.0, "sv": 0.1, "a": 0.9, "qw": 0.01, "qv": 0.01, "r": None,
+              "alpha_r": 0.9}),
+]
 
-    result = train_digits(cls.__name__, lambda m: cls(m.parameters(), **kwargs), epochs=10)
-    assert result.test_accuracy >= 0.93, result
+
+@pytest.mark.parametrize("cls,kwargs", DIGITS_CONFIGS, ids=["koala_pp", "koala_pp_vanilla", "koala_v", "koala_m"])
+def test_converges_on_sklearn_digits(cls, kwargs):
+    """Real data: 8x8 digits, MLP, 2 epochs. Every KOALA variant must beat plain SGD (lr 0.1) on the same
+    initialisation and batch order by 3 points (KOALA 94-96%, SGD 89%, a no-op 4%; at 10 epochs all reach ~97%,
+    so the comparison is made early, where a loss-adaptive step has to earn it)."""
+    pytest.importorskip("sklearn", reason="needs scikit-learn: install kalmanopt[test]")
+    from kalmanopt.bench.digits import load_digits, train_digits
+
+    data = load_digits(0)
+    sgd = train_digits("SGD", lambda m: torch.optim.SGD(m.parameters(), lr=0.1), epochs=2, data=data)
+    result = train_digits(cls.__name__, lambda m: cls(m.parameters(), **kwargs), epochs=2, data=data)
+    assert result.test_accuracy >= max(0.92, sgd.test_accuracy + 0.03), (result, sgd)
     assert result.skipped_steps == 0
 
 
 def test_demo_command_prints_both_optimizers(capsys):
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="needs scikit-learn: install kalmanopt[test]")
     from kalmanopt.cli import main
 
     assert main(["demo", "--epochs", "1"]) == 0

@@ -73,9 +73,27 @@ def test_every_optimizer_learns_the_stream(make):
     x, y = stream(300)
     result = run_online(model, make(model), x, y, progress=False)
     assert len(result.correct) == len(result.loss) == 300
-    assert result.online_accuracy[-1] > 0.7
-    assert sum(result.correct[-100:]) >= 80
+    # against the same stream with the model left as it is (online accuracy 0.53, 51 of the last 100): every
+    # optimizer here reaches 0.87-0.90 and 89-95; a broken one that barely learns stays near the no-op
+    untrained = run_online(_untouched(), _NoOp(), x, y, progress=False)
+    assert result.online_accuracy[-1] >= untrained.online_accuracy[-1] + 0.3
+    assert sum(result.correct[-100:]) >= sum(untrained.correct[-100:]) + 30
     assert result.skipped_steps == 0
+
+
+class _NoOp(torch.optim.Optimizer):
+    """Never changes anything: the baseline every optimizer must beat by a margin."""
+
+    def __init__(self):
+        super().__init__([torch.zeros(1, requires_grad=True)], {})
+
+    def step(self, closure=None):
+        return None
+
+
+def _untouched():
+    torch.manual_seed(0)
+    return torch.nn.Linear(5, 3)
 
 
 def test_order_batch_size_and_max_samples():
