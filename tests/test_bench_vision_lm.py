@@ -18,6 +18,17 @@ from kalmanopt.data import write_idx
 from kalmanopt.data.idx import IDX_FILES
 
 
+def need(*packages):
+    """Skip unless the optional packages are installed (the bench extra; all are in kalmanopt[test])."""
+    for package in packages:
+        pytest.importorskip(package, reason=f"needs {package}: install kalmanopt[test]")
+
+
+def need_optimizers(*names):
+    """Skip unless the packages the registry entries import are installed."""
+    need(*sorted({m for name in names for m in getattr(registry.get(name), "requires", ())}))
+
+
 @pytest.fixture
 def fashion_dir(tmp_path):
     """A 600/200-image Fashion-MNIST look-alike: class k is a bright k-th row band, plus noise."""
@@ -64,6 +75,7 @@ def test_models_shapes():
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("name", registry.DEFAULT)
 def test_every_registered_optimizer_takes_a_step(name):
+    need_optimizers(name)
     torch.manual_seed(0)
     model = models.SmallCNN(width=4, hidden=8)
     entry = registry.get(name)
@@ -81,6 +93,8 @@ def test_every_registered_optimizer_takes_a_step(name):
 
 def test_gpt_with_hessian_optimizer_runs():
     """AdaHessian needs a double backward through attention: the suite switches to the math SDPA kernel."""
+    need("tqdm")
+    need_optimizers("adahessian")
     from kalmanopt.bench import common
 
     gpt = lambda: models.GPT(20, context=8, d_model=16, n_layers=1, n_heads=2)  # noqa: E731
@@ -94,6 +108,8 @@ def test_gpt_with_hessian_optimizer_runs():
 
 
 def test_bench_vision_sweep_runs_and_report(fashion_dir, tmp_path):
+    need("tqdm", "matplotlib")  # progress bars, the report's figure
+    need_optimizers("koala++", "sgd", "adamw")
     out = tmp_path / "results" / "vision" / "fm.json"
     rc = cli_main(["bench", "vision", "--data-root", str(fashion_dir), "--train-size", "300", "--valid-size", "100",
                    "--test-size", "200", "--batch-size", "50", "--epochs", "2", "--seeds", "0", "1",
@@ -125,6 +141,8 @@ def test_bench_vision_sweep_runs_and_report(fashion_dir, tmp_path):
 
 
 def test_bench_vision_quick(fashion_dir, tmp_path, capsys):
+    need("tqdm")
+    need_optimizers("koala++", "koala-v", "sgd", "adam", "adahessian")
     out = tmp_path / "q.json"
     assert cli_main(["bench", "vision", "--quick", "--data-root", str(fashion_dir), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -134,6 +152,8 @@ def test_bench_vision_quick(fashion_dir, tmp_path, capsys):
 
 
 def test_bench_vision_equal_time_budget(fashion_dir, tmp_path):
+    need("tqdm")
+    need_optimizers("sgd", "adahessian")
     out = tmp_path / "t.json"
     assert cli_main(["bench", "vision", "--data-root", str(fashion_dir), "--train-size", "500", "--valid-size", "50",
                      "--batch-size", "10", "--epochs", "50", "--seconds", "0.3", "--seeds", "0",
@@ -152,6 +172,8 @@ def cli_report_text(path) -> str:
 
 
 def test_bench_lm_quick_on_npm_layout(moby_dir, tmp_path):
+    need("tqdm")
+    need_optimizers("koala++", "adamw", "sophiah")
     out = tmp_path / "lm.json"
     assert cli_main(["bench", "lm", "--quick", "--data-root", str(moby_dir), "--train-chars", "6000",
                      "--eval-chars", "1500", "--d-model", "16", "--context", "16", "--n-layers", "1",

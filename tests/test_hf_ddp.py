@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="needs transformers: install kalmanopt[test]")
+pytest.importorskip("accelerate", reason="the Trainer needs accelerate: install kalmanopt[test]")
 
 
 DDP_WORKER = textwrap.dedent("""

@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="needs transformers: install kalmanopt[test]")
+pytest.importorskip("accelerate", reason="the Trainer needs accelerate: install kalmanopt[test]")
 
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments  # noqa: E402
 

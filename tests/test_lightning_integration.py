@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pl = pytest.importorskip("pytorch_lightning")
+pl = pytest.importorskip("pytorch_lightning", reason="needs pytorch_lightning: install kalmanopt[test]")
 
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus  # noqa: E402
 from kalmanopt.integrations.lightning import KalmanLossCallback, per_sample  # noqa: E402

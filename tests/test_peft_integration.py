@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft", reason="needs peft: install kalmanopt[test]")
+transformers = pytest.importorskip("transformers", reason="needs transformers: install kalmanopt[test]")
 
 from peft import LoraConfig  # noqa: E402
 

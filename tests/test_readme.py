@@ -1,5 +1,6 @@
 """The README's examples run as written."""
 
+import ast
 import os
 import re
 import shutil
@@ -17,14 +18,33 @@ def test_readme_has_python_examples():
     assert len(BLOCKS) >= 4
 
 
+# Optional packages (the test extra) a block may import, and the kalmanopt modules that need some of them.
+OPTIONAL = {"sklearn", "matplotlib", "tqdm", "pytorch_optimizer", "peft", "transformers", "accelerate",
+            "pytorch_lightning", "hypothesis", "schedulefree", "momo"}
+NEEDS = {"kalmanopt.integrations.hf": ("transformers", "accelerate"), "kalmanopt.integrations.peft": ("peft",),
+         "kalmanopt.integrations.lightning": ("pytorch_lightning",), "transformers": ("accelerate",)}
+
+
+def optional_imports(code: str) -> list[str]:
+    """The optional packages a block needs, from its import statements."""
+    modules = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+    needed = {m.split(".")[0] for m in modules} & OPTIONAL
+    for m in modules:
+        needed |= set(NEEDS.get(m, ()))
+    return sorted(needed)
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write output folders
     code = BLOCKS[index]
-    if "transformers" in code:
-        pytest.importorskip("transformers")
-    if "pytorch_lightning" in code:
-        pytest.importorskip("pytorch_lightning")
+    for package in optional_imports(code):
+        pytest.importorskip(package, reason=f"README block {index} needs {package}: install kalmanopt[test]")
     exec(compile(code, f"README.md block {index}", "exec"), {"__name__": "__readme__"})
 
 
