@@ -148,7 +148,8 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
     entry = registry.get(spec.optimizer)
     torch.manual_seed(spec.seed)
     model = make_model()
-    opt = entry.make(model.parameters(), task, lr=spec.lr)
+    opt = entry.make(model, task, lr=spec.lr)
+    evaluate = registry.evaluating(entry, opt, evaluate)  # Schedule-Free: evaluate at x, train at y (else no-op)
     order = torch.Generator().manual_seed(spec.seed)
     history: list[dict[str, float]] = [{"epoch": 0.0, "seconds": 0.0, "train_loss": math.nan,
                                         **evaluate(model)}]

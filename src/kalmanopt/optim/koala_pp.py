@@ -14,7 +14,30 @@ from ._sharding import reduce_if
 from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
 from .noise import R_CLIP
 
-__all__ = ["KOALAPlusPlus", "koala_pp"]
+__all__ = ["BLOCKS", "PRESETS", "KOALAPlusPlus", "koala_pp"]
+
+BLOCKS = ("tensor", "group")
+
+
+class _FromPreset:
+    """The default of an argument that the ``preset`` decides."""
+
+    def __repr__(self) -> str:
+        return "<from preset>"
+
+
+PRESET: Any = _FromPreset()
+
+#: The two configurations a user chooses between with ``preset=``; any argument given explicitly wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The default: one block per param group, a diagonal (Adam-like) metric for the prior and the process noise,
+    # no measurement noise (R = 0: the cap bounds the step instead), the step size capped at max_step, and the
+    # corrections averaged with momentum 0.9. Chosen on the development grid (docs/algorithms.md, BENCHMARKS.md).
+    "adaptive": dict(r=0.0, block="group", precondition=True, momentum=0.9, max_step=0.03, r_clip=R_CLIP),
+    # Algorithm 1 of the paper with the reference code's defaults, bit for bit: per-tensor blocks, P0 = sigma I,
+    # R an EMA of the per-sample squared loss, no cap, no momentum.
+    "paper": dict(r=None, block="tensor", precondition=False, momentum=0.0, max_step=None, r_clip=None),
+}
 
 
 class KOALAPlusPlus(KalmanOptimizer):
@@ -71,12 +94,19 @@ class KOALAPlusPlus(KalmanOptimizer):
         Gradient-Covariance Products". NeurIPS 2025, arXiv:2506.04432.
     """
 
-    def __init__(self, params, lr: float = 1.0, sigma: float = 0.1, q: float = 0.1, r: float | None = None,
+    def __init__(self, params, lr: float = 1.0, sigma: float = 0.1, q: float = 0.1, r: Any = PRESET,
                  alpha_r: float = 0.9, weight_decay: float = 0.0, symmetric: bool = True, *,
-                 r_stat: str = "second_moment", r_clip: float | None = R_CLIP, foreach: bool | None = None,
+                 preset: str = "adaptive", block: Any = PRESET, precondition: Any = PRESET, beta2: float = 0.999,
+                 eps: float = 1e-8, momentum: Any = PRESET, max_step: Any = PRESET,
+                 r_stat: str = "second_moment", r_clip: Any = PRESET, foreach: bool | None = None,
                  process_group: Any = None) -> None:
-        defaults = dict(lr=lr, sigma=sigma, q=q, r=r, alpha_r=alpha_r, weight_decay=weight_decay,
-                        symmetric=symmetric, r_stat=r_stat, r_clip=r_clip, foreach=foreach)
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
+        chosen = dict(r=r, block=block, precondition=precondition, momentum=momentum, max_step=max_step,
+                      r_clip=r_clip)
+        chosen = {k: PRESETS[preset][k] if v is PRESET else v for k, v in chosen.items()}
+        defaults = dict(lr=lr, sigma=sigma, q=q, alpha_r=alpha_r, weight_decay=weight_decay, symmetric=symmetric,
+                        beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, **chosen)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -87,6 +117,14 @@ class KOALAPlusPlus(KalmanOptimizer):
             raise ValueError("q and r cannot both be 0: the innovation variance S would vanish")
         if not isinstance(group["symmetric"], bool):
             raise ValueError(f"Invalid symmetric: {group['symmetric']!r} (expected a bool)")
+        if group["block"] not in BLOCKS:
+            raise ValueError(f"Invalid block: {group['block']!r} (expected one of {BLOCKS})")
+        if not isinstance(group["precondition"], bool):
+            raise ValueError(f"Invalid precondition: {group['precondition']!r} (expected a bool)")
+        _check_number("beta2", group["beta2"], 0.0, high=1.0, high_inclusive=False)
+        _check_number("eps", group["eps"], 0.0, low_inclusive=False)
+        _check_number("momentum", group["momentum"], 0.0, high=1.0, high_inclusive=False)
+        _check_number("max_step", group["max_step"], 0.0, low_inclusive=False, optional=True)
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> None:
         kw = {"device": p.device, "dtype": state_dtype(p)}
@@ -99,46 +137,91 @@ class KOALAPlusPlus(KalmanOptimizer):
         st["prev_S"] = torch.zeros((), **kw)  # S_{k-1}
         st["prev_grad_sq"] = torch.zeros((), **kw)  # ||H_{k-1}||^2
         st["prev_grad_v"] = torch.zeros((), **kw)  # H_{k-1} . v_{k-1}
+        if group.get("precondition"):
+            st["exp_avg_sq"] = torch.zeros(p.shape, **kw)  # the diagonal metric's second moment
+        if group.get("momentum"):
+            st["momentum_buffer"] = torch.zeros(p.shape, **kw)  # the average of the corrections
+
+    def diagnostics(self) -> list[dict[str, Tensor]]:
+        r"""What the filter did at the last step, per param group, as tensors (reading them never syncs ``step``).
+
+        Each dict holds 1-d tensors with one entry per tensor that had a gradient (equal entries within a
+        ``block="group"`` block): ``step_size`` (the possibly capped :math:`\eta\ell/S`), ``S``, ``h_dot_v``
+        (:math:`h\cdot v`) and ``grad_sq`` (:math:`\lVert h\rVert^2`), in the filter's coordinates, plus the
+        0-d ``noise`` (R) and ``loss``. An empty dict for a group that has not stepped.
+        """
+        recorded = self.__dict__.get("_diagnostics", {})
+        return [dict(recorded.get(i, {})) for i in range(len(self.param_groups))]
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
+        recorded = {}
         for b in buckets:
-            koala_pp(
+            for st in b.states:  # options switched on after the state was made
+                if group["precondition"] and "exp_avg_sq" not in st:
+                    st["exp_avg_sq"] = torch.zeros_like(st["gain"])
+                if group["momentum"] and "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(st["gain"])
+            diag = koala_pp(
                 b.params, b.h,
                 [st["prev_grad"] for st in b.states], [st["gain"] for st in b.states],
                 [st["prev_S"] for st in b.states], [st["prev_grad_sq"] for st in b.states],
                 [st["prev_grad_v"] for st in b.states], [st["prev_q"] for st in b.states],
                 [st["step"] for st in b.states],
                 layer_loss=b.layer_loss(loss_mean, group["weight_decay"]),
+                loss=loss_mean.to(b.device, b.grad_sq.dtype),
                 noise=noise.to(b.device, b.grad_sq.dtype), ok=ok.to(b.device),
                 lr=group["lr"], sigma=group["sigma"], q=group["q"], symmetric=group["symmetric"],
                 foreach=self._use_foreach(group), grad_sq=b.grad_sq, shard_sum=b.shard_sum,
+                block=group["block"],
+                exp_avg_sqs=[st["exp_avg_sq"] for st in b.states] if group["precondition"] else None,
+                beta2=group["beta2"], eps=group["eps"],
+                momentum_buffers=[st["momentum_buffer"] for st in b.states] if group["momentum"] else None,
+                momentum=group["momentum"], max_step=group["max_step"],
             )
+            for key, value in diag.items():
+                recorded[key] = value if key == "noise" or key not in recorded else torch.cat([recorded[key], value])
+        if not torch.compiler.is_compiling():
+            recorded["loss"] = loss_mean
+            self.__dict__.setdefault("_diagnostics", {})[self.param_groups.index(group)] = recorded
 
 
 def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], gains: list[Tensor],
              prev_S: list[Tensor], prev_grad_sq: list[Tensor], prev_grad_v: list[Tensor], prev_q: list[Tensor],
              steps: list[Tensor], *,
              layer_loss: Tensor, noise: Tensor, ok: Tensor, lr: float, sigma: float, q: float, symmetric: bool,
-             foreach: bool, grad_sq: Tensor | None = None, shard_sum: Callable[[Tensor], Tensor] | None = None) -> None:
-    """Functional KOALA++ measurement update. See :class:`KOALAPlusPlus`.
+             foreach: bool, grad_sq: Tensor | None = None, shard_sum: Callable[[Tensor], Tensor] | None = None,
+             loss: Tensor | None = None, block: str = "tensor", exp_avg_sqs: list[Tensor] | None = None,
+             beta2: float = 0.999, eps: float = 1e-8, momentum_buffers: list[Tensor] | None = None,
+             momentum: float = 0.0, max_step: float | None = None) -> dict[str, Tensor]:
+    r"""Functional KOALA++ measurement update. See :class:`KOALAPlusPlus`.
 
-    ``hs`` are the effective gradients (state dtype, contiguous, finite); ``gains`` hold ``v + prev_q * H_prev``;
-    ``layer_loss`` the per-tensor residuals
-    (1-d), ``noise`` the 0-d R, ``ok`` a 0-d bool that, when False, leaves every tensor untouched. ``grad_sq``
-    (1-d, optional) are the squared norms of ``hs`` if already known; the reference recomputes them. ``shard_sum``
-    sums per-tensor partial reductions over shards when the tensors are local shards (multi-tensor path only).
+    ``hs`` are the effective gradients (state dtype, contiguous, finite); ``gains`` hold ``v + prev_q * H_prev``
+    (in the preconditioned coordinates when ``exp_avg_sqs`` is given); ``layer_loss`` the per-tensor residuals (1-d),
+    ``loss`` the 0-d loss they share (needed for ``block="group"``), ``noise`` the 0-d R, ``ok`` a 0-d bool that, when
+    False, leaves every tensor untouched. ``grad_sq`` (1-d, optional) are the squared norms of ``hs`` if already known
+    (unused when preconditioning). ``shard_sum`` sums per-tensor partial reductions over shards when the tensors are
+    local shards (multi-tensor path only). ``exp_avg_sqs`` (with ``beta2``, ``eps``) turn on the diagonal metric,
+    ``momentum_buffers`` (with ``momentum``) the averaging of the corrections, ``max_step`` the cap on the step size.
+
+    Returns the step's diagnostics: 1-d tensors with one entry per tensor (all equal within a group block):
+    ``step_size`` (the possibly capped :math:`\eta\ell/S`), ``S``, ``h_dot_v`` (:math:`h\cdot v`) and ``grad_sq``
+    (:math:`\lVert h\rVert^2`, in the filter's coordinates), plus the 0-d ``noise``.
     """
+    if block not in BLOCKS:
+        raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
+    if block == "group" and loss is None:
+        raise ValueError("block='group' needs the 0-d loss")
+    kwargs = dict(layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q, symmetric=symmetric,
+                  loss=loss, block=block, exp_avg_sqs=exp_avg_sqs, beta2=beta2, eps=eps,
+                  momentum_buffers=momentum_buffers, momentum=momentum, max_step=max_step)
     if foreach:
-        _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps,
-                               layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q,
-                               symmetric=symmetric, grad_sq=grad_sq, shard_sum=shard_sum)
-    else:
-        if shard_sum is not None:
-            raise ValueError("sharded tensors need the multi-tensor path: foreach=True")
-        _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps,
-                                layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q,
-                                symmetric=symmetric)
+        return _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q,
+                                      steps, grad_sq=grad_sq, shard_sum=shard_sum, **kwargs)
+    if shard_sum is not None:
+        raise ValueError("sharded tensors need the multi-tensor path: foreach=True")
+    return _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps,
+                                   **kwargs)
 
 
 def _innovation(h: Tensor, H_prev: Tensor, v_prev: Tensor, S_prev: Tensor, *, q: float, noise: Tensor,
@@ -156,33 +239,84 @@ def _innovation(h: Tensor, H_prev: Tensor, v_prev: Tensor, S_prev: Tensor, *, q:
     return v, S
 
 
+def _metric_root(h: Tensor, exp_avg_sq: Tensor, step: Tensor, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+    r"""The updated second moment and :math:`D^{1/2} = (\sqrt{\hat s} + \epsilon)^{-1/2}` (Adam's bias correction)."""
+    new_sq = exp_avg_sq * beta2 + (1 - beta2) * h * h
+    correction = 1 - beta2 ** (step + 1)
+    return new_sq, ((new_sq / correction).sqrt() + eps).rsqrt()
+
+
 def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps, *,
-                            layer_loss, noise, ok, lr, sigma, q, symmetric) -> None:
-    for i, param in enumerate(params):
-        h, H_prev, gain_prev = hs[i].reshape(-1), prev_grads[i].view(-1), gains[i].view(-1)
-        v_prev = gain_prev - prev_q[i] * H_prev
+                            layer_loss, noise, ok, lr, sigma, q, symmetric, loss, block, exp_avg_sqs, beta2, eps,
+                            momentum_buffers, momentum, max_step) -> dict[str, Tensor]:
+    """The readable reference: each block (one tensor, or every tensor of the group with a gradient) is the flat
+    concatenation of its tensors, filtered by :func:`_innovation` exactly as a single tensor would be."""
+    n = len(params)
+    # The filter's coordinates: h itself, or D^{1/2} h with the diagonal metric.
+    roots, new_sqs, ht = [None] * n, [None] * n, []
+    for i in range(n):
+        h = hs[i].reshape(-1)
+        if exp_avg_sqs is not None:
+            new_sqs[i], roots[i] = _metric_root(h, exp_avg_sqs[i].view(-1), steps[i].to(h), beta2, eps)
+            h = h * roots[i]
+        ht.append(h)
+    active = [bool(h.abs().sum() > 0) for h in ht]  # the reference may synchronise; the fast path never does
+    blocks = [[i] for i in range(n)] if block == "tensor" else [[i for i in range(n) if active[i]]]
+    diag = {k: torch.zeros(n, dtype=noise.dtype, device=noise.device) for k in ("step_size", "S", "h_dot_v",
+                                                                               "grad_sq")}
+    for members in blocks:
+        if not members:
+            continue
+        def cat(xs: list[Tensor], members: list[int] = members) -> Tensor:
+            return torch.cat([xs[i] for i in members])
+
+        h = cat(ht)
+        H_prev = cat([prev_grads[i].view(-1) for i in range(n)])
+        v_prev = cat([gains[i].view(-1) - prev_q[i] * prev_grads[i].view(-1) for i in range(n)])
+        S_prev = prev_S[members[0]]
+        fresh = any(bool(prev_grad_sq[i] <= 0) for i in members)  # a member without history restarts the block
+        mixed = any(bool(prev_S[i] != S_prev) for i in members)  # members last corrected in different blocks
         hh = h.dot(h)
-        v, S = _innovation(h, H_prev, v_prev, prev_S[i], q=q, noise=noise, symmetric=symmetric)
+        v, S = _innovation(h, H_prev, v_prev, S_prev, q=q, noise=noise, symmetric=symmetric)
         # The prior: pretend the same gradient was seen before under P0 = sigma * I.
-        prior_S = (sigma + q) * hh + noise
-        v0, S0 = _innovation(h, h, sigma * h, prior_S, q=q, noise=noise, symmetric=symmetric)
-        use_prior = (prev_grad_sq[i] <= 0) | ~(prev_S[i] > 0) | ~(S > 0) | ~torch.isfinite(S) \
+        v0, S0 = _innovation(h, h, sigma * h, (sigma + q) * hh + noise, q=q, noise=noise, symmetric=symmetric)
+        use_prior = torch.tensor(fresh or mixed) | ~(S_prev > 0) | ~(S > 0) | ~torch.isfinite(S) \
             | ~torch.isfinite(v).all()
         v = torch.where(use_prior, v0, v)
         S = torch.where(use_prior, S0, S)
 
+        residual = layer_loss[members[0]] if block == "tensor" else \
+            loss + sum(layer_loss[i] - loss for i in members)  # L + wd/2 * sum ||theta_i||^2
         commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
-        step_size = lr * layer_loss[i] / S
+        step_size = lr * residual / S
+        if max_step is not None:
+            step_size = step_size.clamp(max=max_step)
         gain = v + q * h
-        new_param = param.to(h.dtype) - step_size * gain.view(param.shape)
-        param.copy_(torch.where(commit, new_param, param.to(h.dtype)))
-        gains[i].copy_(torch.where(commit, gain, gain_prev).view(gains[i].shape))
-        prev_q[i].copy_(torch.where(commit, torch.full_like(prev_q[i], q), prev_q[i]))
-        prev_grads[i].copy_(torch.where(commit, h, H_prev).view(prev_grads[i].shape))
-        prev_S[i].copy_(torch.where(commit, S, prev_S[i]))
-        prev_grad_sq[i].copy_(torch.where(commit, hh, prev_grad_sq[i]))
-        prev_grad_v[i].copy_(torch.where(commit, h.dot(v), prev_grad_v[i]))
-        steps[i].add_(commit.to(steps[i].dtype))
+        offset = 0
+        for i in members:
+            size = ht[i].numel()
+            gain_i, v_i = gain[offset : offset + size], v[offset : offset + size]
+            offset += size
+            param, shape = params[i], params[i].shape
+            correction = step_size * (gain_i if roots[i] is None else roots[i] * gain_i)
+            if momentum_buffers is not None:
+                new_buf = momentum * momentum_buffers[i].view(-1) + (1 - momentum) * correction
+                correction = new_buf / (1 - momentum ** (steps[i].to(new_buf) + 1))
+                momentum_buffers[i].copy_(torch.where(commit, new_buf, momentum_buffers[i].view(-1)).view(shape))
+            new_param = param.to(h.dtype) - correction.view(shape)
+            param.copy_(torch.where(commit, new_param, param.to(h.dtype)))
+            if exp_avg_sqs is not None:
+                exp_avg_sqs[i].copy_(torch.where(commit, new_sqs[i], exp_avg_sqs[i].view(-1)).view(shape))
+            gains[i].copy_(torch.where(commit, gain_i, gains[i].view(-1)).view(gains[i].shape))
+            prev_q[i].copy_(torch.where(commit, torch.full_like(prev_q[i], q), prev_q[i]))
+            prev_grads[i].copy_(torch.where(commit, ht[i], prev_grads[i].view(-1)).view(prev_grads[i].shape))
+            prev_S[i].copy_(torch.where(commit, S, prev_S[i]))
+            prev_grad_sq[i].copy_(torch.where(commit, ht[i].dot(ht[i]), prev_grad_sq[i]))
+            prev_grad_v[i].copy_(torch.where(commit, ht[i].dot(v_i), prev_grad_v[i]))
+            steps[i].add_(commit.to(steps[i].dtype))
+            diag["step_size"][i], diag["S"][i], diag["h_dot_v"][i], diag["grad_sq"][i] = step_size, S, h.dot(v), hh
+    diag["noise"] = noise
+    return diag
 
 
 class _Coefficients(NamedTuple):
@@ -208,20 +342,55 @@ def _coefficients(hh: Tensor, h_dot_prev: Tensor, h_dot_v: Tensor, prev_sq: Tens
 
 
 def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps, *,
-                           layer_loss, noise, ok, lr, sigma, q, symmetric, grad_sq=None, shard_sum=None) -> None:
+                           layer_loss, noise, ok, lr, sigma, q, symmetric, loss, block, exp_avg_sqs, beta2, eps,
+                           momentum_buffers, momentum, max_step, grad_sq=None, shard_sum=None) -> dict[str, Tensor]:
+    step_prev = torch.stack(steps)
+    roots = new_sqs = None
+    if exp_avg_sqs is not None:
+        # The diagonal metric: new second moments and D^{1/2}, then the filter works on h~ = D^{1/2} h (new
+        # buffers: hs may be views of a reused flat buffer, but must stay h for nothing else after this point).
+        new_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(new_sqs, hs, hs, value=1 - beta2)
+        corrections = 1 - beta2 ** (step_prev.to(hs[0].dtype) + 1)
+        roots = torch._foreach_div(new_sqs, list(corrections.unbind(0)))
+        torch._foreach_sqrt_(roots)
+        torch._foreach_add_(roots, eps)
+        torch._foreach_rsqrt_(roots)
+        hs = torch._foreach_mul(hs, roots)
+        grad_sq = None
     # One batched reduction pass: h.H_prev and h.gain_prev for every tensor; h.v_prev follows.
     h_dot_prev, h_dot_gain = reduce_if(shard_sum, dots(hs, prev_grads), dots(hs, gains))
-    hh = squared_norms(hs) if grad_sq is None else grad_sq
+    if grad_sq is None:
+        grad_sq = squared_norms(hs)
+        if shard_sum is not None:
+            grad_sq = shard_sum(grad_sq)
+    hh = grad_sq
     S_prev, prev_sq, prev_dot_v = torch.stack(prev_S), torch.stack(prev_grad_sq), torch.stack(prev_grad_v)
     q_prev = torch.stack(prev_q)
     h_dot_v = h_dot_gain - q_prev * h_dot_prev
+    residual = layer_loss
+
+    restart = prev_sq <= 0
+    if block == "group":
+        # One block: every sum runs over the tensors that have a gradient now (zero-gradient tensors sit out).
+        active = hh > 0
+        total = lambda x: torch.where(active, x, torch.zeros_like(x)).sum().expand_as(x)  # noqa: E731
+        hh, h_dot_prev, h_dot_v = total(hh), total(h_dot_prev), total(h_dot_v)
+        prev_sq, prev_dot_v = total(prev_sq), total(prev_dot_v)
+        residual = loss.to(layer_loss) + total(layer_loss - loss.to(layer_loss))
+        # S_prev is the block's; members last corrected apart (or without history) restart the block.
+        big = torch.finfo(S_prev.dtype).max
+        low = torch.where(active, S_prev, torch.full_like(S_prev, big)).min()
+        high = torch.where(active, S_prev, torch.full_like(S_prev, -big)).max()
+        restart = (total(restart.to(hh.dtype)) > 0) | (low != high)
+        S_prev = low.expand_as(S_prev)
 
     normal = _coefficients(hh, h_dot_prev, h_dot_v, prev_sq, prev_dot_v, S_prev, q=q, noise=noise,
                            symmetric=symmetric)
     # Prior restart: H_prev := h, v_prev := sigma * h, so v_k is a multiple of h.
     prior = _coefficients(hh, hh, sigma * hh, hh, sigma * hh, (sigma + q) * hh + noise, q=q, noise=noise,
                           symmetric=symmetric)
-    use_prior = (prev_sq <= 0) | ~(S_prev > 0) | ~(normal.S > 0) | ~torch.isfinite(normal.S) \
+    use_prior = restart | ~(S_prev > 0) | ~(normal.S > 0) | ~torch.isfinite(normal.S) \
         | ~torch.isfinite(normal.a) | ~torch.isfinite(normal.c)
     zero, one = torch.zeros_like(hh), torch.ones_like(hh)
     a = torch.where(use_prior, zero, normal.a)
@@ -229,6 +398,9 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     c = torch.where(use_prior, zero, normal.c)
     S = torch.where(use_prior, prior.S, normal.S)
     h_dot_v_new = torch.where(use_prior, prior.h_dot_v, normal.h_dot_v)
+    own_hh = squared_norms(hs) if block == "group" else hh
+    if block == "group" and shard_sum is not None:
+        own_hh = shard_sum(own_hh)
 
     # The same update on the stored gain numerator: with v_prev = gain_prev - q_prev * H_prev,
     # gain = v + q h = a gain_prev + (c - a q_prev) H_prev + (b + q) h.
@@ -237,20 +409,49 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     # Masking by coefficients (not by torch.where on tensors) keeps it one pass; hs are finite, so a skipped
     # tensor gets exactly gain*1 + 0, theta - 0 and a lerp of weight 0.
     commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
+    if block == "group":
+        commit = commit & (own_hh > 0)
+    step_size = lr * residual / S
+    if max_step is not None:
+        step_size = step_size.clamp(max=max_step)
     a = torch.where(commit, a, one)
     b = torch.where(commit, b, zero)
     c = torch.where(commit, c, zero)
-    neg_step = torch.where(commit, -lr * layer_loss / S, zero)
+    neg_step = torch.where(commit, -step_size, zero)
+    weight = commit.to(hh.dtype)
 
     # One element-wise pass over the gain, theta and H_prev.
     torch._foreach_mul_(gains, a.unbind(0))
     torch._foreach_addcmul_(gains, prev_grads, c.unbind(0))
     torch._foreach_addcmul_(gains, hs, b.unbind(0))
-    torch._foreach_addcmul_(params, gains, neg_step.unbind(0))
-    torch._foreach_lerp_(prev_grads, hs, list(commit.to(hh.dtype).unbind(0)))
+    if roots is None and momentum_buffers is None:
+        torch._foreach_addcmul_(params, gains, neg_step.unbind(0))
+    else:
+        # The correction in parameter coordinates, step * D^{1/2} * gain~, averaged over steps with momentum (the
+        # buffer holds the bias-uncorrected average, as Adam's first moment does).
+        correction = torch._foreach_mul(gains, torch.where(commit, step_size, zero).unbind(0))
+        if roots is not None:
+            torch._foreach_mul_(correction, roots)
+        if momentum_buffers is not None:
+            keep = torch.where(commit, torch.full_like(hh, momentum), one)
+            torch._foreach_mul_(momentum_buffers, keep.unbind(0))
+            torch._foreach_add_(momentum_buffers, torch._foreach_mul(correction, (weight * (1 - momentum)).unbind(0)))
+            unbias = torch.where(commit, 1 / (1 - momentum ** (step_prev.to(hh.dtype) + 1)), zero)
+            correction = torch._foreach_mul(momentum_buffers, unbias.unbind(0))
+        torch._foreach_sub_(params, correction)
+        if exp_avg_sqs is not None:
+            torch._foreach_lerp_(exp_avg_sqs, new_sqs, list(weight.unbind(0)))
+    torch._foreach_lerp_(prev_grads, hs, list(weight.unbind(0)))
 
-    torch._foreach_copy_(prev_S, torch.where(commit, S, S_prev).unbind(0))
-    torch._foreach_copy_(prev_grad_sq, torch.where(commit, hh, prev_sq).unbind(0))
-    torch._foreach_copy_(prev_grad_v, torch.where(commit, h_dot_v_new, prev_dot_v).unbind(0))
+    torch._foreach_copy_(prev_S, torch.where(commit, S, torch.stack(prev_S)).unbind(0))
+    torch._foreach_copy_(prev_grad_sq, torch.where(commit, own_hh, torch.stack(prev_grad_sq)).unbind(0))
+    if block == "group":
+        # h_i . v_i per tensor, with v = gain - q h (gains hold the new values where committed).
+        own_h_dot_gain = dots(hs, gains)
+        own_h_dot_v = (own_h_dot_gain if shard_sum is None else shard_sum(own_h_dot_gain)) - q * own_hh
+    else:
+        own_h_dot_v = h_dot_v_new
+    torch._foreach_copy_(prev_grad_v, torch.where(commit, own_h_dot_v, torch.stack(prev_grad_v)).unbind(0))
     torch._foreach_copy_(prev_q, torch.where(commit, torch.full_like(q_prev, q), q_prev).unbind(0))
     torch._foreach_add_(steps, commit.to(torch.float32).unbind(0))
+    return {"step_size": step_size, "S": S, "h_dot_v": h_dot_v_new, "grad_sq": hh, "noise": noise}
