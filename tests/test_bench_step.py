@@ -49,7 +49,7 @@ def test_reference_structure_matches_koala_pp(weight_decay):
     hyper = dict(lr=0.5, sigma=0.2, q=0.1, r=0.5, weight_decay=weight_decay)
 
     results = []
-    for make in (lambda ps: KOALAPlusPlus(ps, foreach=False, **hyper),
+    for make in (lambda ps: KOALAPlusPlus(ps, foreach=False, preset="paper", **hyper),
                  lambda ps: step_bench._ReferenceStructureKOALAPlusPlus(ps, **hyper)):
         params = [p.clone().requires_grad_(True) for p in start]
         opt = make(params)
@@ -82,5 +82,6 @@ def test_quick_run_writes_json(tmp_path, capsys):
     by_key = {row["key"]: row for row in record["rows"]}
     assert by_key["adamw"]["ratio_to_adamw"] == pytest.approx(1.0)
     assert by_key["adamw"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
-    assert by_key["koala++"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
-    assert "| KOALA++ (foreach=True) |" in capsys.readouterr().out
+    assert by_key["koala++-paper"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+    assert by_key["koala++"]["state_bytes_per_param"] == pytest.approx(16.0, abs=0.01)  # + metric and momentum
+    assert "| KOALA++ (default preset, foreach=True) |" in capsys.readouterr().out

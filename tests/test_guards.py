@@ -191,7 +191,7 @@ def test_invalid_hyperparameter_names_the_argument(cls, kwargs, name):
 
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError):
-        KOALAPlusPlus([torch.zeros(2, requires_grad=True)], momentum=0.9)
+        KOALAPlusPlus([torch.zeros(2, requires_grad=True)], betas=(0.9, 0.999))
 
 
 def test_integer_parameters_are_rejected():

@@ -238,10 +238,12 @@ def _contenders() -> list[Contender]:
     """Every contender with a preset-gradient step, in table order."""
     adamw = torch.optim.AdamW
     return [
-        Contender("koala++", "KOALA++ (foreach=True)",
-                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, foreach=True), True, 4),
-        Contender("koala++-reference", "KOALA++ (foreach=False, reference kernel)",
-                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, foreach=False), True, 4),
+        Contender("koala++", "KOALA++ (default preset, foreach=True)",
+                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, foreach=True), True, 6),
+        Contender("koala++-paper", "KOALA++ (preset='paper', foreach=True)",
+                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, foreach=True, preset="paper"), True, 4),
+        Contender("koala++-reference", "KOALA++ (preset='paper', foreach=False, reference kernel)",
+                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, foreach=False, preset="paper"), True, 4),
         Contender("koala++-refstruct", "KOALA++ reference-structure (our re-creation)",
                   lambda ps, wd: _ReferenceStructureKOALAPlusPlus(ps, weight_decay=wd), True, 3),
         Contender("koala-v", "KOALA-V (foreach=True)",
@@ -257,7 +259,7 @@ def _contenders() -> list[Contender]:
     ]
 
 
-CONTENDER_KEYS = ("koala++", "koala++-reference", "koala++-refstruct", "koala-v", "koala-m", "loko", "adamw",
+CONTENDER_KEYS = ("koala++", "koala++-paper", "koala++-reference", "koala++-refstruct", "koala-v", "koala-m", "loko", "adamw",
                   "adamw-loop", "adamw-fused")
 
 

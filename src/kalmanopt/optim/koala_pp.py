@@ -183,7 +183,8 @@ class KOALAPlusPlus(KalmanOptimizer):
                 recorded[key] = value if key == "noise" or key not in recorded else torch.cat([recorded[key], value])
         if not torch.compiler.is_compiling():
             recorded["loss"] = loss_mean
-            self.__dict__.setdefault("_diagnostics", {})[self.param_groups.index(group)] = recorded
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            self.__dict__.setdefault("_diagnostics", {})[index] = recorded
 
 
 def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], gains: list[Tensor],
@@ -260,34 +261,36 @@ def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq,
             new_sqs[i], roots[i] = _metric_root(h, exp_avg_sqs[i].view(-1), steps[i].to(h), beta2, eps)
             h = h * roots[i]
         ht.append(h)
-    active = [bool(h.abs().sum() > 0) for h in ht]  # the reference may synchronise; the fast path never does
-    blocks = [[i] for i in range(n)] if block == "tensor" else [[i for i in range(n) if active[i]]]
+    blocks = [[i] for i in range(n)] if block == "tensor" else [list(range(n))]
     diag = {k: torch.zeros(n, dtype=noise.dtype, device=noise.device) for k in ("step_size", "S", "h_dot_v",
                                                                                "grad_sq")}
     for members in blocks:
-        if not members:
-            continue
-        def cat(xs: list[Tensor], members: list[int] = members) -> Tensor:
-            return torch.cat([xs[i] for i in members])
+        # In a group block, tensors without a gradient now (h = 0) sit out: their history is masked out of the sums.
+        active = {i: ht[i].dot(ht[i]) > 0 if block == "group" else torch.tensor(True) for i in members}
+
+        def cat(xs: list[Tensor], members: list[int] = members, active: dict = active) -> Tensor:
+            return torch.cat([xs[i] * active[i].to(xs[i].dtype) for i in members])
 
         h = cat(ht)
         H_prev = cat([prev_grads[i].view(-1) for i in range(n)])
         v_prev = cat([gains[i].view(-1) - prev_q[i] * prev_grads[i].view(-1) for i in range(n)])
-        S_prev = prev_S[members[0]]
-        fresh = any(bool(prev_grad_sq[i] <= 0) for i in members)  # a member without history restarts the block
-        mixed = any(bool(prev_S[i] != S_prev) for i in members)  # members last corrected in different blocks
+        # The block's previous S; a member without history, or members last corrected apart, restart the block.
+        prev = torch.stack([prev_S[i] for i in members])
+        on = torch.stack([active[i] for i in members])
+        S_prev = torch.where(on, prev, torch.full_like(prev, torch.finfo(prev.dtype).max)).min()
+        fresh = (on & (torch.stack([prev_grad_sq[i] for i in members]) <= 0)).any()
+        mixed = S_prev != torch.where(on, prev, torch.full_like(prev, -torch.finfo(prev.dtype).max)).max()
         hh = h.dot(h)
         v, S = _innovation(h, H_prev, v_prev, S_prev, q=q, noise=noise, symmetric=symmetric)
         # The prior: pretend the same gradient was seen before under P0 = sigma * I.
         v0, S0 = _innovation(h, h, sigma * h, (sigma + q) * hh + noise, q=q, noise=noise, symmetric=symmetric)
-        use_prior = torch.tensor(fresh or mixed) | ~(S_prev > 0) | ~(S > 0) | ~torch.isfinite(S) \
-            | ~torch.isfinite(v).all()
+        use_prior = fresh | mixed | ~(S_prev > 0) | ~(S > 0) | ~torch.isfinite(S) | ~torch.isfinite(v).all()
         v = torch.where(use_prior, v0, v)
         S = torch.where(use_prior, S0, S)
 
         residual = layer_loss[members[0]] if block == "tensor" else \
-            loss + sum(layer_loss[i] - loss for i in members)  # L + wd/2 * sum ||theta_i||^2
-        commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
+            loss + sum(active[i].to(loss.dtype) * (layer_loss[i] - loss) for i in members)  # L + wd/2 sum ||th||^2
+        block_commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
         step_size = lr * residual / S
         if max_step is not None:
             step_size = step_size.clamp(max=max_step)
@@ -298,6 +301,7 @@ def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq,
             gain_i, v_i = gain[offset : offset + size], v[offset : offset + size]
             offset += size
             param, shape = params[i], params[i].shape
+            commit = block_commit & active[i]
             correction = step_size * (gain_i if roots[i] is None else roots[i] * gain_i)
             if momentum_buffers is not None:
                 new_buf = momentum * momentum_buffers[i].view(-1) + (1 - momentum) * correction
