@@ -139,17 +139,21 @@ def test_step_compiles_without_graph_breaks_and_matches_eager(cls):
 
 
 # Explicit hyperparameters (not the defaults, which may be retuned): the test is about the filter, not the defaults.
+PAPER = {"preset": "paper", "lr": 1.0, "sigma": 0.1, "q": 0.1, "r": None, "alpha_r": 0.9, "r_stat": "second_moment"}
+ADAPTIVE = {"preset": "adaptive", "lr": 1.0, "sigma": 0.1, "q": 0.1, "r": 0.0, "block": "group", "precondition": True,
+            "momentum": 0.9, "max_step": 0.03}
 DIGITS_CONFIGS = [
-    (KOALAPlusPlus, {"lr": 1.0, "sigma": 0.1, "q": 0.1, "r": None, "alpha_r": 0.9, "r_stat": "second_moment"}),
-    (KOALAPlusPlus, {"lr": 1.0, "sigma": 0.1, "q": 0.1, "r": None, "alpha_r": 0.9, "r_stat": "second_moment",
-                     "symmetric": False}),
+    (KOALAPlusPlus, PAPER),
+    (KOALAPlusPlus, {**PAPER, "symmetric": False}),
+    (KOALAPlusPlus, ADAPTIVE),
     (KOALAV, {"lr": 1.0, "sigma": 0.1, "q": 1.0, "r": None, "alpha_r": 0.9}),
     (KOALAM, {"lr": 0.3, "sw": 0.1, "sc": 0.0, "sv": 0.1, "a": 0.9, "qw": 0.01, "qv": 0.01, "r": None,
               "alpha_r": 0.9}),
 ]
 
 
-@pytest.mark.parametrize("cls,kwargs", DIGITS_CONFIGS, ids=["koala_pp", "koala_pp_vanilla", "koala_v", "koala_m"])
+@pytest.mark.parametrize("cls,kwargs", DIGITS_CONFIGS,
+                         ids=["koala_pp_paper", "koala_pp_paper_vanilla", "koala_pp_adaptive", "koala_v", "koala_m"])
 def test_converges_on_sklearn_digits(cls, kwargs):
     """Real data: 8x8 digits, MLP, 2 epochs. Every KOALA variant must beat plain SGD (lr 0.1) on the same
     initialisation and batch order by 3 points (KOALA 94-96%, SGD 89%, a no-op 4%; at 10 epochs all reach ~97%,

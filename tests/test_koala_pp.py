@@ -47,7 +47,7 @@ LOSSES = [2.0, 1.5, 1.2]
 def test_matches_algorithm_by_hand(symmetric, foreach):
     theta0 = [0.1, -0.2, 0.3]
     p = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
-    opt = KOALAPlusPlus([p], lr=0.7, sigma=0.2, q=0.05, r=0.4, symmetric=symmetric, foreach=foreach)
+    opt = KOALAPlusPlus([p], lr=0.7, sigma=0.2, q=0.05, r=0.4, symmetric=symmetric, foreach=foreach, preset="paper")
     for step, (g, L) in enumerate(zip(GRADS, LOSSES, strict=True)):
         p.grad = torch.tensor(g, dtype=torch.float64)
         opt.step(loss=torch.tensor(L, dtype=torch.float64))
@@ -72,7 +72,7 @@ def test_two_steps_worked_numerically():
     # theta2 = theta1 - 2/1.8*(v2 + q H2) = theta1 - (10/9)*[0.4, 0] = theta1 - [4/9, 0]
     theta0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
     p = theta0.clone().requires_grad_()
-    opt = KOALAPlusPlus([p], lr=lr, sigma=sigma, q=q, r=R)
+    opt = KOALAPlusPlus([p], lr=lr, sigma=sigma, q=q, r=R, preset="paper")
     p.grad = torch.tensor(H1, dtype=torch.float64)
     opt.step(loss=torch.tensor(L1, dtype=torch.float64))
     torch.testing.assert_close(p.detach(), theta0 - torch.tensor([0.3, 0.6], dtype=torch.float64))
@@ -90,7 +90,7 @@ def test_two_steps_worked_numerically():
 
 def test_estimated_R_follows_the_ema():
     p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    opt = KOALAPlusPlus([p], alpha_r=0.9)
+    opt = KOALAPlusPlus([p], alpha_r=0.9, preset="paper")
     p.grad = torch.ones(2, dtype=torch.float64)
     losses = torch.tensor([1.0, 3.0], dtype=torch.float64)
     opt.step(loss=losses)

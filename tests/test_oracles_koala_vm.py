@@ -143,9 +143,9 @@ def as_tensor(flat, shape):
 
 
 def run_optimizer(cls, kwargs, theta, grads, losses, *, foreach):
-    """Yields (params, opt) after each step, with the given gradients preset."""
+    """Yields (params, opt) after each step, with the given gradients preset; R is the papers' average (no clip)."""
     params = [as_tensor(t, s).requires_grad_() for t, s in zip(theta, SHAPES, strict=True)]
-    opt = cls(params, foreach=foreach, **kwargs)
+    opt = cls(params, foreach=foreach, **{"r_clip": None, **kwargs})
     for step_grads, step_losses in zip(grads, losses, strict=True):
         for p, g, s in zip(params, step_grads, SHAPES, strict=True):
             p.grad = as_tensor(g, s)

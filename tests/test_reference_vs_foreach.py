@@ -96,24 +96,27 @@ def test_several_param_groups_and_a_reused_scratch_buffer(optimizer_spec):
 PER_GROUP = {
     "koala_pp": (KOALAPlusPlus, [
         dict(lr=0.5, sigma=0.2, q=0.05, r=None, alpha_r=0.9, weight_decay=0.0, symmetric=True,
-             r_stat="second_moment"),
+             r_stat="second_moment", block="tensor", precondition=False, momentum=0.0, max_step=None, r_clip=None,
+             beta2=0.999, eps=1e-8),
         dict(lr=0.3, sigma=0.05, q=0.2, r=0.3, alpha_r=0.9, weight_decay=1e-2, symmetric=False,
-             r_stat="squared_mean"),
+             r_stat="squared_mean", block="group", precondition=True, momentum=0.9, max_step=0.03, r_clip=100.0,
+             beta2=0.99, eps=1e-6),
         dict(lr=0.8, sigma=0.5, q=0.0, r=None, alpha_r=0.5, weight_decay=5e-3, symmetric=True,
-             r_stat="mean_variance"),
+             r_stat="mean_variance", block="group", precondition=False, momentum=0.5, max_step=0.1, r_clip=5.0,
+             beta2=0.9, eps=1e-7),
     ]),
     "koala_v": (KOALAV, [
-        dict(lr=0.5, sigma=0.1, q=1.0, r=None, alpha_r=0.9, weight_decay=0.0, r_stat="second_moment"),
-        dict(lr=0.3, sigma=0.4, q=0.05, r=0.3, alpha_r=0.9, weight_decay=1e-2, r_stat="squared_mean"),
-        dict(lr=0.8, sigma=0.05, q=0.3, r=None, alpha_r=0.6, weight_decay=5e-3, r_stat="mean_variance"),
+        dict(lr=0.5, sigma=0.1, q=1.0, r=None, alpha_r=0.9, weight_decay=0.0, r_stat="second_moment", r_clip=None),
+        dict(lr=0.3, sigma=0.4, q=0.05, r=0.3, alpha_r=0.9, weight_decay=1e-2, r_stat="squared_mean", r_clip=100.0),
+        dict(lr=0.8, sigma=0.05, q=0.3, r=None, alpha_r=0.6, weight_decay=5e-3, r_stat="mean_variance", r_clip=2.0),
     ]),
     "koala_m": (KOALAM, [
         dict(lr=0.5, sw=0.1, sc=0.0, sv=0.1, a=0.9, qw=0.01, qv=0.01, r=None, alpha_r=0.9, weight_decay=0.0,
-             r_stat="second_moment"),
+             r_stat="second_moment", r_clip=None),
         dict(lr=0.3, sw=0.3, sc=0.05, sv=0.2, a=0.8, qw=None, qv=0.02, r=0.5, alpha_r=0.9, weight_decay=1e-2,
-             r_stat="squared_mean"),
+             r_stat="squared_mean", r_clip=100.0),
         dict(lr=0.8, sw=0.05, sc=-0.01, sv=0.05, a=0.5, qw=0.03, qv=0.0, r=None, alpha_r=0.6, weight_decay=5e-3,
-             r_stat="mean_variance"),
+             r_stat="mean_variance", r_clip=2.0),
     ]),
 }
 GROUP_SLICES = [slice(0, 2), slice(2, 5), slice(5, None)]
