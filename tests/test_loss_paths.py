@@ -64,7 +64,7 @@ def test_r_statistics(r_stat):
     from kalmanopt import KOALAPlusPlus
 
     p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    opt = KOALAPlusPlus([p], alpha_r=0.5, r_stat=r_stat)
+    opt = KOALAPlusPlus([p], r=None, alpha_r=0.5, r_stat=r_stat, r_clip=None)  # R estimated (not any preset's)
     p.grad = torch.ones(2, dtype=torch.float64)
     losses = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)
     opt.step(loss=losses)
