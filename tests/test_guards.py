@@ -130,7 +130,7 @@ def test_restart_from_prior(corrupt):
     """A zero previous gradient or S <= 0 restarts the tensor as if it were its first step."""
     g1, g2 = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64), torch.tensor([0.1, 0.4, -0.3], dtype=torch.float64)
     p = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
-    opt = KOALAPlusPlus([p], r=0.5, foreach=True)
+    opt = KOALAPlusPlus([p], r=0.5, foreach=True, preset="paper")  # the guard of Algorithm 1 (no momentum, metric)
     p.grad = g1
     opt.step(loss=torch.tensor(1.0, dtype=torch.float64))
     if corrupt == "zero_prev_grad":
@@ -143,7 +143,7 @@ def test_restart_from_prior(corrupt):
     opt.step(loss=torch.tensor(2.0, dtype=torch.float64))
 
     fresh = start.clone().requires_grad_()
-    ref = KOALAPlusPlus([fresh], r=0.5)
+    ref = KOALAPlusPlus([fresh], r=0.5, preset="paper")
     fresh.grad = g2
     ref.step(loss=torch.tensor(2.0, dtype=torch.float64))
     torch.testing.assert_close(p.detach(), fresh.detach(), rtol=1e-14, atol=1e-14)
