@@ -141,8 +141,9 @@ Batches = Callable[[torch.Generator], Iterator[tuple[Tensor, Tensor]]]
 def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], epoch_batches: Batches,
               steps_per_epoch: int, per_sample_loss: Callable[[nn.Module, Tensor, Tensor], Tensor],
               evaluate: Callable[[nn.Module], dict[str, float]], budget: Budget, progress: bool = True,
-              desc: str = "") -> dict[str, Any]:
-    """Train one fresh model; return its record (history per epoch, final metrics, time, state size)."""
+              desc: str = "", schedule: str = "constant", warmup_steps: int = 0) -> dict[str, Any]:
+    """Train one fresh model; return its record (history per epoch, final metrics, time, state size, and the
+    filter's diagnostics over training for the KOALA optimizers that record them)."""
     from tqdm.auto import tqdm
 
     entry = registry.get(spec.optimizer)
@@ -150,6 +151,11 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
     model = make_model()
     opt = entry.make(model, task, lr=spec.lr)
     evaluate = registry.evaluating(entry, opt, evaluate)  # Schedule-Free: evaluate at x, train at y (else no-op)
+    applied = schedule if entry.scheduled else "none (sets its own step size)"
+    scheduler = lr_scheduler(opt, schedule, budget.epochs * steps_per_epoch, warmup_steps) if entry.scheduled \
+        else None
+    diagnostics: list[dict[str, float]] = []
+    every = max(1, steps_per_epoch // DIAGNOSTICS_PER_EPOCH)
     order = torch.Generator().manual_seed(spec.seed)
     history: list[dict[str, float]] = [{"epoch": 0.0, "seconds": 0.0, "train_loss": math.nan,
                                         **evaluate(model)}]
@@ -170,9 +176,13 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
             for x, y in epoch_batches(order):
                 opt.zero_grad(set_to_none=True)
                 loss = registry.backward_and_step(entry, opt, per_sample_loss(model, x, y)).item()
+                if scheduler is not None:
+                    scheduler.step()
                 loss_sum += loss
                 n_steps += 1
                 steps += 1
+                if steps % every == 0 and hasattr(opt, "diagnostics"):
+                    diagnostics.append(record_diagnostics(opt, steps / steps_per_epoch, loss))
                 bar.update(1)
                 if not math.isfinite(loss):
                     diverged = True
@@ -201,7 +211,41 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
         "seconds_per_epoch": train_seconds / final["epoch"] if final["epoch"] > 0 else math.nan,
         "optimizer_state_bytes": registry.state_bytes(opt), "parameters": sum(p.numel() for p in model.parameters()),
         "skipped_steps": skipped, "diverged": diverged, "final": final, "history": history,
+        "schedule": applied, "warmup_steps": warmup_steps if entry.scheduled else 0, "diagnostics": diagnostics,
     }
+
+
+DIAGNOSTICS_PER_EPOCH = 25
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int,
+                 warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The same schedule for every optimizer: a linear warm-up over ``warmup_steps``, then ``constant`` or
+    ``cosine`` annealing to 0 at ``total_steps`` (the reference configurations' CosineAnnealingLR, stepped per
+    batch)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def record_diagnostics(opt: torch.optim.Optimizer, epoch: float, loss: float) -> dict[str, float]:
+    """The first param group's filter diagnostics as numbers (the mean over its blocks), read outside ``step``."""
+    record = {"epoch": epoch, "loss": loss}
+    groups = opt.diagnostics()
+    for key, value in (groups[0] if groups else {}).items():
+        if key != "loss":
+            record[key] = float(value.float().mean())
+    return record
 
 
 # ------------------------------------------------------------------------------------------------ a suite
@@ -302,6 +346,10 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iter
                         "validation split, then run the seeds with the chosen values")
     p.add_argument("--sweep-epochs", type=int, default=1, help="epochs per sweep run (the same for every optimizer)")
     p.add_argument("--sweep-seed", type=int, default=100)
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="learning-rate schedule, the same for every optimizer that takes one: cosine annealing to 0 "
+                        "over the epoch budget (default, the reference configurations' protocol) or constant")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the schedule")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")

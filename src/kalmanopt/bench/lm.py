@@ -99,7 +99,8 @@ def main(args: argparse.Namespace) -> int:
         return common.train_run(spec, task="lm", make_model=make_model, epoch_batches=epoch_batches,
                                 steps_per_epoch=steps, per_sample_loss=per_sample_loss,
                                 evaluate=lambda m: _evaluate(m, evals[split], split), budget=budget,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, schedule=args.schedule,
+                                warmup_steps=args.warmup_steps)
 
     budget = "time" if args.seconds is not None else "epochs"
     out = Path(args.out or f"results/lm/{args.corpus}-gpt{args.n_layers}-d{args.d_model}-{budget}.json")
@@ -108,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
               "parameters": models.n_parameters(make_model()), "vocab_size": tok.vocab_size,
               "train_chars": len(train_text), "train_windows": n, "valid_chars": int(evals["valid"][:, 1:].numel()),
               "test_chars": int(evals["test"][:, 1:].numel()), "batch_size": bs, "context": args.context,
-              "epochs": args.epochs, "seconds": args.seconds, "seeds": args.seeds, "quick": args.quick}
+              "epochs": args.epochs, "seconds": args.seconds, "seeds": args.seeds, "quick": args.quick,
+              "schedule": args.schedule, "warmup_steps": args.warmup_steps}
     per_run = f"{args.seconds:g} s" if args.seconds else f"{args.epochs} epochs"
     print(f"kalmanopt bench lm: {args.corpus}, {config['model']} ({config['parameters']:,} parameters), "
           f"{config['train_chars']:,} train chars ({n} windows, batch {bs}), {per_run} per run, seeds {args.seeds}, "

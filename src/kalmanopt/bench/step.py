@@ -259,8 +259,8 @@ def _contenders() -> list[Contender]:
     ]
 
 
-CONTENDER_KEYS = ("koala++", "koala++-paper", "koala++-reference", "koala++-refstruct", "koala-v", "koala-m", "loko", "adamw",
-                  "adamw-loop", "adamw-fused")
+CONTENDER_KEYS = ("koala++", "koala++-paper", "koala++-reference", "koala++-refstruct", "koala-v", "koala-m", "loko",
+                  "adamw", "adamw-loop", "adamw-fused")
 
 
 def _select(requested: Sequence[str] | None) -> tuple[list[Contender], list[str]]:

@@ -112,14 +112,16 @@ def main(args: argparse.Namespace) -> int:
         return common.train_run(spec, task="vision", make_model=make_model, epoch_batches=epoch_batches,
                                 steps_per_epoch=steps, per_sample_loss=per_sample_loss,
                                 evaluate=lambda m: _evaluate(m, x_eval, y_eval, split), budget=budget,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, schedule=args.schedule,
+                                warmup_steps=args.warmup_steps)
 
     budget = "time" if args.seconds is not None else "epochs"
     out = Path(args.out or f"results/vision/{args.dataset}-{args.model}-{budget}.json")
     config = {"dataset": args.dataset, "model": args.model, "parameters": models.n_parameters(make_model()),
               "train_size": n, "valid_size": len(data["valid"][0]), "test_size": len(data["test"][0]),
               "batch_size": bs, "epochs": args.epochs, "seconds": args.seconds, "augment": augment,
-              "seeds": args.seeds, "quick": args.quick}
+              "seeds": args.seeds, "quick": args.quick,
+              "schedule": args.schedule, "warmup_steps": args.warmup_steps}
     per_run = f"{args.seconds:g} s" if args.seconds else f"{args.epochs} epochs"
     print(f"kalmanopt bench vision: {args.dataset} / {args.model} ({config['parameters']:,} parameters), "
           f"train {n} / valid {config['valid_size']} / test {config['test_size']}, batch {bs}, "

@@ -26,8 +26,9 @@ LOSS_PATHS = r"""
 """
 
 COMMON_ARGS = r"""
-        r (float, optional): fixed measurement noise R; ``None`` (default) estimates it online as an
-            exponential average of ``r_stat`` (see :mod:`kalmanopt.optim.noise`).
+        r (float, optional): fixed measurement noise R; ``None`` estimates it online as an exponential average
+            of ``r_stat`` (see :mod:`kalmanopt.optim.noise`). Default: ``None`` for KOALA-V, KOALA-M and KOALA++'s
+            ``preset="paper"``; ``0`` for KOALA++'s default preset (its step cap bounds the gain instead).
         alpha_r (float, optional): coefficient of that average (default: 0.9).
         weight_decay (float, optional): coupled L2 penalty: the filter sees the gradient ``g + wd * theta`` and the
             per-tensor residual ``L + wd/2 * ||theta||^2`` (default: 0).

@@ -41,18 +41,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class KOALAPlusPlus(KalmanOptimizer):
-    r"""KOALA++ (Xia, Davtyan, Favaro, NeurIPS 2025).
+    r"""KOALA++ (Xia, Davtyan, Favaro, NeurIPS 2025), with a default that needs no schedule.
 
-    Each parameter tensor is a block of the state; the filter stores, per tensor, the previous effective gradient
-    :math:`H_{k-1}`, the row vector :math:`v_{k-1} = H_{k-1}P_{k-2}` and three scalars, never the covariance:
+    The filter never stores the covariance P: per tensor it keeps the previous gradient :math:`H_{k-1}`, the row
+    vector :math:`v_{k-1} = H_{k-1}P_{k-2}` (as the gain numerator :math:`v + QH`) and three scalars. Within a
+    *block* (``block="tensor"``: each tensor; ``block="group"``: all tensors of the param group with a gradient,
+    i.e. the whole parameter vector of the paper's derivation) every dot product below runs over the block:
 
     .. math::
         \begin{aligned}
-            &\textbf{input}: \eta \text{ (lr)}, \sigma, Q, R_k, \text{loss } L_k, \text{weight decay } \lambda \\
+            &\textbf{input}: \eta \text{ (lr)}, \sigma, Q, R_k, \text{loss } L_k, \text{weight decay } \lambda,
+                \gamma_{\max} \text{ (max\_step)}, \mu \text{ (momentum)}, \beta_2, \epsilon \\
             &h_k = g_k + \lambda\theta_{k-1}, \quad \ell_k = L_k + \tfrac{\lambda}{2}\lVert\theta_{k-1}\rVert^2 \\
+            &\textbf{if precondition}: s_k = \beta_2 s_{k-1} + (1-\beta_2) h_k^2,\;
+                D_k = \big(\sqrt{s_k / (1-\beta_2^k)} + \epsilon\big)^{-1},\; h_k \gets D_k^{1/2} h_k
+                \quad \text{(else } D_k = 1) \\
             &\textbf{if } k = 1: \; H_{k-1} \gets h_k,\; v_{k-1} \gets \sigma h_k,\;
                 S_{k-1} \gets h_k\cdot v_{k-1} + Q\lVert h_k\rVert^2 + R_k
-                \quad \text{(prior } P_0 = \sigma I) \\
+                \quad \text{(prior } P_0 = \sigma D) \\
             &\alpha_k = \frac{h_k\cdot H_{k-1}}{\lVert H_{k-1}\rVert^2}, \quad
              \lambda_k = \frac{h_k\cdot(v_{k-1} + Q H_{k-1})}{S_{k-1}} \\
             &w_k = \frac{(h_k\cdot v_{k-1})\lVert H_{k-1}\rVert^2
@@ -60,22 +66,52 @@ class KOALAPlusPlus(KalmanOptimizer):
                   \quad (w_k = 0 \text{ if not symmetric}) \\
             &v_k = (\alpha_k - \lambda_k) v_{k-1} + Q(h_k - \lambda_k H_{k-1}) + w_k H_{k-1} \\
             &S_k = h_k\cdot v_k + Q\lVert h_k\rVert^2 + R_k \\
-            &\theta_k = \theta_{k-1} - \eta\,\frac{\ell_k}{S_k}\,(v_k + Q h_k)
+            &\gamma_k = \min\big(\eta\,\ell_k / S_k,\; \gamma_{\max}\big), \quad
+             c_k = \gamma_k\, D_k^{1/2} (v_k + Q h_k) \\
+            &m_k = \mu m_{k-1} + (1-\mu) c_k, \quad \theta_k = \theta_{k-1} - m_k / (1 - \mu^k)
+                \quad (\mu = 0: \theta_k = \theta_{k-1} - c_k)
         \end{aligned}
 
-    A zero previous gradient or a non-positive :math:`S` restarts the tensor from its prior (the ``k = 1`` line).
-    The multi-tensor path gets :math:`h_k\cdot v_k` (hence :math:`S_k`) algebraically from the recursion before
-    :math:`v_k` exists, so it needs one batched reduction and one element-wise pass.
+    With ``preset="paper"`` (per-tensor blocks, no metric, R an average of the squared loss, no cap, no momentum)
+    this is Algorithm 1 of the paper, bit for bit. The default, ``preset="adaptive"``, changes four things, each
+    ablated on the development grid (docs/algorithms.md and BENCHMARKS.md give the evidence):
+
+    * **one block per param group**: with per-tensor blocks each of T tensors asks to remove the fraction
+      :math:`\eta` of the loss, up to :math:`T\eta\ell` in all; a small R then overshoots (the knife edge between
+      the best result and divergence). A group block removes at most :math:`\eta\ell` (in the linear model).
+    * **a diagonal metric** :math:`D` (Adam's second moment): the prior :math:`\sigma D` and the process noise
+      :math:`QD` are scaled per parameter, so that a tensor of small gradients is not starved (transformers).
+    * **R = 0 and a step cap** :math:`\gamma_{\max}` (SPS_max, ALI-G): a loss-free measurement, whose gain is bounded
+      by the cap instead. Equivalently, R has the floor :math:`\eta\ell_k/\gamma_{\max} - (S_k - R_k)`, tied to the
+      loss scale. The paper's R (an average of :math:`\ell^2`) makes the step shrink like :math:`1/\ell` early
+      and grow like :math:`1/\ell` late; without a cap, R = 0 overshoots where the loss cannot reach 0 (language
+      models).
+    * **momentum** :math:`\mu = 0.9` on the corrections (as Adam's first moment, bias-corrected).
+
+    It stores four floats per parameter (AdamW: two; ``preset="paper"``: two). A zero previous gradient, a member
+    of a group block without history, or a non-positive :math:`S` restarts the block from its prior. The
+    multi-tensor path gets :math:`h_k\cdot v_k` (hence :math:`S_k`) algebraically from the recursion before
+    :math:`v_k` exists, so it needs one batched reduction and one element-wise pass. :meth:`diagnostics` returns
+    the step size, S, :math:`h\cdot v` and :math:`\lVert h\rVert^2` of the last step without a host synchronisation.
 
     Args:
         params: iterable of parameters or of dicts defining param groups.
         lr (float, optional): :math:`\eta`, the fraction of the loss each step asks the filter to remove
             (default: 1.0).
-        sigma (float, optional): prior variance :math:`P_0 = \sigma I`, used at a tensor's first step and on a
+        sigma (float, optional): prior variance :math:`P_0 = \sigma D`, used at a block's first step and on a
             restart (default: 0.1).
         q (float, optional): process noise :math:`Q` (default: 0.1).
         symmetric (bool, optional): the symmetric minimum-norm closure (default) or the vanilla one
             (:math:`w_k = 0`).
+        preset (str, optional): ``"adaptive"`` (default) or ``"paper"``; it sets ``r``, ``block``,
+            ``precondition``, ``momentum``, ``max_step`` and ``r_clip`` unless they are given explicitly.
+        block (str, optional): ``"group"`` (adaptive) or ``"tensor"`` (paper).
+        precondition (bool, optional): the diagonal metric :math:`D` (adaptive: on).
+        beta2 (float, optional): decay of its second moment (default: 0.999).
+        eps (float, optional): its :math:`\epsilon` (default: 1e-8).
+        momentum (float, optional): :math:`\mu` (adaptive: 0.9, paper: 0).
+        max_step (float or None, optional): :math:`\gamma_{\max}`, the cap on :math:`\eta\ell/S` (adaptive: 0.03,
+            paper: none).
     """
 
     __doc__ = (__doc__ or "") + _docs.COMMON_ARGS + _docs.LOSS_PATHS + _docs.GUARDS + r"""

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The KOALA++ development grid (the default preset against the paper's algorithm and the peers a user would pick
+# instead), constant lr and cosine, 3 seeds, one torch thread per run on a shared 2-core CPU.
+# Usage: bash docs/benchmarks/run_grid.sh vision|lm|fm60k|report
+set -euo pipefail
+OPTS=koala++,koala++-paper,adamw,adamw-schedulefree,momo-adam
+SCHEDULED=koala++,koala++-paper,adamw   # Schedule-Free and MoMo-Adam take no schedule: their constant runs stand
+case "${1:-}" in
+  vision)
+    for schedule in constant cosine; do
+      opts=$OPTS; [ "$schedule" = cosine ] && opts=$SCHEDULED
+      kalmanopt bench vision --dataset fashion_mnist --train-size 10000 --epochs 3 --schedule "$schedule" \
+        --optimizers "$opts" --no-progress --out "results/grid/fashion_mnist-10k-$schedule.json"
+      kalmanopt bench vision --dataset mnist_subset --valid-size 1000 --epochs 3 --schedule "$schedule" \
+        --optimizers "$opts" --no-progress --out "results/grid/mnist_subset-$schedule.json"
+    done
+    ;;
+  lm)
+    for schedule in constant cosine; do
+      opts=$OPTS; [ "$schedule" = cosine ] && opts=$SCHEDULED
+      kalmanopt bench lm --train-chars 300000 --eval-chars 20000 --epochs 2 --schedule "$schedule" \
+        --optimizers "$opts" --no-progress --out "results/grid/moby_dick-300k-$schedule.json"
+    done
+    ;;
+  fm60k)
+    for schedule in constant cosine; do
+      opts=$OPTS; [ "$schedule" = cosine ] && opts=$SCHEDULED
+      kalmanopt bench vision --dataset fashion_mnist --valid-size 0 --epochs 2 --schedule "$schedule" \
+        --optimizers "$opts" --no-progress --out "results/grid/fashion_mnist-60k-$schedule.json"
+    done
+    ;;
+  report)
+    python -m kalmanopt.bench.grid results/grid docs/benchmarks/grid.md
+    ;;
+  *) echo "usage: $0 vision|lm|fm60k|report" >&2; exit 2 ;;
+esac
