@@ -184,6 +184,8 @@ def _toy_run(name: str, evaluate=None, steps: int = 4) -> dict:
 @pytest.mark.parametrize("name", NEW)
 def test_new_entries_train_through_the_suite_loop(name):
     entry = registry.get(name)
+    for package in entry.requires:
+        pytest.importorskip(package, reason=f"needs {package}: install kalmanopt[test]")
     assert name in registry.DEFAULT and registry.available(name)
     assert registry.lr_grid(name, "vision") == [float(f"{entry.lr['vision'] * f:.3g}") for f in (1 / 3, 1, 3)]
     rec = _toy_run(name)
@@ -193,6 +195,7 @@ def test_new_entries_train_through_the_suite_loop(name):
 
 
 def test_schedulefree_evaluates_at_the_average_and_trains_at_y():
+    pytest.importorskip("schedulefree", reason="needs schedulefree: install kalmanopt[test]")
     modes = []
 
     def evaluate(model):
@@ -223,6 +226,7 @@ def test_schedulefree_evaluates_at_the_average_and_trains_at_y():
 
 
 def test_momo_receives_the_batch_mean_loss():
+    pytest.importorskip("momo", reason="needs momo-opt: install kalmanopt[test]")
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     entry = registry.get("momo")

@@ -136,7 +136,7 @@ def test_bench_vision_sweep_runs_and_report(fashion_dir, tmp_path):
     md = tmp_path / "docs" / "vm.md"
     assert cli_main(["report", str(out.parent), "--out", str(md)]) == 0
     text = md.read_text()
-    assert "| KOALA++ (symmetric) |" in text and "±" in text and "Learning-rate sweep" in text
+    assert "| KOALA++ (default) |" in text and "±" in text and "Learning-rate sweep" in text
     assert out.with_suffix(".png").is_file() and "../results/vision/fm.png" in text
 
 
@@ -193,4 +193,4 @@ def test_bench_lm_quick_on_npm_layout(moby_dir, tmp_path):
     from kalmanopt.bench import report
 
     summary = report.summary_table(report.load_results([out, out]))
-    assert summary.count("| KOALA++ (symmetric) |") == 1 and summary.count("**") >= 4
+    assert summary.count("| KOALA++ (default) |") == 1 and summary.count("**") >= 4

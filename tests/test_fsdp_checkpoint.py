@@ -22,7 +22,8 @@ from conftest import OPTIMIZERS, assert_unchanged, batch, per_sample_loss, snaps
 
 WORLD, BEFORE, AFTER, BATCH = 2, 3, 3, 16
 NAMES = ["koala_pp_wd", "koala_v", "koala_m_online_qw"]
-PER_ELEMENT = {"koala_pp_wd": {"gain", "prev_grad"}, "koala_v": set(), "koala_m_online_qw": {"momentum", "weight_ema"}}
+PER_ELEMENT = {"koala_pp_wd": {"gain", "prev_grad", "exp_avg_sq", "momentum_buffer"}, "koala_v": set(),
+               "koala_m_online_qw": {"momentum", "weight_ema"}}
 
 
 def _free_port():

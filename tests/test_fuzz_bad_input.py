@@ -12,10 +12,13 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from kalmanopt import KOALAM, KOALAV, FullKalman, KOALAPlusPlus, LoKO
+pytest.importorskip("hypothesis", reason="needs hypothesis: install kalmanopt[test]")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kalmanopt import KOALAM, KOALAV, FullKalman, KOALAPlusPlus, LoKO  # noqa: E402
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None)
 SHAPES = [(3,), (2, 3), (4,)]

@@ -96,3 +96,116 @@ def test_estimated_R_follows_the_ema():
     opt.step(loss=losses)
     # R = 0.9 * 1.0 + 0.1 * mean(loss_i^2) = 0.9 + 0.1 * 5
     assert math.isclose(opt.state[p]["measurement_noise"].item(), 1.4)
+
+
+# ------------------------------------------------------------------------------------ the default ("adaptive") preset
+def adaptive_by_hand(thetas, grads, losses, *, lr, sigma, q, max_step, momentum, beta2, eps, wd=0.0):
+    """The default preset written out from its equations in plain Python floats: the whole parameter vector is one
+    block (the tensors concatenated), the filter runs on h~ = D^1/2 h with Adam's second moment, R = 0, the step
+    lr*l/S is capped at max_step, and the corrections are averaged with bias-corrected momentum."""
+    sizes = [len(t) for t in thetas]
+    theta = [x for t in thetas for x in t]
+    n = len(theta)
+    s, m = [0.0] * n, [0.0] * n
+    v_prev = H_prev = S_prev = None
+    for k, (gs, L) in enumerate(zip(grads, losses, strict=True), start=1):
+        g = [x for t in gs for x in t]
+        h = [gi + wd * ti for gi, ti in zip(g, theta, strict=True)]
+        ell = L + 0.5 * wd * dot(theta, theta)
+        s = [beta2 * si + (1 - beta2) * hi * hi for si, hi in zip(s, h, strict=True)]
+        root = [1 / math.sqrt(math.sqrt(si / (1 - beta2 ** k)) + eps) for si in s]  # D^1/2
+        ht = [ri * hi for ri, hi in zip(root, h, strict=True)]
+        if H_prev is None:  # prior P0 = sigma D: the same gradient seen before
+            H_prev, v_prev = ht, [sigma * x for x in ht]
+            S_prev = dot(ht, v_prev) + q * dot(ht, ht)
+        alpha = dot(ht, H_prev) / dot(H_prev, H_prev)
+        lam = dot(ht, axpy((1, v_prev), (q, H_prev))) / S_prev
+        w = (dot(ht, v_prev) * dot(H_prev, H_prev) - dot(H_prev, v_prev) * dot(ht, H_prev)) / dot(H_prev, H_prev) ** 2
+        v = axpy((alpha - lam, v_prev), (q, ht), (-q * lam, H_prev), (w, H_prev))
+        S = dot(ht, v) + q * dot(ht, ht)
+        gamma = min(lr * ell / S, max_step)
+        c = [gamma * ri * gi for ri, gi in zip(root, axpy((1, v), (q, ht)), strict=True)]
+        m = [momentum * mi + (1 - momentum) * ci for mi, ci in zip(m, c, strict=True)]
+        theta = [ti - mi / (1 - momentum ** k) for ti, mi in zip(theta, m, strict=True)]
+        v_prev, H_prev, S_prev = v, ht, S
+    out, i = [], 0
+    for size in sizes:
+        out.append(theta[i : i + size])
+        i += size
+    return out
+
+
+ADAPTIVE_GRADS = [[[0.5, -1.0, 2.0], [0.1, 0.4]], [[0.3, -0.8, 2.5], [-0.2, 0.5]], [[1.0, 0.2, -0.4], [0.3, 0.1]],
+                  [[-0.6, 0.9, 0.3], [0.05, -0.7]]]
+ADAPTIVE_LOSSES = [2.0, 1.5, 1.2, 1.1]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize(("lr", "max_step", "wd"), [(1.0, 0.03, 0.0), (0.5, 10.0, 0.0), (1.0, 0.2, 0.1)])
+def test_default_preset_matches_its_equations_by_hand(foreach, lr, max_step, wd):
+    """Both cap regimes (the cap binds / never binds), with and without weight decay, over two tensors."""
+    start = [[0.2, -0.1, 0.4], [0.3, -0.5]]
+    params = [torch.tensor(t, dtype=torch.float64, requires_grad=True) for t in start]
+    opt = KOALAPlusPlus(params, lr=lr, sigma=0.2, q=0.05, max_step=max_step, weight_decay=wd, foreach=foreach)
+    assert opt.param_groups[0]["block"] == "group" and opt.param_groups[0]["precondition"]
+    for step, (gs, L) in enumerate(zip(ADAPTIVE_GRADS, ADAPTIVE_LOSSES, strict=True)):
+        for p, g in zip(params, gs, strict=True):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step(loss=torch.tensor(L, dtype=torch.float64))
+        expected = adaptive_by_hand(start, ADAPTIVE_GRADS[: step + 1], ADAPTIVE_LOSSES[: step + 1], lr=lr, sigma=0.2,
+                                    q=0.05, max_step=max_step, momentum=0.9, beta2=0.999, eps=1e-8, wd=wd)
+        for p, e in zip(params, expected, strict=True):
+            torch.testing.assert_close(p.detach(), torch.tensor(e, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_group_block_is_the_paper_filter_on_the_concatenated_vector():
+    """block='group' with everything else as in the paper = the per-tensor filter run on one flat tensor."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(3, 2), (4,), (2, 2)]
+    start = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes] for _ in range(5)]
+    kw = dict(lr=0.6, sigma=0.3, q=0.07, r=0.2, preset="paper", weight_decay=0.01)
+    for foreach in (False, True):
+        split = [t.clone().requires_grad_(True) for t in start]
+        flat = torch.cat([t.reshape(-1) for t in start]).requires_grad_(True)
+        opt_split = KOALAPlusPlus(split, block="group", foreach=foreach, **kw)
+        opt_flat = KOALAPlusPlus([flat], foreach=foreach, **kw)
+        for k, gs in enumerate(grads):
+            for p, g in zip(split, gs, strict=True):
+                p.grad = g.clone()
+            flat.grad = torch.cat([g.reshape(-1) for g in gs])
+            loss = torch.tensor(1.0 + 0.1 * k, dtype=torch.float64)
+            opt_split.step(loss=loss)
+            opt_flat.step(loss=loss)
+        torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in split]), flat.detach(), rtol=1e-12,
+                                   atol=1e-12)
+
+
+def test_diagnostics_report_the_capped_step_without_synchronising():
+    p = torch.tensor([0.5, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    opt = KOALAPlusPlus([p], max_step=0.05)
+    assert opt.diagnostics() == [{}]
+    p.grad = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+    opt.step(loss=torch.tensor(3.0, dtype=torch.float64))
+    (d,) = opt.diagnostics()
+    assert set(d) == {"step_size", "S", "h_dot_v", "grad_sq", "noise", "loss"}
+    assert all(isinstance(v, torch.Tensor) for v in d.values())
+    uncapped = 1.0 * 3.0 / d["S"]
+    torch.testing.assert_close(d["step_size"], torch.minimum(uncapped, torch.tensor(0.05, dtype=torch.float64)))
+    assert float(uncapped) > 0.05  # the cap binds here
+    torch.testing.assert_close(d["S"], d["h_dot_v"] + 0.1 * d["grad_sq"] + d["noise"])
+
+
+def test_paper_preset_is_todays_algorithm_and_explicit_arguments_win():
+    opt = KOALAPlusPlus([torch.zeros(2, requires_grad=True)], preset="paper")
+    g = opt.param_groups[0]
+    assert (g["block"], g["precondition"], g["momentum"], g["max_step"], g["r"], g["r_clip"]) == \
+        ("tensor", False, 0.0, None, None, None)
+    opt = KOALAPlusPlus([torch.zeros(2, requires_grad=True)], preset="paper", momentum=0.5, r=0.3)
+    assert opt.param_groups[0]["momentum"] == 0.5 and opt.param_groups[0]["r"] == 0.3
+    with pytest.raises(ValueError, match="preset"):
+        KOALAPlusPlus([torch.zeros(2, requires_grad=True)], preset="fast")
+    with pytest.raises(ValueError, match="block"):
+        KOALAPlusPlus([torch.zeros(2, requires_grad=True)], block="layer")
+    with pytest.raises(ValueError, match="momentum"):
+        KOALAPlusPlus([torch.zeros(2, requires_grad=True)], momentum=1.0)
