@@ -18,7 +18,7 @@ case "${1:-}" in
   lm)
     for schedule in constant cosine; do
       opts=$OPTS; [ "$schedule" = cosine ] && opts=$SCHEDULED
-      kalmanopt bench lm --train-chars 300000 --eval-chars 20000 --epochs 2 --schedule "$schedule" \
+      kalmanopt bench lm --train-chars 300000 --eval-chars 20000 --epochs 2 --schedule "$schedule" --lr adamw=0.001 \
         --optimizers "$opts" --no-progress --out "results/grid/moby_dick-300k-$schedule.json"
     done
     ;;
