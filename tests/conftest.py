@@ -79,3 +79,29 @@ def assert_unchanged(opt, before):
                 assert torch.equal(old, v), k
             else:
                 assert old == v, k
+
+
+class NoSync:
+    """Every host synchronisation of a tensor is an error while active (``step`` must never synchronise)."""
+
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.names}
+
+        def forbid(name):
+            def f(self, *a, **k):
+                raise AssertionError(f"host synchronisation: Tensor.{name} inside step")
+            return f
+
+        for n in self.names:
+            setattr(torch.Tensor, n, forbid(n))
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def skipped_steps(opt):
+    """The skips counted over every param group."""
+    return sum(int(s["skipped_steps"]) for s in opt.state.values() if "skipped_steps" in s)

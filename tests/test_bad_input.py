@@ -9,35 +9,14 @@ import torch
 from kalmanopt import KOALAM, KOALAV, FullKalman, KOALAPlusPlus, LoKO
 from kalmanopt.optim.noise import R_CLIP
 
-from conftest import assert_unchanged, batch, per_sample_loss, snapshot, tiny_mlp, train
+from conftest import NoSync, assert_unchanged, batch, per_sample_loss, skipped_steps, snapshot, tiny_mlp, train
 
 INF, NAN = math.inf, math.nan
 KOALAS = [KOALAPlusPlus, KOALAV, KOALAM]
 
 
-class _NoSync:
-    """Every host synchronisation of a tensor is an error while active (as in test_guards)."""
-
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.names}
-
-        def forbid(name):
-            def f(self, *a, **k):
-                raise AssertionError(f"host synchronisation: Tensor.{name} inside step")
-            return f
-
-        for n in self.names:
-            setattr(torch.Tensor, n, forbid(n))
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
 
 
-def _skips(opt):
-    return sum(int(s["skipped_steps"]) for s in opt.state.values() if "skipped_steps" in s)
 
 
 def _backward(model, seed=99):
@@ -122,10 +101,10 @@ def test_non_finite_tensor_lr_skips_the_step_on_the_device(cls):
     opt.param_groups[0]["lr"].fill_(NAN)  # as an LR scheduler writes a tensor lr
     losses = _backward(model)
     before = snapshot(opt)
-    with _NoSync():
+    with NoSync():
         opt.step(loss=losses)
     assert_unchanged(opt, before)
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
 
 
 @pytest.mark.parametrize("cls", [LoKO, FullKalman])
@@ -162,7 +141,7 @@ def test_float64_loss_that_overflows_float32_state_is_skipped():
     before = snapshot(opt)
     opt.step(loss=torch.tensor(1e20, dtype=torch.float64))  # finite in float64, its square is not in float32
     assert_unchanged(opt, before)
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
     assert torch.isfinite(opt.state[p]["measurement_noise"])
     opt.step(loss=torch.tensor(1.0, dtype=torch.float64))  # and it learns on
     assert not torch.equal(p.detach(), before[0][0])
@@ -177,7 +156,7 @@ def test_koala_m_huge_loss_with_fixed_r_is_skipped():
         opt.step(loss=torch.tensor(1e30 if k == 1 else 1.0, dtype=torch.float64))
         if k == 1:
             assert_unchanged(opt, before)
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
     assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["P"]).all()
 
 
@@ -189,7 +168,7 @@ def test_update_that_would_overflow_a_float16_parameter_is_skipped():
     before = snapshot(opt)
     opt.step(loss=torch.tensor(1e4))  # moves each weight by ~1e6: not representable in float16
     assert_unchanged(opt, before)
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
     assert torch.isfinite(p).all()
 
 
@@ -215,7 +194,7 @@ def test_koala_m_online_qw_skipped_step_is_a_no_op(foreach, where):
         return opt
 
     with_bad, clean = run(True), run(False)
-    assert _skips(with_bad) == 1
+    assert skipped_steps(with_bad) == 1
     for st in with_bad.state.values():
         if "skipped_steps" in st:
             st["skipped_steps"].zero_()
@@ -266,7 +245,7 @@ def test_float32_checkpoint_loads_into_a_float64_model(cls):
                 assert value.dtype == torch.float64, name
     train(model64, opt64, 2, seed=2)
     assert all(torch.isfinite(p).all() for p in model64.parameters())
-    assert _skips(opt64) == 0
+    assert skipped_steps(opt64) == 0
 
 
 def test_load_rejects_state_of_another_dtype_kind():
@@ -311,7 +290,7 @@ def test_koala_m_skipped_update_then_step_predicts_once(path):
         return opt
 
     with_bad, clean = run(True), run(False)
-    assert _skips(with_bad) == 1
+    assert skipped_steps(with_bad) == 1
     for st in with_bad.state.values():
         if "skipped_steps" in st:
             st["skipped_steps"].zero_()

@@ -7,11 +7,7 @@ import torch
 
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
 
-from conftest import assert_unchanged, batch, per_sample_loss, snapshot, tiny_mlp, train
-
-
-def _skips(opt):
-    return sum(int(s["skipped_steps"]) for s in opt.state.values() if "skipped_steps" in s)
+from conftest import NoSync, assert_unchanged, batch, per_sample_loss, skipped_steps, snapshot, tiny_mlp, train
 
 
 def _trained(optimizer_spec, steps=3):
@@ -39,9 +35,9 @@ def test_non_finite_loss_skips_the_step(optimizer_spec, bad):
     before = snapshot(opt)
     opt.step(loss=losses)
     assert_unchanged(opt, before)
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
     opt.step(loss=_backward(model))  # and the filter carries on
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -52,7 +48,7 @@ def test_non_finite_gradient_in_one_tensor_skips_every_tensor(optimizer_spec, ba
     before = snapshot(opt)
     opt.step(loss=losses)
     assert_unchanged(opt, before)
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
 
 
 def test_update_rejects_negative_variance_number():
@@ -73,7 +69,7 @@ def test_update_skips_negative_variance_tensor(optimizer_spec):
         if "predicted" in st:
             st["predicted"] = True
     assert_unchanged(opt, before)
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
 
 
 def test_none_gradient_leaves_tensor_and_state_alone(optimizer_spec):
@@ -205,25 +201,6 @@ def test_invalid_param_group_added_later_is_rejected():
         opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "sigma": -1.0})
 
 
-class _NoSync:
-    """Make every host synchronisation of a tensor an error while active."""
-
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.names}
-
-        def forbid(name):
-            def f(self, *a, **k):
-                raise AssertionError(f"host synchronisation: Tensor.{name} inside step")
-            return f
-
-        for n in self.names:
-            setattr(torch.Tensor, n, forbid(n))
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 @pytest.mark.parametrize("foreach", [True, False])
@@ -236,6 +213,6 @@ def test_step_never_synchronises_with_the_host(optimizer_spec, foreach):
         losses = _backward(model, seed=k)
         if k == 1:
             losses[0] = math.nan
-        with _NoSync():
+        with NoSync():
             opt.step(loss=losses)
-    assert _skips(opt) == 1
+    assert skipped_steps(opt) == 1
