@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The default: one block per param group, a diagonal (Adam-like) metric for the prior and the process noise,
     # no measurement noise (R = 0: the cap bounds the step instead), the step size capped at max_step, and the
     # corrections averaged with momentum 0.9. Chosen on the development grid (docs/algorithms.md, BENCHMARKS.md).
-    "adaptive": dict(r=0.0, block="group", precondition=True, momentum=0.9, max_step=0.03, r_clip=R_CLIP),
+    "adaptive": dict(r=0.0, block="group", precondition=True, momentum=0.9, max_step=0.01, r_clip=R_CLIP),
     # Algorithm 1 of the paper with the reference code's defaults, bit for bit: per-tensor blocks, P0 = sigma I,
     # R an EMA of the per-sample squared loss, no cap, no momentum.
     "paper": dict(r=None, block="tensor", precondition=False, momentum=0.0, max_step=None, r_clip=None),
@@ -110,7 +110,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         beta2 (float, optional): decay of its second moment (default: 0.999).
         eps (float, optional): its :math:`\epsilon` (default: 1e-8).
         momentum (float, optional): :math:`\mu` (adaptive: 0.9, paper: 0).
-        max_step (float or None, optional): :math:`\gamma_{\max}`, the cap on :math:`\eta\ell/S` (adaptive: 0.03,
+        max_step (float or None, optional): :math:`\gamma_{\max}`, the cap on :math:`\eta\ell/S` (adaptive: 0.01,
             paper: none).
     """
 
