@@ -194,3 +194,42 @@ def test_bench_lm_quick_on_npm_layout(moby_dir, tmp_path):
 
     summary = report.summary_table(report.load_results([out, out]))
     assert summary.count("| KOALA++ (default) |") == 1 and summary.count("**") >= 4
+
+
+def test_schedules_are_the_same_for_every_optimizer():
+    from kalmanopt.bench.common import lr_scheduler
+
+    def factors(schedule, warmup):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+        sched = lr_scheduler(opt, schedule, total_steps=10, warmup_steps=warmup)
+        out = []
+        for _ in range(10):
+            out.append(opt.param_groups[0]["lr"] / 2.0)
+            opt.step()
+            sched.step()
+        return out
+
+    assert factors("constant", 0) == [1.0] * 10
+    cosine = factors("cosine", 0)
+    assert cosine[0] == 1.0 and all(a > b for a, b in zip(cosine, cosine[1:], strict=False))
+    assert math.isclose(cosine[5], 0.5, rel_tol=1e-12)
+    assert factors("cosine", 4)[:4] == [0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="schedule"):
+        factors("step", 0)
+
+
+def test_bench_vision_records_schedule_and_draws_the_filter(fashion_dir, tmp_path):
+    need("tqdm")
+    need("matplotlib")
+    out = tmp_path / "s.json"
+    assert cli_main(["bench", "vision", "--data-root", str(fashion_dir), "--train-size", "300", "--valid-size", "50",
+                     "--epochs", "1", "--seeds", "0", "--batch-size", "10", "--schedule", "constant",
+                     "--optimizers", "koala++,sgd", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["schedule"] == "constant"
+    koala, sgd = res["runs"]
+    assert koala["schedule"] == sgd["schedule"] == "constant"
+    assert len(koala["diagnostics"]) >= 20 and not sgd["diagnostics"]
+    assert {"step_size", "S", "h_dot_v", "grad_sq", "noise", "loss", "epoch"} <= set(koala["diagnostics"][0])
+    assert all(0 < d["step_size"] <= 0.01 + 1e-9 for d in koala["diagnostics"])  # the default cap
+    assert (tmp_path / "s-koala++-seed0.png").stat().st_size > 0

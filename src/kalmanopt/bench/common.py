@@ -308,6 +308,7 @@ def run_suite(args: argparse.Namespace, *, task: str, config: dict[str, Any], ru
         for n in names:
             rec = run(RunSpec(n, chosen[n], seed), budget, "test")
             result["runs"].append(rec)
+            _draw_diagnostics(rec, out_path)
             f = rec["final"]
             metrics = "  ".join(f"{k}={v:.4f}" for k, v in f.items() if k not in ("epoch", "seconds"))
             tqdm.write(f"  {n:<16} lr={chosen[n]:<8g} seed={seed} epochs={rec['epochs']:.2f} "
@@ -317,6 +318,21 @@ def run_suite(args: argparse.Namespace, *, task: str, config: dict[str, Any], ru
     save()
     print(f"wrote {out_path}")
     return result
+
+
+def _draw_diagnostics(record: dict[str, Any], out_path: Path) -> None:
+    """The filter's diagnostics over training, one figure per KOALA run beside the results file (if matplotlib)."""
+    if not record.get("diagnostics"):
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    from .grid import plot_diagnostics
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    png = out_path.with_name(f"{out_path.stem}-{record['optimizer']}-seed{record['seed']}.png")
+    plot_diagnostics(record, png, f"{out_path.stem}: {record['label']}, seed {record['seed']} ({record['schedule']})")
 
 
 def _parse_lr(text: str) -> tuple[str, float]:
