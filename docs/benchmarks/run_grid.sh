@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The KOALA++ development grid (the default preset against the paper's algorithm and the peers a user would pick
 # instead), constant lr and cosine, 3 seeds, one torch thread per run on a shared 2-core CPU.
-# Usage: bash docs/benchmarks/run_grid.sh vision|lm|fm60k|report
+# Usage: bash docs/benchmarks/run_grid.sh vision|lm|fm60k|sweep|report
 set -euo pipefail
 OPTS=koala++,koala++-paper,adamw,adamw-schedulefree,momo-adam
 SCHEDULED=koala++,koala++-paper,adamw   # Schedule-Free and MoMo-Adam take no schedule: their constant runs stand
@@ -29,8 +29,18 @@ case "${1:-}" in
         --optimizers "$opts" --no-progress --out "results/grid/fashion_mnist-60k-$schedule.json"
     done
     ;;
+  sweep)
+    # AdamW at its best learning rate: a sweep over 1/3, 1, 3 x its default on the validation split (one seed, one
+    # epoch), then the 3 seeds at the chosen value, constant lr.
+    kalmanopt bench vision --dataset fashion_mnist --train-size 10000 --epochs 3 --schedule constant --sweep \
+      --optimizers adamw --no-progress --out results/grid/sweep/fashion_mnist-10k-adamw-swept.json
+    kalmanopt bench vision --dataset mnist_subset --valid-size 1000 --epochs 3 --schedule constant --sweep \
+      --optimizers adamw --no-progress --out results/grid/sweep/mnist_subset-adamw-swept.json
+    kalmanopt bench lm --train-chars 300000 --eval-chars 20000 --epochs 2 --schedule constant --sweep \
+      --optimizers adamw --no-progress --out results/grid/sweep/moby_dick-300k-adamw-swept.json
+    ;;
   report)
     python -m kalmanopt.bench.grid results/grid docs/benchmarks/grid.md
     ;;
-  *) echo "usage: $0 vision|lm|fm60k|report" >&2; exit 2 ;;
+  *) echo "usage: $0 vision|lm|fm60k|sweep|report" >&2; exit 2 ;;
 esac
