@@ -123,7 +123,7 @@ def adaptive_by_hand(thetas, grads, losses, *, lr, sigma, q, max_step, momentum,
         w = (dot(ht, v_prev) * dot(H_prev, H_prev) - dot(H_prev, v_prev) * dot(ht, H_prev)) / dot(H_prev, H_prev) ** 2
         v = axpy((alpha - lam, v_prev), (q, ht), (-q * lam, H_prev), (w, H_prev))
         S = dot(ht, v) + q * dot(ht, ht)
-        gamma = min(lr * ell / S, max_step)
+        gamma = min(lr * ell / S, lr * max_step)
         c = [gamma * ri * gi for ri, gi in zip(root, axpy((1, v), (q, ht)), strict=True)]
         m = [momentum * mi + (1 - momentum) * ci for mi, ci in zip(m, c, strict=True)]
         theta = [ti - mi / (1 - momentum ** k) for ti, mi in zip(theta, m, strict=True)]
@@ -141,9 +141,9 @@ ADAPTIVE_LOSSES = [2.0, 1.5, 1.2, 1.1]
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize(("lr", "max_step", "wd"), [(1.0, 0.03, 0.0), (0.5, 10.0, 0.0), (1.0, 0.2, 0.1)])
+@pytest.mark.parametrize(("lr", "max_step", "wd"), [(1.0, 0.03, 0.0), (0.5, 10.0, 0.0), (1.0, 0.2, 0.1), (0.3, 0.05, 0.0)])
 def test_default_preset_matches_its_equations_by_hand(foreach, lr, max_step, wd):
-    """Both cap regimes (the cap binds / never binds), with and without weight decay, over two tensors."""
+    """Both cap regimes (the cap binds / never binds; it scales with lr), with and without weight decay."""
     start = [[0.2, -0.1, 0.4], [0.3, -0.5]]
     params = [torch.tensor(t, dtype=torch.float64, requires_grad=True) for t in start]
     opt = KOALAPlusPlus(params, lr=lr, sigma=0.2, q=0.05, max_step=max_step, weight_decay=wd, foreach=foreach)

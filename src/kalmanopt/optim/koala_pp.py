@@ -66,7 +66,7 @@ class KOALAPlusPlus(KalmanOptimizer):
                   \quad (w_k = 0 \text{ if not symmetric}) \\
             &v_k = (\alpha_k - \lambda_k) v_{k-1} + Q(h_k - \lambda_k H_{k-1}) + w_k H_{k-1} \\
             &S_k = h_k\cdot v_k + Q\lVert h_k\rVert^2 + R_k \\
-            &\gamma_k = \min\big(\eta\,\ell_k / S_k,\; \gamma_{\max}\big), \quad
+            &\gamma_k = \eta\,\min\big(\ell_k / S_k,\; \gamma_{\max}\big), \quad
              c_k = \gamma_k\, D_k^{1/2} (v_k + Q h_k) \\
             &m_k = \mu m_{k-1} + (1-\mu) c_k, \quad \theta_k = \theta_{k-1} - m_k / (1 - \mu^k)
                 \quad (\mu = 0: \theta_k = \theta_{k-1} - c_k)
@@ -110,8 +110,8 @@ class KOALAPlusPlus(KalmanOptimizer):
         beta2 (float, optional): decay of its second moment (default: 0.999).
         eps (float, optional): its :math:`\epsilon` (default: 1e-8).
         momentum (float, optional): :math:`\mu` (adaptive: 0.9, paper: 0).
-        max_step (float or None, optional): :math:`\gamma_{\max}`, the cap on :math:`\eta\ell/S` (adaptive: 0.01,
-            paper: none).
+        max_step (float or None, optional): :math:`\gamma_{\max}`, the cap on :math:`\ell/S`, scaled by ``lr`` so
+            that a learning-rate schedule anneals capped steps too (adaptive: 0.01, paper: none).
     """
 
     __doc__ = (__doc__ or "") + _docs.COMMON_ARGS + _docs.LOSS_PATHS + _docs.GUARDS + r"""
@@ -329,7 +329,7 @@ def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq,
         block_commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
         step_size = lr * residual / S
         if max_step is not None:
-            step_size = step_size.clamp(max=max_step)
+            step_size = step_size.clamp(max=lr * max_step)  # the cap follows lr (a schedule)
         gain = v + q * h
         offset = 0
         for i in members:
@@ -453,7 +453,7 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
         commit = commit & (own_hh > 0)
     step_size = lr * residual / S
     if max_step is not None:
-        step_size = step_size.clamp(max=max_step)
+        step_size = step_size.clamp(max=lr * max_step)  # the cap follows lr (a schedule)
     a = torch.where(commit, a, one)
     b = torch.where(commit, b, zero)
     c = torch.where(commit, c, zero)
