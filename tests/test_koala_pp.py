@@ -141,7 +141,8 @@ ADAPTIVE_LOSSES = [2.0, 1.5, 1.2, 1.1]
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize(("lr", "max_step", "wd"), [(1.0, 0.03, 0.0), (0.5, 10.0, 0.0), (1.0, 0.2, 0.1), (0.3, 0.05, 0.0)])
+@pytest.mark.parametrize(("lr", "max_step", "wd"),
+                         [(1.0, 0.03, 0.0), (0.5, 10.0, 0.0), (1.0, 0.2, 0.1), (0.3, 0.05, 0.0)])
 def test_default_preset_matches_its_equations_by_hand(foreach, lr, max_step, wd):
     """Both cap regimes (the cap binds / never binds; it scales with lr), with and without weight decay."""
     start = [[0.2, -0.1, 0.4], [0.3, -0.5]]
