@@ -214,13 +214,27 @@ class KOALAPlusPlus(KalmanOptimizer):
                 beta2=group["beta2"], eps=group["eps"],
                 momentum_buffers=[st["momentum_buffer"] for st in b.states] if group["momentum"] else None,
                 momentum=group["momentum"], max_step=group["max_step"],
+                scratch=self._scratch_views(b, index=self._group_index(group)),
             )
             for key, value in diag.items():
                 recorded[key] = value if key == "noise" or key not in recorded else torch.cat([recorded[key], value])
         if not torch.compiler.is_compiling():
             recorded["loss"] = loss_mean
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
-            self.__dict__.setdefault("_diagnostics", {})[index] = recorded
+            self.__dict__.setdefault("_diagnostics", {})[self._group_index(group)] = recorded
+
+    def _group_index(self, group: dict[str, Any]) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
+
+    def _scratch_views(self, bucket: GradBucket, index: int) -> Callable[[str], list[Tensor]]:
+        """Reusable full-size temporaries for the kernel, as views shaped like the bucket's (local) tensors."""
+        sizes = [h.numel() for h in bucket.h]
+        dtype, device = bucket.h[0].dtype, bucket.h[0].device
+
+        def views(name: str) -> list[Tensor]:
+            flat = self._scratch((index, name, device, dtype, id(bucket.shard_sum)), sum(sizes), dtype, device)
+            return [chunk.view(h.shape) for chunk, h in zip(flat.split(sizes), bucket.h, strict=True)]
+
+        return views
 
 
 def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], gains: list[Tensor],
@@ -230,7 +244,8 @@ def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], g
              foreach: bool, grad_sq: Tensor | None = None, shard_sum: Callable[[Tensor], Tensor] | None = None,
              loss: Tensor | None = None, block: str = "tensor", exp_avg_sqs: list[Tensor] | None = None,
              beta2: float = 0.999, eps: float = 1e-8, momentum_buffers: list[Tensor] | None = None,
-             momentum: float = 0.0, max_step: float | None = None) -> dict[str, Tensor]:
+             momentum: float = 0.0, max_step: float | None = None,
+             scratch: Callable[[str], list[Tensor]] | None = None) -> dict[str, Tensor]:
     r"""Functional KOALA++ measurement update. See :class:`KOALAPlusPlus`.
 
     ``hs`` are the effective gradients (state dtype, contiguous, finite); ``gains`` hold ``v + prev_q * H_prev``
@@ -240,6 +255,8 @@ def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], g
     (unused when preconditioning). ``shard_sum`` sums per-tensor partial reductions over shards when the tensors are
     local shards (multi-tensor path only). ``exp_avg_sqs`` (with ``beta2``, ``eps``) turn on the diagonal metric,
     ``momentum_buffers`` (with ``momentum``) the averaging of the corrections, ``max_step`` the cap on the step size.
+    ``scratch(name)`` (multi-tensor path, optional) returns reusable buffers shaped like ``params``; without it the
+    path allocates them. With the metric, the multi-tensor path overwrites ``hs`` with :math:`D^{1/2}h`.
 
     Returns the step's diagnostics: 1-d tensors with one entry per tensor (all equal within a group block):
     ``step_size`` (the possibly capped :math:`\eta\ell/S`), ``S``, ``h_dot_v`` (:math:`h\cdot v`) and ``grad_sq``
@@ -254,7 +271,7 @@ def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], g
                   momentum_buffers=momentum_buffers, momentum=momentum, max_step=max_step)
     if foreach:
         return _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q,
-                                      steps, grad_sq=grad_sq, shard_sum=shard_sum, **kwargs)
+                                      steps, grad_sq=grad_sq, shard_sum=shard_sum, scratch=scratch, **kwargs)
     if shard_sum is not None:
         raise ValueError("sharded tensors need the multi-tensor path: foreach=True")
     return _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps,
@@ -383,20 +400,27 @@ def _coefficients(hh: Tensor, h_dot_prev: Tensor, h_dot_v: Tensor, prev_sq: Tens
 
 def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, prev_grad_v, prev_q, steps, *,
                            layer_loss, noise, ok, lr, sigma, q, symmetric, loss, block, exp_avg_sqs, beta2, eps,
-                           momentum_buffers, momentum, max_step, grad_sq=None, shard_sum=None) -> dict[str, Tensor]:
+                           momentum_buffers, momentum, max_step, grad_sq=None, shard_sum=None,
+                           scratch=None) -> dict[str, Tensor]:
+    # Full-size temporaries live in reusable buffers: a fresh allocation of tens of MB is page-faulted on every step
+    # on CPU, which cost more than the arithmetic (see KalmanOptimizer._scratch).
+    buffer = scratch or (lambda name: [torch.empty_like(h) for h in hs])
     step_prev = torch.stack(steps)
     roots = new_sqs = None
     if exp_avg_sqs is not None:
-        # The diagonal metric: new second moments and D^{1/2}, then the filter works on h~ = D^{1/2} h (new
-        # buffers: hs may be views of a reused flat buffer, but must stay h for nothing else after this point).
-        new_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
+        # The diagonal metric: the new second moments (committed at the end) and D^{1/2}; the filter then works on
+        # h~ = D^{1/2} h, written over hs (the bucket's own buffer, not needed as h after this point).
+        new_sqs, roots = buffer("exp_avg_sq"), buffer("metric_root")
+        torch._foreach_copy_(new_sqs, exp_avg_sqs)
+        torch._foreach_mul_(new_sqs, beta2)
         torch._foreach_addcmul_(new_sqs, hs, hs, value=1 - beta2)
         corrections = 1 - beta2 ** (step_prev.to(hs[0].dtype) + 1)
-        roots = torch._foreach_div(new_sqs, list(corrections.unbind(0)))
+        torch._foreach_copy_(roots, new_sqs)
+        torch._foreach_div_(roots, list(corrections.unbind(0)))
         torch._foreach_sqrt_(roots)
         torch._foreach_add_(roots, eps)
         torch._foreach_rsqrt_(roots)
-        hs = torch._foreach_mul(hs, roots)
+        torch._foreach_mul_(hs, roots)
         grad_sq = None
     # One batched reduction pass: h.H_prev and h.gain_prev for every tensor; h.v_prev follows.
     h_dot_prev, h_dot_gain = reduce_if(shard_sum, dots(hs, prev_grads), dots(hs, gains))
@@ -404,11 +428,11 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
         grad_sq = squared_norms(hs)
         if shard_sum is not None:
             grad_sq = shard_sum(grad_sq)
-    hh = grad_sq
     S_prev, prev_sq, prev_dot_v = torch.stack(prev_S), torch.stack(prev_grad_sq), torch.stack(prev_grad_v)
     q_prev = torch.stack(prev_q)
     h_dot_v = h_dot_gain - q_prev * h_dot_prev
-    residual = layer_loss
+    own_hh, own_h_dot_v, own_h_dot_prev = grad_sq, h_dot_v, h_dot_prev  # per tensor, before any block sum
+    hh, residual = grad_sq, layer_loss
 
     restart = prev_sq <= 0
     if block == "group":
@@ -438,9 +462,8 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     c = torch.where(use_prior, zero, normal.c)
     S = torch.where(use_prior, prior.S, normal.S)
     h_dot_v_new = torch.where(use_prior, prior.h_dot_v, normal.h_dot_v)
-    own_hh = squared_norms(hs) if block == "group" else hh
-    if block == "group" and shard_sum is not None:
-        own_hh = shard_sum(own_hh)
+    # Each tensor's own h_i . v_i for the next step, from the same coefficients (v = a v_prev + b h + c H_prev).
+    own_h_dot_v_new = a * own_h_dot_v + b * own_hh + c * own_h_dot_prev
 
     # The same update on the stored gain numerator: with v_prev = gain_prev - q_prev * H_prev,
     # gain = v + q h = a gain_prev + (c - a q_prev) H_prev + (b + q) h.
@@ -457,7 +480,6 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     a = torch.where(commit, a, one)
     b = torch.where(commit, b, zero)
     c = torch.where(commit, c, zero)
-    neg_step = torch.where(commit, -step_size, zero)
     weight = commit.to(hh.dtype)
 
     # One element-wise pass over the gain, theta and H_prev.
@@ -465,33 +487,30 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     torch._foreach_addcmul_(gains, prev_grads, c.unbind(0))
     torch._foreach_addcmul_(gains, hs, b.unbind(0))
     if roots is None and momentum_buffers is None:
-        torch._foreach_addcmul_(params, gains, neg_step.unbind(0))
+        torch._foreach_addcmul_(params, gains, torch.where(commit, -step_size, zero).unbind(0))
     else:
-        # The correction in parameter coordinates, step * D^{1/2} * gain~, averaged over steps with momentum (the
-        # buffer holds the bias-uncorrected average, as Adam's first moment does).
-        correction = torch._foreach_mul(gains, torch.where(commit, step_size, zero).unbind(0))
-        if roots is not None:
-            torch._foreach_mul_(correction, roots)
-        if momentum_buffers is not None:
-            keep = torch.where(commit, torch.full_like(hh, momentum), one)
-            torch._foreach_mul_(momentum_buffers, keep.unbind(0))
-            torch._foreach_add_(momentum_buffers, torch._foreach_mul(correction, (weight * (1 - momentum)).unbind(0)))
-            unbias = torch.where(commit, 1 / (1 - momentum ** (step_prev.to(hh.dtype) + 1)), zero)
-            correction = torch._foreach_mul(momentum_buffers, unbias.unbind(0))
-        torch._foreach_sub_(params, correction)
+        # The correction in parameter coordinates, step * D^{1/2} * gain~ (in the metric's buffer, no longer needed),
+        # averaged over steps with momentum (the buffer holds the bias-uncorrected average, as Adam's first moment).
+        if roots is None:
+            roots = buffer("metric_root")
+            torch._foreach_copy_(roots, gains)
+        else:
+            torch._foreach_mul_(roots, gains)
+        if momentum_buffers is None:
+            torch._foreach_addcmul_(params, roots, torch.where(commit, -step_size, zero).unbind(0))
+        else:
+            torch._foreach_mul_(roots, torch.where(commit, (1 - momentum) * step_size, zero).unbind(0))
+            torch._foreach_mul_(momentum_buffers, torch.where(commit, torch.full_like(hh, momentum), one).unbind(0))
+            torch._foreach_add_(momentum_buffers, roots)
+            unbias = torch.where(commit, -1 / (1 - momentum ** (step_prev.to(hh.dtype) + 1)), zero)
+            torch._foreach_addcmul_(params, momentum_buffers, unbias.unbind(0))
         if exp_avg_sqs is not None:
             torch._foreach_lerp_(exp_avg_sqs, new_sqs, list(weight.unbind(0)))
     torch._foreach_lerp_(prev_grads, hs, list(weight.unbind(0)))
 
     torch._foreach_copy_(prev_S, torch.where(commit, S, torch.stack(prev_S)).unbind(0))
     torch._foreach_copy_(prev_grad_sq, torch.where(commit, own_hh, torch.stack(prev_grad_sq)).unbind(0))
-    if block == "group":
-        # h_i . v_i per tensor, with v = gain - q h (gains hold the new values where committed).
-        own_h_dot_gain = dots(hs, gains)
-        own_h_dot_v = (own_h_dot_gain if shard_sum is None else shard_sum(own_h_dot_gain)) - q * own_hh
-    else:
-        own_h_dot_v = h_dot_v_new
-    torch._foreach_copy_(prev_grad_v, torch.where(commit, own_h_dot_v, torch.stack(prev_grad_v)).unbind(0))
+    torch._foreach_copy_(prev_grad_v, torch.where(commit, own_h_dot_v_new, torch.stack(prev_grad_v)).unbind(0))
     torch._foreach_copy_(prev_q, torch.where(commit, torch.full_like(q_prev, q), q_prev).unbind(0))
     torch._foreach_add_(steps, commit.to(torch.float32).unbind(0))
     return {"step_size": step_size, "S": S, "h_dot_v": h_dot_v_new, "grad_sq": hh, "noise": noise}
