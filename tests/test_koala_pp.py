@@ -100,9 +100,10 @@ def test_estimated_R_follows_the_ema():
 
 # ------------------------------------------------------------------------------------ the default ("adaptive") preset
 def adaptive_by_hand(thetas, grads, losses, *, lr, sigma, q, max_step, momentum, beta2, eps, wd=0.0):
-    """The default preset written out from its equations in plain Python floats: the whole parameter vector is one
-    block (the tensors concatenated), the filter runs on h~ = D^1/2 h with Adam's second moment, R = 0, the step
-    lr*l/S is capped at max_step, and the corrections are averaged with bias-corrected momentum."""
+    """The default preset written out from its equations in plain Python floats, for one block: the given tensors
+    concatenated (the default's per-tensor blocks are one call per tensor). The filter runs on h~ = D^1/2 h with
+    Adam's second moment, R = 0, the step lr*l/S is capped at lr*max_step, and the corrections are averaged with
+    bias-corrected momentum."""
     sizes = [len(t) for t in thetas]
     theta = [x for t in thetas for x in t]
     n = len(theta)
@@ -146,17 +147,25 @@ ADAPTIVE_LOSSES = [2.0, 1.5, 1.2, 1.1]
 def test_default_preset_matches_its_equations_by_hand(foreach, lr, max_step, wd):
     """Both cap regimes (the cap binds / never binds; it scales with lr), with and without weight decay."""
     start = [[0.2, -0.1, 0.4], [0.3, -0.5]]
-    params = [torch.tensor(t, dtype=torch.float64, requires_grad=True) for t in start]
-    opt = KOALAPlusPlus(params, lr=lr, sigma=0.2, q=0.05, max_step=max_step, weight_decay=wd, foreach=foreach)
-    assert opt.param_groups[0]["block"] == "group" and opt.param_groups[0]["precondition"]
-    for step, (gs, L) in enumerate(zip(ADAPTIVE_GRADS, ADAPTIVE_LOSSES, strict=True)):
-        for p, g in zip(params, gs, strict=True):
-            p.grad = torch.tensor(g, dtype=torch.float64)
-        opt.step(loss=torch.tensor(L, dtype=torch.float64))
-        expected = adaptive_by_hand(start, ADAPTIVE_GRADS[: step + 1], ADAPTIVE_LOSSES[: step + 1], lr=lr, sigma=0.2,
-                                    q=0.05, max_step=max_step, momentum=0.9, beta2=0.999, eps=1e-8, wd=wd)
-        for p, e in zip(params, expected, strict=True):
-            torch.testing.assert_close(p.detach(), torch.tensor(e, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    hyper = dict(lr=lr, sigma=0.2, q=0.05, max_step=max_step, momentum=0.9, beta2=0.999, eps=1e-8, wd=wd)
+    for block in ("tensor", "group"):
+        params = [torch.tensor(t, dtype=torch.float64, requires_grad=True) for t in start]
+        kwargs = {} if block == "tensor" else {"block": "group"}  # the default is per-tensor blocks
+        opt = KOALAPlusPlus(params, lr=lr, sigma=0.2, q=0.05, max_step=max_step, weight_decay=wd, foreach=foreach,
+                            **kwargs)
+        assert opt.param_groups[0]["block"] == block and opt.param_groups[0]["precondition"]
+        for step, (gs, L) in enumerate(zip(ADAPTIVE_GRADS, ADAPTIVE_LOSSES, strict=True)):
+            for p, g in zip(params, gs, strict=True):
+                p.grad = torch.tensor(g, dtype=torch.float64)
+            opt.step(loss=torch.tensor(L, dtype=torch.float64))
+            seen = [[gs[i] for gs in ADAPTIVE_GRADS[: step + 1]] for i in range(len(start))]
+            if block == "group":  # the two tensors form one block
+                expected = adaptive_by_hand(start, ADAPTIVE_GRADS[: step + 1], ADAPTIVE_LOSSES[: step + 1], **hyper)
+            else:  # each tensor is its own filter with its own residual L + wd/2 ||theta_i||^2
+                expected = [adaptive_by_hand([start[i]], [[g] for g in seen[i]], ADAPTIVE_LOSSES[: step + 1],
+                                             **hyper)[0] for i in range(len(start))]
+            for p, e in zip(params, expected, strict=True):
+                torch.testing.assert_close(p.detach(), torch.tensor(e, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 def test_group_block_is_the_paper_filter_on_the_concatenated_vector():
@@ -202,6 +211,8 @@ def test_paper_preset_is_todays_algorithm_and_explicit_arguments_win():
     g = opt.param_groups[0]
     assert (g["block"], g["precondition"], g["momentum"], g["max_step"], g["r"], g["r_clip"]) == \
         ("tensor", False, 0.0, None, None, None)
+    g = KOALAPlusPlus([torch.zeros(2, requires_grad=True)]).param_groups[0]
+    assert (g["block"], g["precondition"], g["momentum"], g["max_step"], g["r"]) == ("tensor", True, 0.9, 0.01, 0.0)
     opt = KOALAPlusPlus([torch.zeros(2, requires_grad=True)], preset="paper", momentum=0.5, r=0.3)
     assert opt.param_groups[0]["momentum"] == 0.5 and opt.param_groups[0]["r"] == 0.3
     with pytest.raises(ValueError, match="preset"):
