@@ -119,8 +119,8 @@ def _entries() -> list[OptimizerEntry]:
         OptimizerEntry("koala++", "KOALA++ (default)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd, **kw),
                        "kalman", {"vision": 1.0, "lm": 1.0}, family="kalman",
-                       note="the library's default preset ('adaptive'): per-tensor blocks, diagonal metric, R = 0, step "
-                            "cap 0.01, momentum 0.9"),
+                       note="the library's default preset ('adaptive'): per-tensor blocks, diagonal metric, R = 0, "
+                            "step cap 0.01, momentum 0.9"),
         OptimizerEntry("koala++-paper", "KOALA++ (paper)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, sigma=0.1, q=0.1, weight_decay=wd,
                                                                        preset="paper", **kw),

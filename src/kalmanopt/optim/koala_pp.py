@@ -464,7 +464,7 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     S = torch.where(use_prior, prior.S, normal.S)
     h_dot_v_new = torch.where(use_prior, prior.h_dot_v, normal.h_dot_v)
     # Each tensor's own h_i . v_i for the next step, from the same coefficients (v = a v_prev + b h + c H_prev).
-    own_h_dot_v_new = a * own_h_dot_v + b * own_hh + c * own_h_dot_prev
+    own_h_dot_v_new = h_dot_v_new if block == "tensor" else a * own_h_dot_v + b * own_hh + c * own_h_dot_prev
 
     # The same update on the stored gain numerator: with v_prev = gain_prev - q_prev * H_prev,
     # gain = v + q h = a gain_prev + (c - a q_prev) H_prev + (b + q) h.
