@@ -233,3 +233,22 @@ def test_bench_vision_records_schedule_and_draws_the_filter(fashion_dir, tmp_pat
     assert {"step_size", "S", "h_dot_v", "grad_sq", "noise", "loss", "epoch"} <= set(koala["diagnostics"][0])
     assert all(0 < d["step_size"] <= 0.01 + 1e-9 for d in koala["diagnostics"])  # the default cap
     assert (tmp_path / "s-koala++-seed0.png").stat().st_size > 0
+
+
+def test_time_to_accuracy_figure_shades_the_seeds(tmp_path):
+    need("matplotlib")
+    from kalmanopt.bench import report
+
+    def run(seed, accs):
+        history = [{"epoch": float(i), "seconds": 2.0 * i, "train_loss": 1.0 / (i + 1), "test_accuracy": a}
+                   for i, a in enumerate(accs)]
+        return {"optimizer": "adamw", "label": "AdamW", "lr": 1e-3, "seed": seed, "history": history,
+                "final": history[-1], "diverged": False}
+
+    result = {"suite": "vision", "config": {"dataset": "fashion_mnist", "model": "cnn", "train_size": 10,
+                                            "epochs": 2, "seconds": None},
+              "provenance": {"command": "kalmanopt bench vision"}, "runs": [run(0, [0.1, 0.5, 0.7]),
+                                                                            run(1, [0.1, 0.6, 0.8])]}
+    assert report._band(result["runs"], "test_accuracy") == ([0.1, 0.5, 0.7], [0.1, 0.6, 0.8])
+    out = report.plot(tmp_path / "r.json", result, tmp_path / "r.png")
+    assert out.stat().st_size > 0

@@ -41,6 +41,7 @@ case "${1:-}" in
     ;;
   report)
     python -m kalmanopt.bench.grid results/grid docs/benchmarks/grid.md
+    kalmanopt report results/grid --out docs/benchmarks/grid_report.md   # + time-to-accuracy figures per file
     ;;
   *) echo "usage: $0 vision|lm|fm60k|sweep|report" >&2; exit 2 ;;
 esac

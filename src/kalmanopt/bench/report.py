@@ -183,8 +183,21 @@ def _curves(runs: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
     return ep, sec, val
 
 
+def _band(runs: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """Lowest and highest value over seeds, index by index, while every seed has the index (the shaded spread)."""
+    n = min(len(r["history"]) for r in runs)
+    lo, hi = [], []
+    for i in range(n):
+        vs = [r["history"][i].get(key, math.nan) for r in runs]
+        ok = all(math.isfinite(v) for v in vs)
+        lo.append(min(vs) if ok else math.nan)
+        hi.append(max(vs) if ok else math.nan)
+    return lo, hi
+
+
 def plot(path: Path, result: dict[str, Any], out: Path) -> Path:
-    """Training loss and the main metric vs epoch and vs training seconds, mean over seeds."""
+    """Training loss and the main metric vs epoch and vs training seconds (time to accuracy), mean over seeds with
+    the seeds' spread (lowest to highest) shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,6 +219,10 @@ def plot(path: Path, result: dict[str, Any], out: Path) -> Path:
         axes[0, 1].plot(ep, m, label=lab, **style)
         axes[1, 0].plot(sec[1:], tl[1:], label=lab, **style)
         axes[1, 1].plot(sec, m, label=lab, **style)
+        if len(runs) > 1:
+            lo, hi = (([v * scale for v in band]) for band in _band(runs, key))
+            axes[0, 1].fill_between(ep, lo, hi, color=style["color"], alpha=0.15, lw=0)
+            axes[1, 1].fill_between(sec, lo, hi, color=style["color"], alpha=0.15, lw=0)
     for ax, (x, y) in zip(axes.flat, [("epoch", "train loss (epoch mean)"), ("epoch", label),
                                       ("training seconds", "train loss (epoch mean)"), ("training seconds", label)],
                           strict=True):
@@ -219,7 +236,8 @@ def plot(path: Path, result: dict[str, Any], out: Path) -> Path:
             ax.set_yscale("log")
     axes[0, 1].legend(fontsize=7, loc="best")
     seeds = len({r["seed"] for r in result["runs"]})
-    fig.suptitle(f"{result['suite']}: {_title(result)}, mean of {seeds} seed(s)\n{result['provenance']['command']}",
+    fig.suptitle(f"{result['suite']}: {_title(result)}, mean of {seeds} seed(s), spread shaded\n"
+                 f"{result['provenance']['command']}",
                  fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
