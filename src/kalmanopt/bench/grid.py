@@ -14,23 +14,17 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from .report import _mean_std
 
 __all__ = ["main", "plot_diagnostics", "task_table"]
 
 METRIC = {"vision": ("test_accuracy", 100.0, True, "test accuracy (%)"),
           "lm": ("test_ppl", 1.0, False, "test perplexity (per char)")}
 DIAGNOSTIC_KEYS = ("loss", "step_size", "S", "h_dot_v", "grad_sq", "noise")
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _per_optimizer(result: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["local_state", "local_tensor", "shard_like", "shard_loaded_state", "shard_reducer", "shard_state"]
+__all__ = ["local_state", "local_tensor", "shard_like", "shard_reducer", "shard_state"]
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -65,23 +65,6 @@ def shard_state(p: Tensor, state: dict[str, Any], keys: Iterable[str]) -> None:
         value = state.get(key)
         if isinstance(value, Tensor) and not _is_dtensor(value) and value.dim() > 0 and value.shape == local_shape:
             state[key] = shard_like(p, value)
-
-
-def shard_loaded_state(opt: Any) -> None:
-    """After ``load_state_dict``: make the per-element state of DTensor parameters DTensors again.
-
-    A state dict saved per rank before state was sharded (or built by hand) holds the local shards as plain
-    tensors; the step would run on them, but a later distributed checkpoint would save them as replicated. The
-    per-element entries are the ones ``opt._init_param_state`` creates with the shape of the local shard (found by
-    running it on a meta tensor, so nothing is allocated).
-    """
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not _is_dtensor(p) or p not in opt.state:
-                continue
-            probe: dict[str, Any] = {}
-            opt._init_param_state(group, torch.empty_like(p.to_local(), device="meta"), probe)
-            shard_state(p, opt.state[p], probe)
 
 
 def shard_reducer(p: Tensor) -> tuple[object | None, Callable[[Tensor], Tensor] | None]:

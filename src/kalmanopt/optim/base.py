@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._reductions import squared_norms
-from ._sharding import local_state, local_tensor, reduce_if, shard_loaded_state, shard_reducer, shard_state
+from ._sharding import local_state, local_tensor, reduce_if, shard_reducer, shard_state
 from .noise import (
     R_CLIP,
     R_INITIAL,
@@ -333,22 +333,34 @@ class KalmanOptimizer(Optimizer):
                         self._init_state(group, p)
         return True
 
-    def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
-        """Shapes and dtypes of ``p``'s state (and of the group state if ``p`` leads its group), made on meta."""
+    def _param_state_spec(self, group: dict[str, Any], p: Tensor) -> StateSpec:
+        """Shapes and dtypes of ``p``'s per-tensor state, made on meta (nothing is allocated)."""
         probe: dict[str, Any] = {}
         self._init_param_state(group, torch.empty_like(local_tensor(p), device="meta"), probe)
+        return spec_of(probe)
+
+    def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
+        """Shapes and dtypes of ``p``'s state (and of the group state if ``p`` leads its group), made on meta."""
+        spec = self._param_state_spec(group, p)
         if p is group["params"][0]:
             kw = {"device": torch.device("meta"), "dtype": state_dtype(p)}
-            probe["measurement_noise"] = torch.empty((), **kw)
-            probe["skipped_steps"] = torch.empty((), dtype=torch.int64, device="meta")
-            probe["noise_updates"] = torch.empty((), dtype=torch.int64, device="meta")
+            probe: dict[str, Any] = {"measurement_noise": torch.empty((), **kw),
+                                     "skipped_steps": torch.empty((), dtype=torch.int64, device="meta"),
+                                     "noise_updates": torch.empty((), dtype=torch.int64, device="meta")}
             self._init_group_state(group, probe, kw)
-        return spec_of(probe)
+            spec.update(spec_of(probe))
+        return spec
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_state_keep_dtypes(self, state_dict, self._expected_state)
         self._take_pending_gate()  # the outcome of an update() before the load says nothing about the loaded state
-        shard_loaded_state(self)  # per-element state of DTensor parameters as DTensors (see _sharding)
+        # A state dict saved per rank (or before state was sharded) holds local shards as plain tensors: make the
+        # per-element state of DTensor parameters DTensors again, or a later distributed checkpoint would save them
+        # as replicated (see _sharding).
+        for group in self.param_groups:
+            for p in group["params"]:
+                if _is_dtensor(p) and p in self.state:
+                    shard_state(p, self.state[p], self._param_state_spec(group, p))
 
     # ------------------------------------------------------------------ the three ways in
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:

@@ -192,7 +192,7 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
-        recorded = {}
+        recorded, index = {}, self._group_index(group)
         for b in buckets:
             for st in b.states:  # options switched on after the state was made
                 if group["precondition"] and "exp_avg_sq" not in st:
@@ -215,13 +215,13 @@ class KOALAPlusPlus(KalmanOptimizer):
                 beta2=group["beta2"], eps=group["eps"],
                 momentum_buffers=[st["momentum_buffer"] for st in b.states] if group["momentum"] else None,
                 momentum=group["momentum"], max_step=group["max_step"],
-                scratch=self._scratch_views(b, index=self._group_index(group)),
+                scratch=self._scratch_views(b, index=index),
             )
             for key, value in diag.items():
                 recorded[key] = value if key == "noise" or key not in recorded else torch.cat([recorded[key], value])
         if not torch.compiler.is_compiling():
             recorded["loss"] = loss_mean
-            self.__dict__.setdefault("_diagnostics", {})[self._group_index(group)] = recorded
+            self.__dict__.setdefault("_diagnostics", {})[index] = recorded
 
     def _group_index(self, group: dict[str, Any]) -> int:
         return next(i for i, g in enumerate(self.param_groups) if g is group)
@@ -429,7 +429,8 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
         grad_sq = squared_norms(hs)
         if shard_sum is not None:
             grad_sq = shard_sum(grad_sq)
-    S_prev, prev_sq, prev_dot_v = torch.stack(prev_S), torch.stack(prev_grad_sq), torch.stack(prev_grad_v)
+    stored_S, stored_sq, stored_dot_v = torch.stack(prev_S), torch.stack(prev_grad_sq), torch.stack(prev_grad_v)
+    S_prev, prev_sq, prev_dot_v = stored_S, stored_sq, stored_dot_v  # per tensor; summed below for a group block
     q_prev = torch.stack(prev_q)
     h_dot_v = h_dot_gain - q_prev * h_dot_prev
     own_hh, own_h_dot_v, own_h_dot_prev = grad_sq, h_dot_v, h_dot_prev  # per tensor, before any block sum
@@ -509,9 +510,9 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
             torch._foreach_lerp_(exp_avg_sqs, new_sqs, list(weight.unbind(0)))
     torch._foreach_lerp_(prev_grads, hs, list(weight.unbind(0)))
 
-    torch._foreach_copy_(prev_S, torch.where(commit, S, torch.stack(prev_S)).unbind(0))
-    torch._foreach_copy_(prev_grad_sq, torch.where(commit, own_hh, torch.stack(prev_grad_sq)).unbind(0))
-    torch._foreach_copy_(prev_grad_v, torch.where(commit, own_h_dot_v_new, torch.stack(prev_grad_v)).unbind(0))
+    torch._foreach_copy_(prev_S, torch.where(commit, S, stored_S).unbind(0))
+    torch._foreach_copy_(prev_grad_sq, torch.where(commit, own_hh, stored_sq).unbind(0))
+    torch._foreach_copy_(prev_grad_v, torch.where(commit, own_h_dot_v_new, stored_dot_v).unbind(0))
     torch._foreach_copy_(prev_q, torch.where(commit, torch.full_like(q_prev, q), q_prev).unbind(0))
     torch._foreach_add_(steps, commit.to(torch.float32).unbind(0))
     return {"step_size": step_size, "S": S, "h_dot_v": h_dot_v_new, "grad_sq": hh, "noise": noise}
