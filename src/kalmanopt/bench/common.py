@@ -5,6 +5,13 @@ One *run* is (optimizer, learning rate, seed). Within a seed every optimizer sta
 (``torch.manual_seed(seed)`` before the model is built) and sees the same batches in the same order (a separate
 ``torch.Generator`` seeded with ``seed`` draws each epoch's permutation). Evaluation is not counted in the training
 time. A run whose training loss turns non-finite stops and is marked ``diverged``.
+
+Training time is measured on one of two clocks (``--clock``): ``wall`` (``time.perf_counter``) or ``cpu``, the CPU
+time of the training thread (``time.thread_time``). With one torch thread (the default) every forward, backward and
+optimizer step runs in the calling thread, so ``cpu`` counts the run's own work and not the time the process waits for
+a core on a loaded, shared machine; it is the default when ``--threads 1``, ``wall`` otherwise (with several torch
+threads the work runs in other threads, which ``thread_time`` does not see). The clock bounds the equal-time budget
+(``--seconds``) and gives the seconds in the history (the time-to-accuracy figures).
 """
 
 from __future__ import annotations
@@ -32,7 +39,11 @@ from torch import Tensor, nn
 
 from . import registry
 
-__all__ = ["Budget", "RunSpec", "add_common_arguments", "provenance", "resolve_defaults", "run_suite", "train_run"]
+__all__ = ["CLOCKS", "Budget", "RunSpec", "add_common_arguments", "provenance", "resolve_clock", "resolve_defaults",
+           "run_suite", "train_run"]
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+CLOCK_LABELS = {"wall": "wall-clock", "cpu": "thread CPU time"}
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -141,19 +152,31 @@ Batches = Callable[[torch.Generator], Iterator[tuple[Tensor, Tensor]]]
 def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], epoch_batches: Batches,
               steps_per_epoch: int, per_sample_loss: Callable[[nn.Module, Tensor, Tensor], Tensor],
               evaluate: Callable[[nn.Module], dict[str, float]], budget: Budget, progress: bool = True,
-              desc: str = "", schedule: str = "constant", warmup_steps: int = 0) -> dict[str, Any]:
+              desc: str = "", schedule: str = "constant", warmup_steps: int = 0,
+              clock: str = "wall") -> dict[str, Any]:
     """Train one fresh model; return its record (history per epoch, final metrics, time, state size, and the
-    filter's diagnostics over training for the KOALA optimizers that record them)."""
+    filter's diagnostics over training for the KOALA optimizers that record them). ``clock`` (``"wall"`` or
+    ``"cpu"``, see the module's docstring) measures the training time and bounds ``budget.seconds``."""
     from tqdm.auto import tqdm
 
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; expected one of {tuple(CLOCKS)}")
+    now = CLOCKS[clock]
     entry = registry.get(spec.optimizer)
     torch.manual_seed(spec.seed)
     model = make_model()
     opt = entry.make(model, task, lr=spec.lr)
     evaluate = registry.evaluating(entry, opt, evaluate)  # Schedule-Free: evaluate at x, train at y (else no-op)
     applied = schedule if entry.scheduled else "none (sets its own step size)"
-    scheduler = lr_scheduler(opt, schedule, budget.epochs * steps_per_epoch, warmup_steps) if entry.scheduled \
-        else None
+    # Under a time budget the schedule runs over the budget's seconds (the share of the budget used so far, or of
+    # the epoch bound if that is reached first), so that every optimizer anneals to 0 when its time is up.
+    used = {"seconds": 0.0}
+    fraction = (lambda step: max(step / max(budget.epochs * steps_per_epoch, 1),  # noqa: E731
+                                 used["seconds"] / budget.seconds)) if budget.seconds is not None else None
+    if entry.scheduled and budget.seconds is not None and schedule != "constant":
+        applied = f"{schedule} over the time budget"
+    scheduler = lr_scheduler(opt, schedule, budget.epochs * steps_per_epoch, warmup_steps, fraction) \
+        if entry.scheduled else None
     diagnostics: list[dict[str, float]] = []
     every = max(1, steps_per_epoch // DIAGNOSTICS_PER_EPOCH)
     order = torch.Generator().manual_seed(spec.seed)
@@ -172,11 +195,12 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
         for epoch in range(budget.epochs):
             model.train()
             loss_sum, n_steps = 0.0, 0
-            start = time.perf_counter()
+            start = now()
             for x, y in epoch_batches(order):
                 opt.zero_grad(set_to_none=True)
                 loss = registry.backward_and_step(entry, opt, per_sample_loss(model, x, y)).item()
                 if scheduler is not None:
+                    used["seconds"] = train_seconds + now() - start
                     scheduler.step()
                 loss_sum += loss
                 n_steps += 1
@@ -187,12 +211,12 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
                 if not math.isfinite(loss):
                     diverged = True
                     break
-                if budget.seconds is not None and train_seconds + time.perf_counter() - start >= budget.seconds:
+                if budget.seconds is not None and train_seconds + now() - start >= budget.seconds:
                     out_of_time = True
                     break
                 if n_steps % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}", refresh=False)
-            train_seconds += time.perf_counter() - start
+            train_seconds += now() - start
             opt.zero_grad(set_to_none=True)  # frees create_graph graphs
             history.append({"epoch": epoch + n_steps / steps_per_epoch, "seconds": train_seconds,
                             "train_loss": loss_sum / max(n_steps, 1), **evaluate(model)})
@@ -207,7 +231,7 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
     return {
         "optimizer": spec.optimizer, "label": entry.label, "lr": spec.lr, "seed": spec.seed,
         "weight_decay": entry.weight_decay.get(task, 0.0), "budget": budget.kind,
-        "epochs": final["epoch"], "steps": steps, "train_seconds": train_seconds,
+        "epochs": final["epoch"], "steps": steps, "train_seconds": train_seconds, "clock": clock,
         "seconds_per_epoch": train_seconds / final["epoch"] if final["epoch"] > 0 else math.nan,
         "optimizer_state_bytes": registry.state_bytes(opt), "parameters": sum(p.numel() for p in model.parameters()),
         "skipped_steps": skipped, "diverged": diverged, "final": final, "history": history,
@@ -219,11 +243,12 @@ DIAGNOSTICS_PER_EPOCH = 25
 SCHEDULES = ("constant", "cosine")
 
 
-def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int,
-                 warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0,
+                 fraction: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """The same schedule for every optimizer: a linear warm-up over ``warmup_steps``, then ``constant`` or
     ``cosine`` annealing to 0 at ``total_steps`` (the reference configurations' CosineAnnealingLR, stepped per
-    batch)."""
+    batch). ``fraction(step)``, if given, says how much of the run is done (in [0, 1]; an equal-time budget counts
+    seconds) in place of ``step / total_steps``; the warm-up still counts steps."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
 
@@ -232,6 +257,8 @@ def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int,
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
+        if fraction is not None:
+            return 0.5 * (1 + math.cos(math.pi * min(max(fraction(step), 0.0), 1.0)))
         span = max(total_steps - warmup_steps, 1)
         return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
@@ -348,6 +375,14 @@ def resolve_defaults(args: argparse.Namespace, normal: dict[str, Any], quick: di
             setattr(args, key, value)
 
 
+def resolve_clock(args: argparse.Namespace) -> str:
+    """``args.clock``, or its default: ``cpu`` (the training thread's CPU time) with one torch thread, else
+    ``wall``."""
+    if getattr(args, "clock", None) is None:
+        args.clock = "cpu" if args.threads == 1 else "wall"
+    return args.clock
+
+
 def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iterable[str]) -> None:
     p.add_argument("--optimizers", default=None,
                    help=f"comma-separated registry names (default: {','.join(default_optimizers)}; known: "
@@ -355,7 +390,11 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iter
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (the upper bound with --seconds)")
     p.add_argument("--seconds", type=float, default=None,
-                   help="equal wall-clock budget: training seconds per run (evaluation not counted)")
+                   help="equal-time budget: training seconds per run on --clock (evaluation not counted)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default=None,
+                   help="what a training second is: 'cpu', the training thread's CPU time (time.thread_time; the "
+                        "default with --threads 1: robust to other jobs on a shared machine), or 'wall' "
+                        "(time.perf_counter; the default with more threads)")
     p.add_argument("--lr", action="append", metavar="NAME=LR", help="fix an optimizer's lr (skips its sweep)")
     p.add_argument("--sweep", action="store_true",
                    help="first sweep each optimizer's lr over default x (1/3, 1, 3) on one seed, select on the "

@@ -72,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
         common.resolve_defaults(args, FULL, {})
     common.resolve_defaults(args, {**NORMAL, "optimizers": ",".join(registry.DEFAULT)}, QUICK)
     torch.set_num_threads(args.threads)
+    clock = common.resolve_clock(args)
     corpus = data.load(args.corpus, root=args.data_root)
     train_text = corpus.train[: args.train_chars] if args.train_chars else corpus.train
     tok = models.CharTokenizer(train_text)
@@ -100,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
                                 steps_per_epoch=steps, per_sample_loss=per_sample_loss,
                                 evaluate=lambda m: _evaluate(m, evals[split], split), budget=budget,
                                 progress=not args.no_progress, schedule=args.schedule,
-                                warmup_steps=args.warmup_steps)
+                                warmup_steps=args.warmup_steps, clock=clock)
 
     budget = "time" if args.seconds is not None else "epochs"
     out = Path(args.out or f"results/lm/{args.corpus}-gpt{args.n_layers}-d{args.d_model}-{budget}.json")
@@ -110,8 +111,8 @@ def main(args: argparse.Namespace) -> int:
               "train_chars": len(train_text), "train_windows": n, "valid_chars": int(evals["valid"][:, 1:].numel()),
               "test_chars": int(evals["test"][:, 1:].numel()), "batch_size": bs, "context": args.context,
               "epochs": args.epochs, "seconds": args.seconds, "seeds": args.seeds, "quick": args.quick,
-              "schedule": args.schedule, "warmup_steps": args.warmup_steps}
-    per_run = f"{args.seconds:g} s" if args.seconds else f"{args.epochs} epochs"
+              "schedule": args.schedule, "warmup_steps": args.warmup_steps, "clock": clock}
+    per_run = f"{args.seconds:g} s ({common.CLOCK_LABELS[clock]})" if args.seconds else f"{args.epochs} epochs"
     print(f"kalmanopt bench lm: {args.corpus}, {config['model']} ({config['parameters']:,} parameters), "
           f"{config['train_chars']:,} train chars ({n} windows, batch {bs}), {per_run} per run, seeds {args.seeds}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)

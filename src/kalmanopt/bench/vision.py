@@ -88,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
 
     common.resolve_defaults(args, {**NORMAL, "optimizers": ",".join(registry.DEFAULT)}, QUICK)
     torch.set_num_threads(args.threads)
+    clock = common.resolve_clock(args)
     data = prepare(args.dataset, args.data_root, train_size=args.train_size, valid_size=args.valid_size,
                    test_size=args.test_size)
     x_train, y_train = data["train"]
@@ -113,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
                                 steps_per_epoch=steps, per_sample_loss=per_sample_loss,
                                 evaluate=lambda m: _evaluate(m, x_eval, y_eval, split), budget=budget,
                                 progress=not args.no_progress, schedule=args.schedule,
-                                warmup_steps=args.warmup_steps)
+                                warmup_steps=args.warmup_steps, clock=clock)
 
     budget = "time" if args.seconds is not None else "epochs"
     out = Path(args.out or f"results/vision/{args.dataset}-{args.model}-{budget}.json")
@@ -121,8 +122,8 @@ def main(args: argparse.Namespace) -> int:
               "train_size": n, "valid_size": len(data["valid"][0]), "test_size": len(data["test"][0]),
               "batch_size": bs, "epochs": args.epochs, "seconds": args.seconds, "augment": augment,
               "seeds": args.seeds, "quick": args.quick,
-              "schedule": args.schedule, "warmup_steps": args.warmup_steps}
-    per_run = f"{args.seconds:g} s" if args.seconds else f"{args.epochs} epochs"
+              "schedule": args.schedule, "warmup_steps": args.warmup_steps, "clock": clock}
+    per_run = f"{args.seconds:g} s ({common.CLOCK_LABELS[clock]})" if args.seconds else f"{args.epochs} epochs"
     print(f"kalmanopt bench vision: {args.dataset} / {args.model} ({config['parameters']:,} parameters), "
           f"train {n} / valid {config['valid_size']} / test {config['test_size']}, batch {bs}, "
           f"{per_run} per run, seeds {args.seeds}, "
