@@ -1,4 +1,4 @@
-"""The online protocol: stream each sample once, predict with the current parameters, record, then update.
+r"""The online protocol: stream each sample once, predict with the current parameters, record, then update.
 
 One loop drives LoKO / FullKalman (``step(forward_fn, target)``, which returns the outputs before the update) and any
 ``torch.optim`` optimizer (forward, cross-entropy, backward, ``step()``) alike, so that every contender sees the same
@@ -9,10 +9,22 @@ stream, the same batches and the same bookkeeping::
 
 Average online accuracy after N samples is ``(1/N) sum_{i<=N} correct_i`` where ``correct_i`` is decided *before*
 sample i updates the model.
+
+Calibration is scored on the same predictions. For every sample the result keeps two predictive distributions:
+
+* the **softmax** of the logits (``loss``, ``confidence``): what a plain network predicts;
+* the **reported predictive** (``nll``, ``pred_confidence``, ``pred_correct``): for an output filter that exposes a
+  predictive distribution after each step (``optimizer.last_predictive.probs``, e.g. LoKO's linearised predictive
+  over the logits before the update), that distribution; for every other optimizer the softmax again.
+
+Online NLL is the mean of :math:`-\log p_i(y_i)`, the expected calibration error (ECE) the standard 15-bin one,
+see :func:`expected_calibration_error`.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,17 +34,100 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OnlineResult", "run_online", "default_collate", "is_output_filter"]
+__all__ = ["OnlineResult", "run_online", "default_collate", "is_output_filter", "expected_calibration_error",
+           "reliability_bins", "ECE_BINS"]
+
+ECE_BINS = 15
+
+
+def _bin_index(confidence: float, bins: int) -> int:
+    # bin m (0-based) holds m/M < conf <= (m+1)/M; bisect_left on the inner edges gives exactly that, with no
+    # rounding of conf * M (0.4 * 15 is 6.000000000000001 in floating point)
+    return bisect.bisect_left([m / bins for m in range(1, bins)], confidence)
+
+
+def reliability_bins(confidence: Sequence[float], correct: Sequence[int], bins: int = ECE_BINS
+                     ) -> list[tuple[float, float, int, float, float]]:
+    r"""Equal-width bins of the confidence: ``(lower, upper, count, mean confidence, accuracy)`` per bin.
+
+    Bin :math:`m` (of :math:`M`) holds the predictions with :math:`(m-1)/M < \text{conf} \le m/M`; empty bins
+    have count 0 and NaN means.
+    """
+    _check_calibration_input(confidence, correct, bins)
+    count, conf_sum, hit_sum = [0] * bins, [0.0] * bins, [0] * bins
+    for c, h in zip(confidence, correct, strict=True):
+        b = _bin_index(float(c), bins)
+        count[b] += 1
+        conf_sum[b] += float(c)
+        hit_sum[b] += int(h)
+    return [(m / bins, (m + 1) / bins, count[m], conf_sum[m] / count[m] if count[m] else math.nan,
+             hit_sum[m] / count[m] if count[m] else math.nan) for m in range(bins)]
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[int], bins: int = ECE_BINS) -> float:
+    r"""Expected calibration error over equal-width confidence bins (Naeini et al. 2015; Guo et al. 2017).
+
+    .. math::
+        \mathrm{ECE} = \sum_{m=1}^{M} \frac{|B_m|}{n}\,\bigl|\operatorname{acc}(B_m) - \operatorname{conf}(B_m)\bigr|,
+        \qquad B_m = \{i : (m-1)/M < \text{conf}_i \le m/M\}
+
+    Args:
+        confidence: the probability of the predicted class (the largest one), per prediction.
+        correct: 1 where the predicted class was the label, else 0.
+        bins: the number of bins :math:`M` (15, the usual choice).
+    """
+    n = len(confidence)
+    if n == 0:
+        return math.nan
+    return sum(cnt / n * abs(acc - conf) for _, _, cnt, conf, acc in reliability_bins(confidence, correct, bins)
+               if cnt)
+
+
+def _check_calibration_input(confidence: Sequence[float], correct: Sequence[int], bins: int) -> None:
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"Invalid bins: {bins!r} (a positive int)")
+    if len(confidence) != len(correct):
+        raise ValueError(f"confidence and correct differ in length ({len(confidence)} vs {len(correct)})")
+    for c in confidence:
+        if not 0.0 <= float(c) <= 1.0:  # also rejects NaN
+            raise ValueError(f"Invalid confidence: {c!r} (a probability in [0, 1])")
 
 
 @dataclass
 class OnlineResult:
-    """Per-sample records of one pass over a stream (in stream order)."""
+    r"""Per-sample records of one pass over a stream (in stream order).
+
+    Attributes:
+        correct: 1 where the argmax of the logits (before the update) was the label.
+        loss: cross-entropy of the logits, i.e. the softmax NLL :math:`-\log \operatorname{softmax}(z)_y`.
+        confidence: the largest softmax probability.
+        nll, pred_confidence, pred_correct: the same for the reported predictive (the optimizer's
+            ``last_predictive.probs`` where it has one, else the softmax: then equal to ``loss``, ``confidence``,
+            ``correct``).
+        predictive_batches: how many batches were scored with the optimizer's own predictive (0: softmax only).
+        seconds: wall-clock time of the whole pass; cpu_seconds: thread CPU time of the forward passes, backward
+            passes and optimizer steps only (bookkeeping excluded; with one torch thread this is the step's whole
+            cost, undisturbed by other processes on the machine).
+    """
 
     correct: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    pred_confidence: list[float] = field(default_factory=list)
+    pred_correct: list[int] = field(default_factory=list)
+    predictive_batches: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     skipped_steps: int = 0
+
+    def ece(self, bins: int = ECE_BINS) -> float:
+        """ECE of the reported predictive."""
+        return expected_calibration_error(self.pred_confidence, self.pred_correct, bins)
+
+    def softmax_ece(self, bins: int = ECE_BINS) -> float:
+        """ECE of the softmax of the logits."""
+        return expected_calibration_error(self.confidence, self.correct, bins)
 
     @property
     def online_accuracy(self) -> list[float]:
@@ -55,9 +150,13 @@ class OnlineResult:
 
     def summary(self) -> dict[str, Any]:
         n = len(self.correct)
-        return {"samples": n, "online_accuracy": (sum(self.correct) / n) if n else float("nan"),
-                "mean_loss": (sum(self.loss) / n) if n else float("nan"), "seconds": self.seconds,
-                "skipped_steps": self.skipped_steps}
+        nan = float("nan")
+        return {"samples": n, "online_accuracy": (sum(self.correct) / n) if n else nan,
+                "mean_loss": (sum(self.loss) / n) if n else nan,
+                "nll": (sum(self.nll) / n) if n else nan, "ece": self.ece(),
+                "softmax_nll": (sum(self.loss) / n) if n else nan, "softmax_ece": self.softmax_ece(),
+                "predictive": "optimizer" if self.predictive_batches else "softmax",
+                "seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "skipped_steps": self.skipped_steps}
 
 
 def is_output_filter(optimizer: Any) -> bool:
@@ -66,6 +165,20 @@ def is_output_filter(optimizer: Any) -> bool:
     from .optim.loko import LoKO
 
     return isinstance(optimizer, LoKO | FullKalman)
+
+
+def _predictive(optimizer: Any, logits: Tensor) -> Tensor | None:
+    """The optimizer's class probabilities for this batch (``last_predictive.probs``), or None to use the softmax.
+
+    Only a predictive of the batch's shape is taken: a filter that skipped the step (non-finite output) or observed
+    something other than the logits leaves None behind.
+    """
+    pred = getattr(optimizer, "last_predictive", None)
+    probs = getattr(pred, "probs", None)
+    if not isinstance(probs, Tensor) or probs.shape != logits.shape:
+        return None
+    probs = probs.detach().to(torch.float64)
+    return probs if bool(torch.isfinite(probs).all()) else None
 
 
 def default_collate(items: Sequence[Any]) -> Any:
@@ -107,6 +220,8 @@ def run_online(model: nn.Module, optimizer: Any, inputs: Any, labels: Tensor, *,
     except ImportError:  # pragma: no cover - tqdm is in the bench extra
         bar = None
     start = time.perf_counter()
+    cpu = 0.0
+    tiny = torch.finfo(torch.float64).tiny
     for s in range(0, len(idx), batch_size):
         chunk = idx[s:s + batch_size]
         if isinstance(inputs, Tensor):
@@ -114,6 +229,7 @@ def run_online(model: nn.Module, optimizer: Any, inputs: Any, labels: Tensor, *,
         else:
             batch = collate([inputs[i] for i in chunk])
         target = labels[chunk]
+        t0 = time.thread_time()
         if kalman:
             logits = optimizer.step(lambda batch=batch: forward(model, batch), target)
         else:
@@ -124,16 +240,34 @@ def run_online(model: nn.Module, optimizer: Any, inputs: Any, labels: Tensor, *,
                 loss.backward()
             optimizer.step()
             logits = out.detach()
+        cpu += time.thread_time() - t0
         with torch.no_grad():
+            logits = logits.detach()
             losses = F.cross_entropy(logits.float(), target, reduction="none")
+            soft = torch.softmax(logits.to(torch.float64), dim=1)
+            confidence = soft.max(1).values
             correct = (logits.argmax(1) == target).tolist()
+            probs = _predictive(optimizer, logits)
+            if probs is None:
+                nll, pred_conf, pred_correct = losses.tolist(), confidence.tolist(), correct
+            else:
+                result.predictive_batches += 1
+                # a probability that underflowed to 0 counts as the smallest positive double (NLL <= 708)
+                nll = (-probs.gather(1, target.unsqueeze(1)).squeeze(1).clamp_min(tiny).log()).tolist()
+                pred_conf = probs.max(1).values.tolist()
+                pred_correct = (probs.argmax(1) == target).tolist()
         result.correct.extend(int(c) for c in correct)
         result.loss.extend(float(v) for v in losses)
+        result.confidence.extend(float(v) for v in confidence)
+        result.nll.extend(float(v) for v in nll)
+        result.pred_confidence.extend(float(v) for v in pred_conf)
+        result.pred_correct.extend(int(c) for c in pred_correct)
         if bar is not None:
             bar.update(len(chunk))
             if (s // batch_size) % 50 == 0:
                 bar.set_postfix(acc=f"{sum(result.correct) / len(result.correct):.3f}")
     result.seconds = time.perf_counter() - start
+    result.cpu_seconds = cpu
     if bar is not None:
         bar.close()
     result.skipped_steps = int(getattr(optimizer, "skipped_steps", 0))
