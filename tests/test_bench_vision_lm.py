@@ -3,6 +3,7 @@ the registry's loss paths, the models, and ``kalmanopt report``. CPU only, no ne
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -159,9 +160,79 @@ def test_bench_vision_equal_time_budget(fashion_dir, tmp_path):
                      "--batch-size", "10", "--epochs", "50", "--seconds", "0.3", "--seeds", "0",
                      "--optimizers", "sgd,adahessian", "--no-progress", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
+    assert res["config"]["clock"] == "cpu"  # the default with one thread
     for r in res["runs"]:
-        assert r["budget"] == "time" and r["train_seconds"] < 5.0 and r["epochs"] < 50
-    assert "equal wall-clock" in cli_report_text(out)
+        assert r["budget"] == "time" and r["train_seconds"] < 5.0 and r["epochs"] < 50 and r["clock"] == "cpu"
+        assert r["schedule"] == "cosine over the time budget"
+    text = cli_report_text(out)
+    assert "equal training time, 0.3 s of thread CPU time per run" in text and "`--clock cpu`" in text
+
+
+def _sleepy_run(clock, seconds=None, epochs=1):
+    """One SGD run on a linear model whose batches take 30 ms of sleep each (waiting, not computing)."""
+    import time
+
+    from kalmanopt.bench import common
+
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    def batches(g):
+        for _ in range(4):
+            time.sleep(0.03)
+            yield x, y
+
+    return common.train_run(common.RunSpec("sgd", 0.1, 0), task="vision", make_model=lambda: torch.nn.Linear(4, 2),
+                            epoch_batches=batches, steps_per_epoch=4,
+                            per_sample_loss=lambda m, a, b: F.cross_entropy(m(a), b, reduction="none"),
+                            evaluate=lambda m: {"test_accuracy": 0.0}, budget=common.Budget(epochs, seconds),
+                            progress=False, schedule="cosine", clock=clock)
+
+
+def test_cpu_clock_counts_the_training_threads_work_not_waiting():
+    need("tqdm")
+    wall, cpu = _sleepy_run("wall"), _sleepy_run("cpu")
+    assert wall["clock"] == "wall" and cpu["clock"] == "cpu"
+    assert wall["train_seconds"] >= 4 * 0.03  # the sleeps count on the wall clock
+    assert cpu["train_seconds"] < 0.06  # and not on the thread's CPU clock (4 tiny SGD steps)
+    assert cpu["history"][-1]["seconds"] == cpu["train_seconds"]
+    # a time budget on the wall clock stops the sleepy run; on the CPU clock the same budget lets it finish its epochs
+    assert _sleepy_run("wall", seconds=0.05, epochs=3)["steps"] < 12
+    assert _sleepy_run("cpu", seconds=0.05, epochs=3)["steps"] == 12
+    with pytest.raises(ValueError, match="clock"):
+        _sleepy_run("gpu")
+
+
+def test_clock_option_default_and_record(fashion_dir, tmp_path):
+    need("tqdm")
+    from kalmanopt.bench import common
+
+    out = tmp_path / "w.json"
+    assert cli_main(["bench", "vision", "--data-root", str(fashion_dir), "--train-size", "100", "--valid-size", "50",
+                     "--test-size", "50", "--batch-size", "50", "--epochs", "1", "--seeds", "0", "--optimizers",
+                     "sgd", "--clock", "wall", "--seconds", "60", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["clock"] == "wall" and res["runs"][0]["clock"] == "wall"
+    assert "--clock wall" in res["provenance"]["command"]
+    assert "equal wall-clock, 60 s of training per run" in cli_report_text(out)
+    for threads, expected in ((1, "cpu"), (2, "wall")):
+        ns = argparse.Namespace(threads=threads, clock=None)
+        assert common.resolve_clock(ns) == expected == ns.clock
+    assert common.resolve_clock(argparse.Namespace(threads=1, clock="wall")) == "wall"
+
+
+def test_cosine_over_a_time_budget_follows_the_fraction_of_time_used():
+    from kalmanopt.bench.common import lr_scheduler
+
+    used = {"f": 0.0}
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = lr_scheduler(opt, "cosine", total_steps=1000, fraction=lambda step: used["f"])
+    seen = []
+    for f in (0.0, 0.5, 1.0, 2.0):
+        used["f"] = f
+        opt.step()
+        sched.step()
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen[0] == 1.0 and math.isclose(seen[1], 0.5, abs_tol=1e-12) and seen[2] == seen[3] == 0.0
 
 
 def cli_report_text(path) -> str:

@@ -68,6 +68,7 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
             "sec_per_epoch": _mean_std([r["seconds_per_epoch"] for r in runs]),
             "state_bytes": runs[0]["optimizer_state_bytes"], "diverged": sum(bool(r["diverged"]) for r in runs),
             "bpc": _mean_std([r["final"].get("test_bpc", math.nan) for r in runs]),
+            "unscheduled": str(runs[0].get("schedule", "")).startswith("none"),
         })
     sign = -1 if higher else 1
     rows.sort(key=lambda r: (sign * r["metric"][0]) if math.isfinite(r["metric"][0]) else math.inf)
@@ -78,10 +79,22 @@ def _bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
+def _clock(result: dict[str, Any]) -> str:
+    """How the file's training seconds were counted: ``"cpu"`` (the training thread's CPU time) or ``"wall"`` (files
+    written before ``--clock`` existed counted wall-clock time)."""
+    return result["config"].get("clock") or "wall"
+
+
 def _title(result: dict[str, Any]) -> str:
     c = result["config"]
-    budget = f"equal wall-clock, {c['seconds']:g} s of training per run" if c.get("seconds") else \
-        f"equal epochs, {c['epochs']}"
+    if c.get("seconds") and _clock(result) == "cpu":
+        budget = f"equal training time, {c['seconds']:g} s of thread CPU time per run"
+    elif c.get("seconds"):
+        budget = f"equal wall-clock, {c['seconds']:g} s of training per run"
+    else:
+        budget = f"equal epochs, {c['epochs']}"
+    if c.get("schedule"):
+        budget += f", {c['schedule']} lr"
     if result["suite"] == "vision":
         return f"{c['dataset']} ({c['train_size'] / 1000:g}k train) / {c['model']} ({budget})"
     return f"{c['corpus']} ({c['train_chars'] / 1000:g}k chars) / GPT ({budget})"
@@ -111,6 +124,9 @@ def markdown(results: list[tuple[Path, dict[str, Any]]], md_dir: Path, plots: di
                   f" Results: `{os.path.relpath(path, md_dir)}`.", ""]
         rows = summarise(result)
         extra = "test bpc" if suite == "lm" else "test loss"
+        if _clock(result) == "cpu":
+            lines += ["Training seconds (s / epoch, the time budget, the figure's time axis) are the training "
+                      "thread's CPU time (`--clock cpu`), not wall-clock time.", ""]
         lines += [f"| optimizer | lr | {label} | {extra} | final train loss | epochs | s / epoch | state | "
                   f"diverged |", "|---|---|---|---|---|---|---|---|---|"]
         best = rows[0]["metric"][0] if rows else math.nan
@@ -119,7 +135,8 @@ def markdown(results: list[tuple[Path, dict[str, Any]]], md_dir: Path, plots: di
             if r["metric"][0] == best:
                 m = f"**{m}**"
             second = _fmt(*r["bpc"], "{:.3f}") if suite == "lm" else _fmt(*r["test_loss"], "{:.4f}")
-            lines.append(f"| {r['label']} | {r['lr']:g} | {m} | {second} | {_fmt(*r['train_loss'], '{:.4f}')} | "
+            lr = f"{r['lr']:g}" + (" (no schedule)" if r["unscheduled"] else "")
+            lines.append(f"| {r['label']} | {lr} | {m} | {second} | {_fmt(*r['train_loss'], '{:.4f}')} | "
                          f"{r['epochs'][0]:.2f} | {r['sec_per_epoch'][0]:.1f} | {_bytes(r['state_bytes'])} | "
                          f"{r['diverged']}/{r['seeds']} |")
         sweep = result.get("sweep")
@@ -223,8 +240,9 @@ def plot(path: Path, result: dict[str, Any], out: Path) -> Path:
             lo, hi = (([v * scale for v in band]) for band in _band(runs, key))
             axes[0, 1].fill_between(ep, lo, hi, color=style["color"], alpha=0.15, lw=0)
             axes[1, 1].fill_between(sec, lo, hi, color=style["color"], alpha=0.15, lw=0)
+    seconds = "training seconds (thread CPU time)" if _clock(result) == "cpu" else "training seconds (wall-clock)"
     for ax, (x, y) in zip(axes.flat, [("epoch", "train loss (epoch mean)"), ("epoch", label),
-                                      ("training seconds", "train loss (epoch mean)"), ("training seconds", label)],
+                                      (seconds, "train loss (epoch mean)"), (seconds, label)],
                           strict=True):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
