@@ -67,26 +67,31 @@ KOALA optimizers, LoKO synchronises with the host inside ``step`` (it factorises
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import lofi
 from .base import StateSpec, _check_number, check_group_numbers, load_state_keep_dtypes, state_dtype
 
-__all__ = ["LoKO", "OBSERVATIONS", "NOISE_MODELS", "VARIANCE_UPDATES"]
+__all__ = ["LoKO", "Predictive", "predictive_probs", "OBSERVATIONS", "NOISE_MODELS", "VARIANCE_UPDATES",
+           "PREDICTIVE_METHODS"]
 
 OBSERVATIONS = ("softmax", "logits", "loss")
 NOISE_MODELS = ("moment", "ema", "ema_diag", "fixed")
 VARIANCE_UPDATES = ("fd", "vd")
 JACOBIAN_MODES = ("batched", "loop")
+PREDICTIVE_METHODS = ("probit", "laplace_bridge", "mc", "plugin")
 
 # Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
-_SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "p0_scale", "auto_scope", "jacobian")
+_SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "p0_scale", "auto_scope", "jacobian",
+           "rank")
 AUTO_SCOPES = ("joint", "group", "tensor")
 
 
@@ -217,6 +222,74 @@ def cholesky_with_jitter(a: Tensor, retries: int = 2) -> Tensor | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------------- predictive
+class Predictive(NamedTuple):
+    r"""The linearised predictive distribution of a batch's logits (all tensors detached).
+
+    Attributes:
+        mean: ``(batch, classes)`` logits at the current parameters (the model's dtype).
+        cov: ``(batch, classes, classes)`` float64 logit covariance per sample, :math:`H_b P H_b^\top` (plus the
+            observation noise ``R`` where asked for).
+        probs: ``(batch, classes)`` float64 class probabilities (see :func:`predictive_probs`).
+    """
+
+    mean: Tensor
+    cov: Tensor
+    probs: Tensor
+
+
+def predictive_probs(mean: Tensor, cov: Tensor, method: str = "probit", *, samples: int = 1000,
+                     generator: torch.Generator | None = None) -> Tensor:
+    r"""Class probabilities of logits :math:`f \sim \mathcal{N}(\mu, \Sigma)`, per sample (float64).
+
+    .. math::
+        \textbf{probit}:\ p = \operatorname{softmax}\!\Bigl(\frac{\mu_i}{\sqrt{1 + \pi\,\Sigma_{ii}/8}}\Bigr)
+        \qquad
+        \textbf{laplace\_bridge}:\ p_i = \frac{\alpha_i}{\sum_j \alpha_j},\
+        \alpha_i = \frac{1}{\Sigma'_{ii}}\Bigl(1 - \frac{2}{C} + \frac{e^{\mu'_i}}{C^2}\sum_j e^{-\mu'_j}\Bigr)
+
+    ``"probit"`` is the multiclass probit approximation of :math:`E[\operatorname{softmax}(f)]` (MacKay 1992;
+    Gibbs 1997). ``"laplace_bridge"`` is the mean of the Dirichlet that the Laplace bridge (Hennig et al. 2012;
+    Hobbhahn et al. 2022) matches to the Gaussian, after conditioning the Gaussian on :math:`\sum_i f_i = 0`
+    (softmax ignores a common shift of the logits): :math:`\mu' = \mu - \Sigma 1\,(1^\top\mu)/(1^\top\Sigma 1)`,
+    :math:`\Sigma' = \Sigma - \Sigma 1 1^\top \Sigma / (1^\top\Sigma 1)`. ``"mc"``: the average of
+    ``softmax(f)`` over ``samples`` draws (``generator`` for reproducibility). ``"plugin"``: ``softmax(mu)``, the
+    covariance ignored.
+
+    Args:
+        mean: ``(b, c)`` logits.
+        cov: ``(b, c, c)`` logit covariances (symmetric positive semi-definite).
+        method: one of :data:`PREDICTIVE_METHODS`.
+    """
+    if method not in PREDICTIVE_METHODS:
+        raise ValueError(f"Invalid method: {method!r} (expected one of {PREDICTIVE_METHODS})")
+    mu = mean.detach().to(torch.float64)
+    cov = cov.to(torch.float64)
+    var = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0.0)
+    if method == "plugin":
+        return torch.softmax(mu, dim=1)
+    if method == "probit":
+        return torch.softmax(mu / torch.sqrt(1.0 + (math.pi / 8.0) * var), dim=1)
+    if method == "mc":
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"Invalid samples: {samples!r} (a positive int)")
+        lam, vec = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)))  # PSD square root, singular cov allowed
+        root = vec * lam.clamp_min(0.0).sqrt().unsqueeze(1)
+        z = torch.randn((samples, *mu.shape), dtype=torch.float64, generator=generator).to(mu.device)
+        f = mu + torch.einsum("bij,sbj->sbi", root, z)
+        return torch.softmax(f, dim=2).mean(0)
+    c = mu.shape[1]
+    s1 = cov.sum(2)  # Sigma 1, (b, c)
+    total = s1.sum(1, keepdim=True)  # 1^T Sigma 1
+    pos = total > 0
+    safe = torch.where(pos, total, torch.ones_like(total))
+    mu_c = torch.where(pos, mu - s1 * mu.sum(1, keepdim=True) / safe, mu)
+    var_c = torch.where(pos, var - s1.square() / safe, var).clamp_min(torch.finfo(torch.float64).tiny)
+    log_term = mu_c + torch.logsumexp(-mu_c, dim=1, keepdim=True) - 2.0 * math.log(c)
+    alpha = (1.0 - 2.0 / c + torch.exp(log_term)) / var_c
+    return alpha / alpha.sum(1, keepdim=True)
+
+
 def check_numbers(opt: Optimizer) -> None:
     """Step-time check: every hyperparameter is still a finite Python number (groups may be changed after
     construction); LoKO and FullKalman take no tensor hyperparameters."""
@@ -296,10 +369,12 @@ class LoKO(Optimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float | str = 0.3, r0: float = 1.0,
                  beta: float = 0.95, observation: str = "logits", q: float = 0.0, *, noise: str = "fixed",
                  variance_update: str = "fd", r_min: float = 1e-3, p_min: float = 1e-12, inflation: float = 0.0,
-                 p0_scale: float = 1.0, auto_scope: str = "joint", jacobian: str = "batched") -> None:
+                 p0_scale: float = 1.0, auto_scope: str = "joint", jacobian: str = "batched",
+                 rank: int = 0) -> None:
         defaults = dict(p0=p0, r0=r0, beta=beta, observation=observation, q=q, noise=noise,
                         variance_update=variance_update, r_min=r_min, p_min=p_min, inflation=inflation,
-                        p0_scale=p0_scale, auto_scope=auto_scope, jacobian=jacobian)
+                        p0_scale=p0_scale, auto_scope=auto_scope, jacobian=jacobian, rank=rank)
+        self.last_predictive: Predictive | None = None
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -316,14 +391,31 @@ class LoKO(Optimizer):
         if group["variance_update"] not in VARIANCE_UPDATES:
             raise ValueError(f"Invalid variance_update: {group['variance_update']!r} (expected one of "
                              f"{VARIANCE_UPDATES})")
-        if group["variance_update"] == "vd" and group["r_min"] <= 0 and group["noise"] != "fixed":
-            raise ValueError("Invalid r_min: variance_update='vd' needs R positive definite, use r_min > 0")
+        rank = group["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"Invalid rank: {rank!r} (a non-negative int; 0 is the diagonal filter)")
+        precision = group["variance_update"] == "vd" or rank > 0
+        if precision and group["r_min"] <= 0 and group["noise"] != "fixed":
+            raise ValueError("Invalid r_min: variance_update='vd' and rank > 0 need R positive definite, use r_min > 0")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rank = self.param_groups[0]["rank"]
+        for values in state_dict["state"].values():
+            if not isinstance(values, dict):
+                continue
+            if ("p" in values and rank > 0) or ("upsilon" in values and rank == 0):
+                saved = "the diagonal filter (rank=0)" if "p" in values else "a low-rank filter (rank > 0)"
+                raise ValueError(f"LoKO.load_state_dict: the state dict is of {saved}, this optimizer has "
+                                 f"rank={rank}")
         load_state_keep_dtypes(self, state_dict, self._expected_state)
 
     def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
-        spec: StateSpec = {"p": (tuple(p.shape), state_dtype(p))}
+        rank = group["rank"]
+        if rank > 0:
+            spec: StateSpec = {"upsilon": (tuple(p.shape), state_dtype(p)),
+                               "W": ((*p.shape, rank), state_dtype(p))}
+        else:
+            spec = {"p": (tuple(p.shape), state_dtype(p))}
         pairs = self._trainable()
         if pairs and p is pairs[0][1]:
             spec |= {"step": ((), torch.int64), "skipped_steps": ((), torch.int64),
@@ -365,6 +457,8 @@ class LoKO(Optimizer):
             raise ValueError("LoKO has no parameter with requires_grad=True")
         check_numbers(self)
         g0 = self.param_groups[0]
+        self._check_rank_state(pairs)
+        self.last_predictive = None
         with torch.enable_grad():
             outputs = forward_fn()
             h, e, yhat = observe(outputs, target, g0["observation"])
@@ -379,10 +473,31 @@ class LoKO(Optimizer):
             gst["skipped_steps"] += 1
             return returned
         with torch.no_grad():
-            ok = self._update(pairs, rows, e, yhat, gst)
+            if g0["rank"] > 0:
+                ok = self._update_lowrank(pairs, rows, e, yhat, gst, returned)
+            else:
+                ok = self._update(pairs, rows, e, yhat, gst, returned)
         if not ok:
             gst["skipped_steps"] += 1
         return returned
+
+    def _check_rank_state(self, pairs: list[tuple[dict[str, Any], Tensor]]) -> None:
+        """``rank`` changed after state exists (groups are mutable): refuse rather than restart silently."""
+        rank = self.param_groups[0]["rank"]
+        for _, p in pairs:
+            st = self.state.get(p, {})
+            if ("p" in st and rank > 0) or ("upsilon" in st and (rank == 0 or st["W"].shape[-1] != rank)):
+                raise ValueError(f"Invalid rank: {rank} does not match the optimizer's state (rank changed after "
+                                 "the first step)")
+
+    def _store_predictive(self, outputs: Tensor, hph: Tensor) -> None:
+        """``last_predictive`` from the prior ``H P^- H^T`` of this step (logit observation only)."""
+        if self.param_groups[0]["observation"] != "logits":
+            return
+        b, c = outputs.shape
+        idx = torch.arange(b, device=hph.device)
+        cov = hph.reshape(b, c, b, c)[idx, :, idx, :]  # the per-sample diagonal blocks, (b, c, c)
+        self.last_predictive = Predictive(outputs, cov, predictive_probs(outputs, cov, "probit"))
 
     def _initial_variances(self, pairs: list[tuple[dict[str, Any], Tensor]], H: list[Tensor], R: Tensor,
                            gst: dict[str, Any]) -> list[float | None]:
@@ -398,7 +513,7 @@ class LoKO(Optimizer):
         units: dict[Any, list[int]] = {}
         scope = g0["auto_scope"]
         for i, (g, p) in enumerate(pairs):
-            if "p" in self.state[p]:
+            if "p" in self.state[p] or "upsilon" in self.state[p]:
                 continue
             if g["p0"] != "auto":
                 out[i] = float(g["p0"])
@@ -421,7 +536,7 @@ class LoKO(Optimizer):
 
     @torch.no_grad()
     def _update(self, pairs: list[tuple[dict[str, Any], Tensor]], rows: list[Tensor], e: Tensor, yhat: Tensor,
-                gst: dict[str, Any]) -> bool:
+                gst: dict[str, Any], outputs: Tensor) -> bool:
         g0 = self.param_groups[0]
         m = e.numel()
         if not bool(torch.isfinite(e).all()):
@@ -450,6 +565,7 @@ class LoKO(Optimizer):
             S += ((hr * pp) @ hr.T).to(torch.float64)
         if not bool(torch.isfinite(S).all()):
             return False
+        self._store_predictive(outputs, S - R)
         vd = g0["variance_update"] == "vd"
         L = cholesky_with_jitter(R if vd else S)
         if L is None:
@@ -498,3 +614,193 @@ class LoKO(Optimizer):
             gst["p0_auto"].fill_(joint[0])
         gst["step"] += 1
         return True
+
+    # ------------------------------------------------------------------ rank > 0 (LoFi)
+    def _joint_prior(self, pairs: list[tuple[dict[str, Any], Tensor]], init: list[float | None],
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | float, Tensor | float, list[bool]]:
+        """The stacked precision ``(upsilon (n,), W (n, k))`` before the time update, with the time update's
+        inflation and process noise per row (numbers when every row shares them) and which tensors count.
+
+        A started tensor brings its state; a new one its prior ``1 / p0`` and zero rows of ``W`` (independent of
+        the rest); an ``"auto"`` one whose prior is still undetermined (``init`` None: its Jacobian is zero) a
+        placeholder ``1`` that nothing reads (zero Jacobian and zero ``W`` rows keep it out of the update).
+        """
+        k = self.param_groups[0]["rank"]
+        device = pairs[0][1].device
+        ups, Ws, infl, qs, live = [], [], [], [], []
+        for (g, p), value in zip(pairs, init, strict=True):
+            st = self.state.get(p, {})
+            n = p.numel()
+            if "upsilon" in st:
+                ups.append(st["upsilon"].reshape(-1).to(dtype))
+                Ws.append(st["W"].reshape(n, k).to(dtype))
+                a, q = float(g["inflation"]), float(g["q"])
+            else:
+                ups.append(torch.full((n,), 1.0 if value is None else 1.0 / value, dtype=dtype, device=device))
+                Ws.append(torch.zeros((n, k), dtype=dtype, device=device))
+                a, q = 0.0, 0.0  # the prior of a new tensor is its p0, as in the diagonal filter
+            infl.append((a, n))
+            qs.append((q, n))
+            live.append("upsilon" in st or value is not None)
+
+        def rows(values: list[tuple[float, int]]) -> Tensor | float:
+            if len({v for v, _ in values}) == 1:
+                return values[0][0]
+            return torch.cat([torch.full((n,), v, dtype=dtype, device=device) for v, n in values])
+
+        return torch.cat(ups), torch.cat(Ws), rows(infl), rows(qs), live
+
+    @torch.no_grad()
+    def _update_lowrank(self, pairs: list[tuple[dict[str, Any], Tensor]], rows: list[Tensor], e: Tensor,
+                        yhat: Tensor, gst: dict[str, Any], outputs: Tensor) -> bool:
+        """One LoFi step over every trainable parameter jointly (see :mod:`kalmanopt.optim.lofi`)."""
+        g0 = self.param_groups[0]
+        k = g0["rank"]
+        m = e.numel()
+        if not bool(torch.isfinite(e).all()):
+            return False
+        dtype = torch.float64 if any(state_dtype(p) == torch.float64 for _, p in pairs) else torch.float32
+        H = torch.cat([r.reshape(m, -1).to(dtype) for r in rows], dim=1)  # (m, n)
+        if not bool(torch.isfinite(H).all()):
+            return False
+        sizes = [p.numel() for _, p in pairs]
+        R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
+        L_R = cholesky_with_jitter(R)
+        if L_R is None:
+            warnings.warn("LoKO: the observation noise R is not positive definite; sample skipped",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        init = self._initial_variances(pairs, list(H.split(sizes, dim=1)), R, gst)
+        ups, W, infl, q, live = self._joint_prior(pairs, init, dtype)
+        ups, W = lofi.predict(ups, W, infl, q)
+        res = lofi.update(ups, W, H, L_R, e)
+        if res is None or not all(bool(torch.isfinite(t).all()) for t in res):
+            return False
+        self._store_predictive(outputs, res.prior_hph)
+
+        if g0["noise"] in ("ema", "ema_diag"):
+            blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
+            new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - res.h_delta, res.post_hph,
+                                           g0["beta"], blocks)
+            if not bool(torch.isfinite(new_r).all()):
+                return False
+            gst["noise_estimate"].copy_(new_r)
+
+        # commit
+        for (_, p), d, u, w, ok in zip(pairs, res.delta.split(sizes), res.upsilon.split(sizes),
+                                       res.W.split(sizes, dim=0), live, strict=True):
+            if not ok:
+                continue  # an "auto" prior still undetermined: its Jacobian and W rows are zero, nothing moved
+            st = self.state[p]
+            if "upsilon" not in st:
+                st["upsilon"] = torch.empty(p.shape, dtype=state_dtype(p), device=p.device)
+                st["W"] = torch.empty((*p.shape, k), dtype=state_dtype(p), device=p.device)
+            st["upsilon"].copy_(u.view(p.shape))
+            st["W"].copy_(w.view(*p.shape, k))
+            p.add_(d.view(p.shape).to(p.dtype))
+        joint = [v for (g, p), v in zip(pairs, init, strict=True) if g["p0"] == "auto" and v is not None]
+        if joint and g0["auto_scope"] == "joint":
+            gst["p0_auto"].fill_(joint[0])
+        gst["step"] += 1
+        return True
+
+    # ------------------------------------------------------------------ predictive
+    def predictive(self, forward_fn: Callable[[], Tensor], method: str = "probit", *, noise: bool = False,
+                   samples: int = 1000, generator: torch.Generator | None = None) -> Predictive:
+        r"""The linearised predictive distribution of the logits ``forward_fn()`` returns, at the current state.
+
+        .. math::
+            f \sim \mathcal{N}\bigl(h(\theta; x),\; H P^- H^\top\ (+ R)\bigr)
+
+        per sample, with :math:`H` the logits' Jacobian and :math:`P^-` the covariance the next step would start
+        from (the state after the time update: :math:`(1 + \alpha) p + q`; for ``rank > 0``
+        :math:`(\Upsilon^- + W^- W^{-\top})^{-1}` by Woodbury, never formed). Tensors not yet started use their
+        ``p0``; an ``"auto"`` prior not yet determined contributes nothing. Nothing is written: parameters, state
+        and gradients are untouched (the Jacobian comes from ``autograd.grad``).
+
+        Args:
+            forward_fn: returns logits ``(batch, classes)`` with autograd enabled (any inputs).
+            method: ``"probit"`` (default), ``"laplace_bridge"``, ``"mc"`` or ``"plugin"`` (see
+                :func:`predictive_probs`).
+            noise: add the observation noise ``R`` (``observation="logits"`` only, where ``R`` lives on the
+                logits).
+            samples, generator: for ``method="mc"``.
+
+        Raises:
+            ValueError: with ``observation="loss"`` (the filter never saw the logits), an unknown method, or
+                ``noise=True`` without the logit observation.
+        """
+        g0 = self.param_groups[0]
+        if g0["observation"] == "loss":
+            raise ValueError("LoKO.predictive needs a filter over the logits or probabilities; with "
+                             "observation='loss' it measured one scalar loss and has no predictive distribution "
+                             "of the outputs")
+        if method not in PREDICTIVE_METHODS:
+            raise ValueError(f"Invalid method: {method!r} (expected one of {PREDICTIVE_METHODS})")
+        if noise and g0["observation"] != "logits":
+            raise ValueError(f"Invalid noise: R lives on the logits only with observation='logits', got "
+                             f"{g0['observation']!r}")
+        if not callable(forward_fn):
+            raise TypeError("LoKO.predictive(forward_fn): forward_fn() must return logits (batch, classes)")
+        pairs = self._trainable()
+        if not pairs:
+            raise ValueError("LoKO has no parameter with requires_grad=True")
+        params = [p for _, p in pairs]
+        with torch.enable_grad():
+            outputs = forward_fn()
+            if not isinstance(outputs, Tensor) or outputs.dim() != 2:
+                shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs)
+                raise ValueError(f"forward_fn must return logits of shape (batch, classes), got {shape}")
+            if not outputs.requires_grad:
+                raise RuntimeError("forward_fn's outputs do not depend on the optimizer's parameters")
+            rows = jacobian_rows(outputs.reshape(-1), params, g0["jacobian"])
+        b, c = outputs.shape
+        mean = outputs.detach()
+        with torch.no_grad():
+            cov = self._logit_covariance(pairs, rows, b, c)
+            if noise:
+                leader = self.state.get(params[0], {})
+                est = leader.get("noise_estimate")
+                if est is None:
+                    est = g0["r0"] * torch.eye(c, dtype=torch.float64, device=cov.device)
+                cov = cov + est.to(torch.float64) + g0["r_min"] * torch.eye(c, dtype=torch.float64,
+                                                                            device=cov.device)
+        return Predictive(mean, cov, predictive_probs(mean, cov, method, samples=samples, generator=generator))
+
+    def _logit_covariance(self, pairs: list[tuple[dict[str, Any], Tensor]], rows: list[Tensor], b: int,
+                          c: int) -> Tensor:
+        """``H P^- H^T`` per sample, ``(b, c, c)`` float64, from the state without writing to it."""
+        g0 = self.param_groups[0]
+        leader = self.state.get(pairs[0][1], {})
+        auto = float(leader["p0_auto"]) if "p0_auto" in leader else 0.0
+        init: list[float | None] = []
+        for g, _ in pairs:
+            if g["p0"] != "auto":
+                init.append(float(g["p0"]))
+            else:
+                init.append(auto if auto > 0 and g0["auto_scope"] == "joint" else None)
+        dtype = torch.float64 if any(state_dtype(p) == torch.float64 for _, p in pairs) else torch.float32
+        m = b * c
+        Hs = []
+        for (_, p), r, value in zip(pairs, rows, init, strict=True):
+            hr = r.reshape(m, -1).to(dtype)
+            st = self.state.get(p, {})
+            if value is None and "p" not in st and "upsilon" not in st:
+                hr = torch.zeros_like(hr)  # an undetermined "auto" prior: no variance yet
+            Hs.append(hr)
+        H = torch.cat(Hs, dim=1).reshape(b, c, -1)
+        if g0["rank"] > 0:
+            ups, W, infl, q, _ = self._joint_prior(pairs, init, dtype)
+            ups, W = lofi.predict(ups, W, infl, q)
+            return lofi.quadratic_form(ups, W, H)
+        prior = []
+        for (g, p), value in zip(pairs, init, strict=True):
+            st = self.state.get(p, {})
+            if "p" in st:
+                prior.append(st["p"].reshape(-1).to(dtype) * (1.0 + g["inflation"]) + g["q"])
+            else:
+                prior.append(torch.full((p.numel(),), 0.0 if value is None else value, dtype=dtype,
+                                        device=p.device))
+        P = torch.cat(prior)
+        out = ((H * P) @ H.transpose(1, 2)).to(torch.float64)
+        return 0.5 * (out + out.transpose(1, 2))

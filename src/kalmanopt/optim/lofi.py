@@ -1,0 +1,193 @@
+r"""Low-rank-plus-diagonal precision algebra for LoKO's ``rank=k`` option (LoFi).
+
+After Chang, Durán-Martín, Shestopaloff, Jones and Murphy, "Low-rank extended Kalman filtering for online learning of
+neural networks" (CoLLAs 2023). The posterior over the ``n`` filtered parameters is kept as a precision
+
+.. math::
+    \Sigma^{-1} = \Upsilon + W W^\top, \qquad \Upsilon = \operatorname{diag}(\upsilon) \succ 0,\quad
+    W \in \mathbb{R}^{n \times k},
+
+so memory is ``n (k + 1)`` numbers and no ``n x n`` matrix is ever formed. Pure functions, no state: LoKO stacks its
+per-parameter slices into the joint ``upsilon`` (n,) and ``W`` (n, k) and calls them.
+
+**Predict** (time update, exact). With the covariance dynamics :math:`\Sigma^- = \Gamma\Sigma\Gamma + Q`,
+:math:`\Gamma = \operatorname{diag}(\sqrt{a})` (``a = 1 + inflation``) and :math:`Q = \operatorname{diag}(q)`, put
+:math:`D = \Upsilon / a`, :math:`U = W / \sqrt{a}` (row-wise) and :math:`s = 1 / (1 + q D)`; Woodbury twice gives
+
+.. math::
+    \Upsilon^- = s\,D, \qquad W^- = \operatorname{diag}(s)\,U\,F, \qquad
+    F F^\top = \bigl(I_k + U^\top \operatorname{diag}(q\,s)\,U\bigr)^{-1},
+
+which is the exact precision :math:`(\Gamma(\Upsilon + WW^\top)^{-1}\Gamma + Q)^{-1}` (it stays of the form diagonal
+plus rank k because ``Q`` is diagonal), continuous at ``q = 0``.
+
+**Update** with ``m`` outputs, Jacobian ``H`` (m, n), noise ``R = L_R L_R^T`` and innovation ``e``. The information
+``H^T R^{-1} H = G^T G`` with ``G = L_R^{-1} H`` is appended to the low-rank factor,
+:math:`\tilde W = [W^-, G^\top]` (n, k + m), so that the *untruncated* posterior precision is
+:math:`\Upsilon^- + \tilde W\tilde W^\top` (exact). The mean moves by the exact EKF gain of that system, by Woodbury in
+the (k + m)-dimensional space:
+
+.. math::
+    \theta \leftarrow \theta + \Sigma^+ H^\top R^{-1} e,\qquad
+    \Sigma^+ = \Upsilon^{-1} - \Upsilon^{-1}\tilde W\,(I + \tilde W^\top\Upsilon^{-1}\tilde W)^{-1}\,
+    \tilde W^\top\Upsilon^{-1}.
+
+Then the rank is cut back to k: with the eigendecomposition of the small Gram matrix
+:math:`\tilde W^\top\tilde W = V \operatorname{diag}(\lambda) V^\top` (eigenvalues descending), :math:`\tilde W V` has
+orthogonal columns (the left singular vectors scaled by the singular values) and :math:`\tilde W\tilde W^\top =
+(\tilde W V)(\tilde W V)^\top`; the first k columns are the new ``W`` (the best rank-k approximation of
+:math:`\tilde W\tilde W^\top`), the squared row norms of the ``m`` dropped ones are added to :math:`\Upsilon`. The
+diagonal of the precision is therefore exact: :math:`\upsilon^+ + \operatorname{rowsum}(W^{+2}) =
+\upsilon^- + \operatorname{rowsum}(W^{-2}) + \operatorname{diag}(H^\top R^{-1} H)`. When the information gathered so
+far has rank at most k (or k >= n), nothing is dropped and the filter is the exact EKF.
+
+Cost: ``O(m^2 n)`` for ``G``, ``O(n (k + m)^2)`` for the two Gram products and the rotation, ``O((k + m)^3)`` for the
+small factorisations. The ``n``-dimensional work runs in the dtype of the inputs (float32 or float64); every
+``(k + m)``-dimensional matrix is float64. Everything the step needs besides (``H Sigma H^T`` before and after the
+update, ``H dtheta``) is read off the small matrix :math:`\tilde W^\top\Upsilon^{-1}\tilde W`, with no extra
+``n``-dimensional work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["LofiUpdate", "predict", "update", "quadratic_form"]
+
+
+def predict(upsilon: Tensor, W: Tensor, inflation: Tensor | float = 0.0,
+            q: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+    r"""Time update of the precision ``diag(upsilon) + W W^T`` (exact; see the module docs).
+
+    Args:
+        upsilon: ``(n,)`` positive diagonal of the precision.
+        W: ``(n, k)`` low-rank factor.
+        inflation: covariance inflation ``alpha >= 0`` (``Sigma <- (1 + alpha) Sigma``), a number or ``(n,)``.
+        q: process noise ``>= 0`` added to the covariance diagonal, a number or ``(n,)``.
+
+    Returns:
+        ``(upsilon, W)`` of the predicted precision (new tensors; the inputs are not modified).
+    """
+    no_q = isinstance(q, int | float) and q == 0
+    if isinstance(inflation, int | float) and inflation == 0 and no_q:
+        return upsilon.clone(), W.clone()
+    a = 1.0 + inflation
+    D = upsilon / a
+    U = W / (a.sqrt().unsqueeze(1) if isinstance(a, Tensor) else math.sqrt(a))
+    if no_q:
+        return D, U
+    s = 1.0 / (1.0 + q * D)
+    qs = q * s
+    Us = U * (qs.unsqueeze(1) if isinstance(qs, Tensor) else qs)
+    k = W.shape[1]
+    inner = torch.eye(k, dtype=torch.float64, device=W.device) + (U.T @ Us).to(torch.float64)
+    L = torch.linalg.cholesky(0.5 * (inner + inner.T))  # I + PSD: always positive definite
+    # F = L^{-T}: F F^T = (L L^T)^{-1}, the k x k square root of C that keeps the product's rank
+    F = torch.linalg.solve_triangular(L.T, torch.eye(k, dtype=torch.float64, device=W.device), upper=True)
+    return s * D, (U * s.unsqueeze(1)) @ F.to(W.dtype)
+
+
+class LofiUpdate(NamedTuple):
+    """The outcome of :func:`update` (nothing is written; the caller commits it).
+
+    Attributes:
+        delta: ``(n,)`` mean increment :math:`\\Sigma^+ H^\\top R^{-1} e`.
+        upsilon: ``(n,)`` new diagonal (the dropped directions' squared row norms added).
+        W: ``(n, k)`` new low-rank factor (columns by decreasing norm).
+        prior_hph: ``(m, m)`` float64 :math:`H \\Sigma^- H^\\top` (the predictive covariance of the outputs).
+        post_hph: ``(m, m)`` float64 :math:`H \\Sigma^+ H^\\top` of the untruncated posterior.
+        h_delta: ``(m,)`` float64 :math:`H\\,\\delta`, the linearised change of the outputs.
+    """
+
+    delta: Tensor
+    upsilon: Tensor
+    W: Tensor
+    prior_hph: Tensor
+    post_hph: Tensor
+    h_delta: Tensor
+
+
+def _sym_solve(L: Tensor, b: Tensor) -> Tensor:
+    return torch.cholesky_solve(b, L)
+
+
+def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor) -> LofiUpdate | None:
+    r"""Measurement update of the precision ``diag(upsilon) + W W^T`` (see the module docs).
+
+    Args:
+        upsilon: ``(n,)`` prior diagonal (after :func:`predict`), positive.
+        W: ``(n, k)`` prior low-rank factor, ``k >= 1``.
+        H: ``(m, n)`` Jacobian of the outputs, in the dtype of ``W``.
+        chol_R: ``(m, m)`` float64 lower Cholesky factor of the observation noise ``R``.
+        e: ``(m,)`` float64 innovation.
+
+    Returns:
+        A :class:`LofiUpdate`, or None when the small ``(k + m)`` system cannot be factorised (non-finite input).
+    """
+    n, k = W.shape
+    m = H.shape[0]
+    f64 = torch.float64
+    eye_m = torch.eye(m, dtype=f64, device=H.device)
+    # G = L_R^{-1} H, so that H^T R^{-1} H = G^T G; the small inverse is applied in the state dtype
+    Linv = torch.linalg.solve_triangular(chol_R, eye_m, upper=False)
+    G = Linv.to(H.dtype) @ H  # (m, n)
+    e_w = Linv @ e  # whitened innovation, float64 (m,)
+    Wt = torch.cat([W, G.T], dim=1)  # (n, k + m): the untruncated factor
+    U = Wt / upsilon.unsqueeze(1)  # Upsilon^{-1} W~
+    T = (Wt.T @ U).to(f64)  # W~^T Upsilon^{-1} W~
+    T = 0.5 * (T + T.T)
+    eye = torch.eye(k + m, dtype=f64, device=H.device)
+    L_M, info = torch.linalg.cholesky_ex(eye + T)
+    if int(info) != 0 or not bool(torch.isfinite(L_M).all()):
+        return None
+    # Sigma^+ H^T R^{-1} e = Upsilon^{-1} G^T e_w - U M^{-1} U^T G^T e_w; U^T G^T e_w = T[:, k:] e_w
+    t_e = T[:, k:] @ e_w
+    coef = -_sym_solve(L_M, t_e.unsqueeze(1)).squeeze(1)
+    coef[k:] += e_w
+    delta = U @ coef.to(U.dtype)
+    # quadratic forms in the outputs, read off T: H Upsilon^{-1} H^T = L_R T_gg L_R^T, H Upsilon^{-1} W = L_R T_gw
+    T_gg, T_gw = T[k:, k:], T[k:, :k]
+    L_w = torch.linalg.cholesky(eye[:k, :k] + T[:k, :k])
+    Z = torch.linalg.solve_triangular(L_w, T_gw.T, upper=False)  # (k, m)
+    prior_white = T_gg - Z.T @ Z
+    Z2 = torch.linalg.solve_triangular(L_M, T[:, k:], upper=False)  # (k + m, m)
+    post_white = T_gg - Z2.T @ Z2
+    prior_hph = chol_R @ prior_white @ chol_R.T
+    post_hph = chol_R @ post_white @ chol_R.T
+    h_delta = chol_R @ (T[k:, :] @ coef)
+    # truncation: rotate W~ onto the eigenvectors of its Gram matrix, keep the k largest
+    gram = (Wt.T @ Wt).to(f64)
+    _, V = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
+    V = V.flip(1).to(W.dtype)
+    W_new = Wt @ V[:, :k]
+    dropped = Wt @ V[:, k:]
+    ups_new = upsilon + dropped.square().sum(1)
+    return LofiUpdate(delta, ups_new, W_new, 0.5 * (prior_hph + prior_hph.T), 0.5 * (post_hph + post_hph.T), h_delta)
+
+
+def quadratic_form(upsilon: Tensor, W: Tensor | None, H: Tensor) -> Tensor:
+    r"""Per-sample blocks of :math:`H \Sigma H^\top` with :math:`\Sigma = (\Upsilon + W W^\top)^{-1}` (Woodbury).
+
+    Args:
+        upsilon: ``(n,)`` positive diagonal of the precision.
+        W: ``(n, k)`` low-rank factor, or None for a diagonal precision.
+        H: ``(b, c, n)`` Jacobian rows, grouped by sample.
+
+    Returns:
+        ``(b, c, c)`` float64.
+    """
+    Hu = H / upsilon
+    out = (Hu @ H.transpose(1, 2)).to(torch.float64)
+    if W is not None and W.shape[1]:
+        k = W.shape[1]
+        inner = torch.eye(k, dtype=torch.float64, device=W.device) + (W.T @ (W / upsilon.unsqueeze(1))).to(
+            torch.float64)
+        L = torch.linalg.cholesky(0.5 * (inner + inner.T))
+        HuW = (Hu @ W).to(torch.float64)  # (b, c, k)
+        Z = torch.linalg.solve_triangular(L, HuW.transpose(1, 2), upper=False)  # (b, k, c)
+        out = out - Z.transpose(1, 2) @ Z
+    return 0.5 * (out + out.transpose(1, 2))

@@ -1,0 +1,354 @@
+"""LoKO rank=k (LoFi): the exact EKF when the rank covers the information, LoFi's invariants against a dense oracle
+written from the equations, options, guards and checkpoints."""
+
+import io
+
+import pytest
+import torch
+from test_loko import _assert_unchanged, _snapshot, data, flat_params, tiny
+
+from kalmanopt import FullKalman, LoKO
+from kalmanopt.optim import lofi
+
+N_TINY = 4 * 6 + 6 + 6 * 3 + 3  # 51 parameters
+
+
+def lowrank_state(opt, model):
+    """The joint (upsilon (n,), W (n, k)) of a rank-k LoKO, in parameter order."""
+    ps = list(model.parameters())
+    k = opt.param_groups[0]["rank"]
+    ups = torch.cat([opt.state[p]["upsilon"].reshape(-1) for p in ps])
+    W = torch.cat([opt.state[p]["W"].reshape(-1, k) for p in ps])
+    return ups, W
+
+
+def set_lowrank_state(opt, model, ups, W):
+    k = W.shape[1]
+    i = 0
+    for p in model.parameters():
+        opt.state[p]["upsilon"] = ups[i:i + p.numel()].view(p.shape).clone()
+        opt.state[p]["W"] = W[i:i + p.numel()].reshape(*p.shape, k).clone()
+        i += p.numel()
+
+
+def dense_jacobian(model, x):
+    """d logits / d theta, (b * c, n), by plain autograd one row at a time (independent of LoKO's code)."""
+    out = model(x).reshape(-1)
+    rows = []
+    for j in range(out.numel()):
+        gs = torch.autograd.grad(out[j], list(model.parameters()), retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
+    return out.detach(), torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("observation,noise,q", [("logits", "fixed", 0.0), ("softmax", "moment", 0.0),
+                                                 ("logits", "ema", 0.0), ("softmax", "ema_diag", 0.0),
+                                                 ("loss", "fixed", 0.0), ("logits", "fixed", 1e-3)])
+def test_full_rank_is_the_exact_ekf(observation, noise, q):
+    """k >= n: nothing is ever dropped, so mean and covariance equal FullKalman's over several steps (LoKO's first
+    step uses p0 as the prior, FullKalman's p0 + q: the priors are matched)."""
+    model_full, model_low = tiny(), tiny()
+    full = FullKalman(model_full.parameters(), p0=0.2 - q, r0=0.3, observation=observation, noise=noise, q=q)
+    low = LoKO(model_low.parameters(), p0=0.2, r0=0.3, observation=observation, noise=noise, q=q, rank=N_TINY)
+    for k in range(5):
+        x, y = data(k)
+        full.step(lambda x=x: model_full(x), y)
+        low.step(lambda x=x: model_low(x), y)
+        torch.testing.assert_close(flat_params(model_low), flat_params(model_full), rtol=1e-9, atol=1e-12)
+    ups, W = lowrank_state(low, model_low)
+    P = torch.linalg.inv(torch.diag(ups) + W @ W.T)
+    torch.testing.assert_close(P, full.covariance(), rtol=1e-8, atol=1e-12)
+    if noise != "moment":
+        leader = next(iter(model_low.parameters()))
+        torch.testing.assert_close(low.state[leader]["noise_estimate"],
+                                   full.state[next(iter(model_full.parameters()))]["noise_estimate"])
+    assert low.skipped_steps == 0
+
+
+def test_rank_covering_the_information_is_exact():
+    """k < n but k >= steps x outputs (4 x 6 = 24 < 51): the information has rank <= k, the filter is exact."""
+    model_full, model_low = tiny(), tiny()
+    full = FullKalman(model_full.parameters(), p0=0.2)
+    low = LoKO(model_low.parameters(), p0=0.2, rank=24)
+    for k in range(4):
+        x, y = data(k)
+        full.step(lambda x=x: model_full(x), y)
+        low.step(lambda x=x: model_low(x), y)
+    torch.testing.assert_close(flat_params(model_low), flat_params(model_full), rtol=1e-9, atol=1e-12)
+    ups, W = lowrank_state(low, model_low)
+    torch.testing.assert_close(torch.linalg.inv(torch.diag(ups) + W @ W.T), full.covariance(), rtol=1e-8,
+                               atol=1e-12)
+    # one more step exceeds the rank: no longer exact (the check above can fail)
+    x, y = data(4)
+    full.step(lambda: model_full(x), y)
+    low.step(lambda: model_low(x), y)
+    ups, W = lowrank_state(low, model_low)
+    assert (torch.linalg.inv(torch.diag(ups) + W @ W.T) - full.covariance()).abs().max() > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- dense oracle
+def dense_lofi_step(theta, ups, W, H, R, e, k, a, q):
+    """LoFi written densely from its definition: exact predicted precision, exact posterior mean, and the
+    posterior precision's rank-k truncation by eigendecomposition of the n x n information beyond the diagonal."""
+    n = theta.numel()
+    Sigma = torch.linalg.inv(torch.diag(ups) + W @ W.T)
+    Sigma_pred = torch.diag(a.sqrt()) @ Sigma @ torch.diag(a.sqrt()) + torch.diag(q)
+    Lam_pred = torch.linalg.inv(Sigma_pred)
+    ups_pred = ups / (a + q * ups)  # the diagonal part's own prediction
+    Rinv = torch.linalg.inv(R)
+    Lam_post = Lam_pred + H.T @ Rinv @ H
+    theta_new = theta + torch.linalg.solve(Lam_post, H.T @ Rinv @ e)
+    low = Lam_post - torch.diag(ups_pred)  # PSD, rank <= k + m
+    lam, vec = torch.linalg.eigh(low)
+    keep = vec[:, n - k:] * lam[n - k:].clamp_min(0).sqrt()
+    drop = low - keep @ keep.T
+    return theta_new, ups_pred + torch.diagonal(drop), keep, Lam_post, Lam_pred, ups_pred
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_one_step_from_a_random_state_against_dense_oracle(k):
+    """From an arbitrary (upsilon, W) with two param groups of different inflation and q: exact mean, the
+    predicted precision exact, the new W W^T the best rank-k part of the information, and the diagonal of the
+    precision exact (LoFi's invariant)."""
+    model = tiny()
+    ps = list(model.parameters())
+    groups = [{"params": ps[:2], "inflation": 0.1, "q": 1e-3}, {"params": ps[2:], "inflation": 0.0, "q": 0.02}]
+    opt = LoKO(groups, p0=0.3, r0=0.5, rank=k)
+    g = torch.Generator().manual_seed(3)
+    ups = torch.rand(N_TINY, generator=g, dtype=torch.float64) * 3 + 0.5
+    W = torch.randn(N_TINY, k, generator=g, dtype=torch.float64)
+    set_lowrank_state(opt, model, ups, W)
+    n0 = ps[0].numel() + ps[1].numel()
+    f64 = torch.float64
+    a = torch.cat([torch.full((n0,), 1.1, dtype=f64), torch.ones(N_TINY - n0, dtype=f64)])
+    q = torch.cat([torch.full((n0,), 1e-3, dtype=f64), torch.full((N_TINY - n0,), 0.02, dtype=f64)])
+    x, y = data(2)
+    logits, H = dense_jacobian(model, x)
+    e = (torch.nn.functional.one_hot(y, 3).double() - torch.softmax(logits.view(2, 3), 1)).reshape(-1)
+    R = (0.5 + 1e-3) * torch.eye(6, dtype=torch.float64)
+    theta_ref, ups_ref, keep, Lam_post, Lam_pred, ups_pred = dense_lofi_step(flat_params(model), ups, W, H, R, e,
+                                                                             k, a, q)
+    # the time update alone is exact
+    up, Wp = lofi.predict(ups, W, a - 1, q)
+    torch.testing.assert_close(torch.diag(up) + Wp @ Wp.T, Lam_pred, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(up, ups_pred, rtol=1e-12, atol=0)
+
+    opt.step(lambda: model(x), y)
+    torch.testing.assert_close(flat_params(model), theta_ref, rtol=1e-9, atol=1e-11)
+    ups_new, W_new = lowrank_state(opt, model)
+    assert W_new.shape == (N_TINY, k)
+    torch.testing.assert_close(W_new @ W_new.T, keep @ keep.T, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(ups_new, ups_ref, rtol=1e-8, atol=1e-9)
+    # LoFi's invariant: the diagonal of the precision is that of the full update
+    torch.testing.assert_close(ups_new + W_new.square().sum(1), torch.diagonal(Lam_post), rtol=1e-10, atol=1e-10)
+    # columns of W ordered by decreasing norm
+    norms = W_new.norm(dim=0)
+    assert torch.all(norms[:-1] >= norms[1:] - 1e-12)
+
+
+def test_lofi_update_invariants_on_random_inputs():
+    """The pure update: quadratic forms read off the small system equal their dense definitions."""
+    g = torch.Generator().manual_seed(0)
+    n, k, m = 40, 5, 4
+    ups = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    W = torch.randn(n, k, generator=g, dtype=torch.float64)
+    H = torch.randn(m, n, generator=g, dtype=torch.float64)
+    A = torch.randn(m, m, generator=g, dtype=torch.float64)
+    R = A @ A.T + 0.5 * torch.eye(m, dtype=torch.float64)
+    e = torch.randn(m, generator=g, dtype=torch.float64)
+    res = lofi.update(ups, W, H, torch.linalg.cholesky(R), e)
+    prior = torch.linalg.inv(torch.diag(ups) + W @ W.T)
+    post = torch.linalg.inv(torch.linalg.inv(prior) + H.T @ torch.linalg.solve(R, H))
+    delta = post @ H.T @ torch.linalg.solve(R, e)
+    torch.testing.assert_close(res.delta, delta, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(res.prior_hph, H @ prior @ H.T, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(res.post_hph, H @ post @ H.T, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(res.h_delta, H @ delta, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(res.upsilon + res.W.square().sum(1),
+                               ups + W.square().sum(1) + torch.diagonal(H.T @ torch.linalg.solve(R, H)))
+    blocks = lofi.quadratic_form(ups, W, H.view(2, 2, n))
+    torch.testing.assert_close(blocks[1], (H @ prior @ H.T)[2:, 2:], rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------------------- behaviour
+def test_learns_a_separable_stream():
+    """As the diagonal filter's test: at least 40 hits above the switched-off filter (31). rank=4 gets 73, the
+    exact EKF (FullKalman, and rank >= n) 75, the diagonal filter 79."""
+    from test_loko import _separable_stream_hits
+
+    assert _separable_stream_hits(rank=4) >= _separable_stream_hits(p0=1e-9) + 40
+
+
+def test_auto_p0_with_lora_style_zero_jacobian_group():
+    torch.manual_seed(0)
+    A = torch.nn.Parameter(torch.randn(2, 4, dtype=torch.float64))
+    B = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+    x, y = data(n=1)
+    opt = LoKO([A, B], p0="auto", rank=3)
+    opt.step(lambda: x @ A.T @ B.T, y)
+    assert torch.all(opt.state[A]["upsilon"] > 0) and torch.all(opt.state[B]["upsilon"] > 0)
+    assert not torch.equal(B.detach(), torch.zeros_like(B))
+
+
+def test_undetermined_auto_tensor_waits_for_its_first_jacobian():
+    """auto_scope="tensor": a tensor with a zero Jacobian gets no state and does not move until it has one."""
+    torch.manual_seed(0)
+    A = torch.nn.Parameter(torch.randn(2, 4, dtype=torch.float64))
+    B = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+    x, y = data(n=1)
+    opt = LoKO([A, B], p0="auto", auto_scope="tensor", rank=2)
+    a0 = A.detach().clone()
+    opt.step(lambda: x @ A.T @ B.T, y)
+    assert "upsilon" not in opt.state[A] and torch.equal(A.detach(), a0)
+    opt.step(lambda: x @ A.T @ B.T, y)
+    assert "upsilon" in opt.state[A] and opt.state[A]["W"].shape == (2, 4, 2)
+
+
+def test_float32_and_bfloat16_params_keep_float32_state():
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny(dtype=dtype)
+        x, y = data(dtype=dtype)
+        opt = LoKO(model.parameters(), rank=4)
+        opt.step(lambda model=model, x=x: model(x), y)
+        for p in model.parameters():
+            assert opt.state[p]["upsilon"].dtype == torch.float32 and opt.state[p]["W"].shape == (*p.shape, 4)
+
+
+def test_float32_follows_float64():
+    models = {dt: tiny(dtype=dt) for dt in (torch.float32, torch.float64)}
+    opts = {dt: LoKO(m.parameters(), rank=4, noise="ema") for dt, m in models.items()}
+    for k in range(10):
+        for dt, m in models.items():
+            x, y = data(k, dtype=dt)
+            opts[dt].step(lambda m=m, x=x: m(x), y)
+    torch.testing.assert_close(flat_params(models[torch.float32]).double(), flat_params(models[torch.float64]),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [-1, 1.5, True, "4"])
+def test_invalid_rank(rank):
+    with pytest.raises(ValueError, match="rank"):
+        LoKO(tiny().parameters(), rank=rank)
+
+
+def test_groups_must_share_the_rank():
+    ps = list(tiny().parameters())
+    with pytest.raises(ValueError, match="rank"):
+        LoKO([{"params": ps[:2]}, {"params": ps[2:], "rank": 2}])
+
+
+def test_precision_form_needs_r_min_with_estimated_noise():
+    with pytest.raises(ValueError, match="r_min"):
+        LoKO(tiny().parameters(), rank=2, noise="ema", r_min=0.0)
+
+
+def test_changing_rank_after_the_first_step_raises():
+    model = tiny()
+    opt = LoKO(model.parameters(), rank=2)
+    x, y = data()
+    opt.step(lambda: model(x), y)
+    for g in opt.param_groups:
+        g["rank"] = 3
+    with pytest.raises(ValueError, match="rank"):
+        opt.step(lambda: model(x), y)
+
+
+# ---------------------------------------------------------------------------------------------------- guards
+@pytest.mark.parametrize("bad", ["nan_output", "inf_jacobian", "nan_param"])
+def test_bad_input_skips_and_changes_nothing(bad):
+    model = tiny()
+    opt = LoKO(model.parameters(), noise="ema", rank=3)
+    for k in range(2):
+        x, y = data(k)
+        opt.step(lambda x=x: model(x), y)
+    snap = _snapshot(model, opt)
+    x, y = data(9)
+    if bad == "nan_output":
+        fn = lambda: model(x) * torch.tensor(float("nan"), dtype=torch.float64)  # noqa: E731
+    elif bad == "inf_jacobian":
+        class Blow(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t):
+                return t.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return g * float("inf")
+
+        fn = lambda: Blow.apply(model(x))  # noqa: E731
+    else:
+        fn = lambda: model(x * float("nan"))  # noqa: E731
+    opt.step(fn, y)
+    _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == 1 and opt.last_predictive is None
+    opt.step(lambda: model(x), y)  # and the filter goes on
+    assert opt.skipped_steps == 1
+
+
+def test_non_positive_definite_R_skips_with_warning():
+    model = tiny()
+    x, y = data(n=1)
+    opt = LoKO(model.parameters(), rank=2, r0=0.1)
+    opt.step(lambda: model(x), y)
+    snap = _snapshot(model, opt)
+    leader = next(iter(model.parameters()))
+    opt.state[leader]["noise_estimate"].fill_(-1e6)
+    snap[1][id(leader)]["noise_estimate"] = opt.state[leader]["noise_estimate"].clone()
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        opt.step(lambda: model(x), y)
+    _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == 1
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 3}, {"rank": 2, "noise": "ema", "p0": "auto", "auto_scope": "group",
+                                                  "q": 1e-4, "inflation": 1e-3}])
+def test_state_dict_round_trip_is_bit_exact(kwargs):
+    def run(model, opt, start, stop):
+        for k in range(start, stop):
+            x, y = data(k)
+            opt.step(lambda x=x: model(x), y)
+
+    model = tiny()
+    opt = LoKO(model.parameters(), **kwargs)
+    run(model, opt, 0, 6)
+    straight = flat_params(model)
+
+    model = tiny()
+    opt = LoKO(model.parameters(), **kwargs)
+    run(model, opt, 0, 3)
+    ck = _save_load({"model": model.state_dict(), "opt": opt.state_dict()})
+    resumed = tiny(seed=7)
+    resumed.load_state_dict(ck["model"])
+    opt2 = LoKO(resumed.parameters(), **kwargs)
+    opt2.load_state_dict(ck["opt"])
+    for p in resumed.parameters():
+        assert opt2.state[p]["W"].shape == (*p.shape, kwargs["rank"])
+    run(resumed, opt2, 3, 6)
+    assert torch.equal(straight, flat_params(resumed))
+
+
+def test_loading_state_of_another_rank_or_shape_raises():
+    model = tiny()
+    opt = LoKO(model.parameters(), rank=3)
+    x, y = data()
+    opt.step(lambda: model(x), y)
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="other parameters"):
+        LoKO(tiny().parameters(), rank=4).load_state_dict(sd)
+    with pytest.raises(ValueError, match="rank"):
+        LoKO(tiny().parameters()).load_state_dict(sd)
+    diag = LoKO(model.parameters())
+    diag.step(lambda: model(x), y)
+    target = LoKO(tiny().parameters(), rank=3)
+    with pytest.raises(ValueError, match="rank"):
+        target.load_state_dict(diag.state_dict())
+    assert not target.state
