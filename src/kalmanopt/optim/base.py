@@ -390,12 +390,18 @@ class KalmanOptimizer(Optimizer):
         for group in self.param_groups:
             check_statistic(measured, group["r_stat"])
         with torch.no_grad():
-            moments = self._all_reduce(loss_moments(measured))
-            loss_mean = moments[0] / moments[2]
-            ok = self._measurement_update(loss_mean, lambda group: loss_statistic(moments, group["r_stat"]),
-                                          hyper_ok)
+            ok = self._measure(measured, hyper_ok)
             self._time_update(gate=ok)
         return returned
+
+    def _measure(self, measured: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
+        """The measurement update of :meth:`step` from a checked loss; returns the gate of the next prediction.
+
+        A subclass may take the whole update on a faster path (KOALA++'s fused kernel), with the same semantics.
+        """
+        moments = self._all_reduce(loss_moments(measured))
+        loss_mean = moments[0] / moments[2]
+        return self._measurement_update(loss_mean, lambda group: loss_statistic(moments, group["r_stat"]), hyper_ok)
 
     def predict(self) -> None:
         """The filter's time update (the papers' ``predict()``); call it before the forward pass.

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import _docs
+from . import _docs, _koala_pp_fused
 from ._reductions import dots, squared_norms
 from ._sharding import reduce_if
-from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
-from .noise import R_CLIP
+from .base import GradBucket, KalmanOptimizer, _check_number, _is_dtensor, state_dtype
+from .noise import R_CLIP, R_STATISTICS, loss_moments
 
 __all__ = ["BLOCKS", "PRESETS", "KOALAPlusPlus", "koala_pp"]
 
@@ -136,14 +138,14 @@ class KOALAPlusPlus(KalmanOptimizer):
                  preset: str = "adaptive", block: Any = PRESET, precondition: Any = PRESET, beta2: float = 0.999,
                  eps: float = 1e-8, momentum: Any = PRESET, max_step: Any = PRESET,
                  r_stat: str = "second_moment", r_clip: Any = PRESET, foreach: bool | None = None,
-                 process_group: Any = None) -> None:
+                 fused: bool | None = None, process_group: Any = None) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
         chosen = dict(r=r, block=block, precondition=precondition, momentum=momentum, max_step=max_step,
                       r_clip=r_clip)
         chosen = {k: PRESETS[preset][k] if v is PRESET else v for k, v in chosen.items()}
         defaults = dict(lr=lr, sigma=sigma, q=q, alpha_r=alpha_r, weight_decay=weight_decay, symmetric=symmetric,
-                        beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, **chosen)
+                        beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, fused=fused, **chosen)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -162,6 +164,21 @@ class KOALAPlusPlus(KalmanOptimizer):
         _check_number("eps", group["eps"], 0.0, low_inclusive=False)
         _check_number("momentum", group["momentum"], 0.0, high=1.0, high_inclusive=False)
         _check_number("max_step", group["max_step"], 0.0, low_inclusive=False, optional=True)
+        fused = group.setdefault("fused", None)
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if fused:
+            if group["foreach"]:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            if group["block"] != "tensor":
+                raise RuntimeError("fused=True supports block='tensor' only")
+            for p in group["params"]:
+                if not _fusable_param(p):
+                    raise RuntimeError("fused=True needs dense float32 or float64 CPU parameters (not DTensors), "
+                                       f"got {type(p).__name__} of {p.dtype} on {p.device}")
+            if _koala_pp_fused.load() is None:
+                reason = _koala_pp_fused.unavailable_reason()
+                raise RuntimeError(f"fused=True: the fused kernel is not available ({reason})")
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> None:
         kw = {"device": p.device, "dtype": state_dtype(p)}
@@ -188,7 +205,110 @@ class KOALAPlusPlus(KalmanOptimizer):
         0-d ``noise`` (R) and ``loss``. An empty dict for a group that has not stepped.
         """
         recorded = self.__dict__.get("_diagnostics", {})
-        return [dict(recorded.get(i, {})) for i in range(len(self.param_groups))]
+        return [_materialise(recorded.get(i, {})) for i in range(len(self.param_groups))]
+
+    # ------------------------------------------------------------------ the fused path
+    def _fused_group(self, group: dict[str, Any]) -> bool:
+        """Whether this group's step runs on the fused kernel: ``fused=True``, or by default (``fused`` and
+        ``foreach`` both None) when every parameter is a dense float32/float64 CPU tensor and the kernel is built."""
+        fused = group.get("fused")
+        if fused is False or group["block"] != "tensor":
+            return False
+        if fused is None and (group["foreach"] is not None or not all(map(_fusable_param, group["params"]))):
+            return False
+        return _koala_pp_fused.load() is not None
+
+    def _measure(self, measured: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
+        # The fused kernel takes the whole step when every group can (Python-number hyperparameters, CPU tensors);
+        # otherwise the multi-tensor path does, with the same semantics. Under torch.compile: the traceable path.
+        if hyper_ok is None and not torch.compiler.is_compiling() and self._fused_step(measured):
+            return None
+        return super()._measure(measured, hyper_ok)
+
+    def _fused_step(self, measured: Tensor) -> bool:
+        """The whole measurement update on the fused kernel; False (nothing done) where it cannot run.
+
+        Same semantics as :meth:`KalmanOptimizer._measurement_update` followed by :func:`koala_pp`: every guard is
+        checked before the first write, a skipped step only counts itself. The kernel reads the loss and the state
+        scalars where they lie, in CPU memory: no synchronisation is involved.
+        """
+        groups = self.param_groups
+        if not all(self._fused_group(g) for g in groups):
+            return False
+        library = _koala_pp_fused.load()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if not (_cpu_scalar(grad_scale) and _cpu_scalar(found_inf)):
+            return False
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(self._process_group) > 1
+        if measured.device.type != "cpu":
+            return False
+        if not distributed and measured.dtype in _KINDS and measured.is_contiguous():
+            loss, loss_kind = measured, _KINDS[measured.dtype]
+        else:
+            loss = self._all_reduce(loss_moments(measured))
+            if loss.dtype not in _KINDS:
+                return False
+            loss_kind = _KINDS[loss.dtype] + 2  # moments, not samples
+        dtype, fields, first, hyper, group_fields, members = None, [[] for _ in range(12)], [0], [], [[], [], []], []
+        for group in groups:
+            precondition, momentum = group["precondition"], bool(group["momentum"])
+            count = 0
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if dtype is None:
+                    dtype = p.dtype
+                if p.dtype != dtype or grad.dtype != dtype or grad.device.type != "cpu" or not grad.is_contiguous() \
+                        or not p.is_contiguous():
+                    return False
+                st = self.state[p]
+                if "step" not in st:
+                    st = self._init_state(group, p)
+                if precondition and "exp_avg_sq" not in st:  # options switched on after the state was made
+                    st["exp_avg_sq"] = torch.zeros_like(st["gain"])
+                if momentum and "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(st["gain"])
+                fields[0].append(p.data_ptr())
+                fields[1].append(grad.data_ptr())
+                for k, key in enumerate(_STATE_KEYS, start=2):
+                    fields[k].append(_pointer(st, key, dtype))
+                fields[11].append(p.numel())
+                count += 1
+            st = self._group_state(group)
+            if "noise_updates" not in st:  # a checkpoint from before the counter: R has been measured
+                st["noise_updates"] = torch.ones((), dtype=torch.int64, device=st["skipped_steps"].device)
+            noise = st["measurement_noise"]
+            if (count and noise.dtype != dtype) or noise.device.type != "cpu":
+                return False
+            group_fields[0].append(noise.data_ptr())
+            group_fields[1].append(st["skipped_steps"].data_ptr())
+            group_fields[2].append(st["noise_updates"].data_ptr())
+            first.append(first[-1] + count)
+            members.append(count)
+            hyper += _hyper(group)
+            st["predicted"] = False
+        if dtype is None:
+            dtype = state_dtype(groups[0]["params"][0])
+        n, n_groups = first[-1], len(groups)
+        work = self.__dict__.get("_fused_work")
+        if work is None or len(work) < 5 * n + 2 * n_groups:
+            work = self.__dict__["_fused_work"] = (ctypes.c_double * (5 * n + 2 * n_groups))()
+        out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
+        step = library.koala_pp_step_f64 if dtype == torch.float64 else library.koala_pp_step_f32
+        scale = None if grad_scale is None else grad_scale.data_ptr()
+        inf = None if found_inf is None else found_inf.data_ptr()
+        step(n_groups, _array(hyper, ctypes.c_double), *(_array(c) for c in group_fields),
+             _array(first, ctypes.c_int32), *(_array(c) for c in fields[:11]), _array(fields[11], ctypes.c_int64),
+             loss.data_ptr(), loss.numel(), loss_kind, scale, inf, work, out.data_ptr())
+        recorded = self.__dict__.setdefault("_diagnostics", {})
+        start = 0
+        for index, count in enumerate(members):
+            recorded[index] = (out, n, start, start + count, 4 * n + index) if count else {"loss": out[-1]}
+            start += count
+        return True
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
@@ -516,3 +636,58 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     torch._foreach_copy_(prev_q, torch.where(commit, torch.full_like(q_prev, q), q_prev).unbind(0))
     torch._foreach_add_(steps, commit.to(torch.float32).unbind(0))
     return {"step_size": step_size, "S": S, "h_dot_v": h_dot_v_new, "grad_sq": hh, "noise": noise}
+
+
+# ---------------------------------------------------------------------------------------------- fused-path helpers
+_KINDS = {torch.float32: 0, torch.float64: 1}  # the kernel's loss kinds (+2: moments already formed)
+# per-tensor state, in the kernel's argument order; None where the option is off
+_STATE_KEYS = ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer", "prev_S", "prev_grad_sq", "prev_grad_v",
+               "prev_q", "step")
+_FLAGS = {"symmetric": 1, "precondition": 2, "momentum": 4}
+_R_STATS = {name: code for code, name in enumerate(R_STATISTICS)}
+
+
+def _fusable_param(p: Tensor) -> bool:
+    return p.device.type == "cpu" and p.dtype in _KINDS and not p.is_sparse and not _is_dtensor(p)
+
+
+def _cpu_scalar(t: Tensor | None) -> bool:
+    """A GradScaler scale / found-inf flag the kernel can read: a float32 CPU tensor of one element (or none)."""
+    return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1)
+
+
+def _pointer(st: dict[str, Any], key: str, dtype: torch.dtype) -> int | None:
+    """The data pointer of one state tensor, checked to be what the kernel reads (else ValueError)."""
+    value = st.get(key)
+    if value is None:
+        return None
+    want = torch.float32 if key == "step" else dtype
+    if value.dtype != want or value.device.type != "cpu" or not value.is_contiguous():
+        raise ValueError(f"KOALAPlusPlus: state {key!r} is {value.dtype} on {value.device}, the step needs a "
+                         f"contiguous {want} CPU tensor")
+    return value.data_ptr()
+
+
+def _hyper(group: dict[str, Any]) -> list[float]:
+    """A group's hyperparameters in the kernel's layout (KOALA_NHP doubles)."""
+    flags = sum(bit for key, bit in _FLAGS.items() if group[key])
+    r, max_step, r_clip = group["r"], group["max_step"], group["r_clip"]
+    flags |= (8 if r is not None else 0) | (16 if max_step is not None else 0) | (32 if r_clip is not None else 0)
+    return [float(group["lr"]), float(group["sigma"]), float(group["q"]), float(group["weight_decay"]),
+            float(group["beta2"]), float(group["eps"]), float(group["momentum"]), float(max_step or 0.0),
+            float(r or 0.0), float(group["alpha_r"]), float(r_clip or 0.0), float(flags),
+            float(_R_STATS[group["r_stat"]])]
+
+
+def _array(values: list, ctype: Any = ctypes.c_void_p) -> Any:
+    return (ctype * len(values))(*values)
+
+
+def _materialise(recorded: Any) -> dict[str, Tensor]:
+    """A group's diagnostics as :meth:`KOALAPlusPlus.diagnostics` returns them (the fused path records the kernel's
+    output buffer and where the group's entries lie in it)."""
+    if isinstance(recorded, dict):
+        return dict(recorded)
+    out, n, start, end, noise = recorded
+    return {"step_size": out[start:end], "S": out[n + start:n + end], "h_dot_v": out[2 * n + start:2 * n + end],
+            "grad_sq": out[3 * n + start:3 * n + end], "noise": out[noise], "loss": out[-1]}

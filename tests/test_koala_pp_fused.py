@@ -1,0 +1,204 @@
+"""The fused KOALA++ kernel (``fused=True``, and the default on CPU): same step as the reference, same guards."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from kalmanopt import KOALAPlusPlus
+from kalmanopt.optim import _koala_pp_fused
+
+from conftest import NoSync, skipped_steps
+
+needs_kernel = pytest.mark.skipif(_koala_pp_fused.load() is None,
+                                  reason=f"no fused kernel here: {_koala_pp_fused.unavailable_reason()}")
+
+SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (7, 1), (16, 8), (2, 2, 2, 2, 2), (3000,)]  # 3000: several blocks
+CONFIGS = {
+    "adaptive": {"lr": 0.5},
+    "adaptive_wd_fixed_r": {"lr": 0.5, "weight_decay": 1e-2, "r": 0.3},
+    "vanilla_no_momentum": {"lr": 0.5, "symmetric": False, "momentum": 0.0},
+    "metric_only_capped": {"lr": 0.4, "momentum": 0.0, "max_step": 0.05, "r": None, "r_stat": "mean_variance"},
+    "momentum_no_metric": {"lr": 0.3, "precondition": False, "momentum": 0.5, "r_clip": None},
+    "paper": {"lr": 0.5, "preset": "paper"},
+    "paper_wd_squared_mean": {"lr": 0.7, "preset": "paper", "weight_decay": 5e-3, "r_stat": "squared_mean"},
+}
+
+
+def _run(kwargs, *, steps=8, none_schedule=None, dtype=torch.float64, seed=0, groups=None):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+    opt = KOALAPlusPlus(params if groups is None else groups(params), **kwargs)
+    for k in range(steps):
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen, dtype=dtype)
+            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g  # correlated, as in training
+            if none_schedule is not None and none_schedule(k, i):
+                p.grad = None
+        opt.step(loss=torch.rand(6, generator=gen, dtype=dtype) + 0.5)
+    return params, opt
+
+
+def _assert_same(run_a, run_b, tol=1e-12):
+    (pa, oa), (pb, ob) = run_a, run_b
+    for a, b in zip(pa, pb, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    for a, b in zip(pa, pb, strict=True):
+        sa, sb = oa.state[a], ob.state[b]
+        assert sa.keys() == sb.keys()
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, sb[key], rtol=tol, atol=tol, msg=key)
+
+
+@needs_kernel
+@pytest.mark.parametrize("schedule", [None, lambda k, i: (k + i) % 3 == 0, lambda k, i: i == 2 or k == 0],
+                         ids=["all_grads", "rotating_none", "never_and_late"])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_fused_matches_reference_float64(config, schedule):
+    reference = _run({**CONFIGS[config], "foreach": False}, none_schedule=schedule)
+    fused = _run({**CONFIGS[config], "fused": True}, none_schedule=schedule)
+    assert "_fused_work" in fused[1].__dict__  # the kernel really ran
+    _assert_same(reference, fused)
+    for a, b in zip(reference[1].diagnostics(), fused[1].diagnostics(), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12, msg=key)
+
+
+@needs_kernel
+def test_default_is_fused_on_cpu_and_foreach_opts_out():
+    params, opt = _run({"lr": 0.5}, steps=2)
+    assert "_fused_work" in opt.__dict__
+    params, opt = _run({"lr": 0.5, "foreach": True}, steps=2)
+    assert "_fused_work" not in opt.__dict__
+
+
+@needs_kernel
+def test_fused_float32_close_to_multi_tensor_path():
+    fused = _run({"lr": 0.5, "fused": True}, dtype=torch.float32)
+    multi = _run({"lr": 0.5, "foreach": True}, dtype=torch.float32)
+    _assert_same(fused, multi, tol=2e-4)
+
+
+@needs_kernel
+def test_param_groups_with_their_own_options():
+    def groups(params):
+        return [{"params": params[:3], "lr": 0.2, "q": 0.05, "weight_decay": 1e-2},
+                {"params": params[3:6], "precondition": False, "momentum": 0.0, "r": 0.2, "symmetric": False},
+                {"params": params[6:], "sigma": 0.3, "max_step": None, "beta2": 0.9, "eps": 1e-6}]
+    _assert_same(_run({"lr": 0.5, "foreach": False}, groups=groups, none_schedule=lambda k, i: (i + k) % 4 == 0),
+                 _run({"lr": 0.5, "fused": True}, groups=groups, none_schedule=lambda k, i: (i + k) % 4 == 0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", ["loss", "grad", "grad_overflow"])
+def test_a_skipped_step_leaves_everything_bit_for_bit(bad):
+    params, opt = _run({"lr": 0.5, "fused": True, "weight_decay": 1e-3}, steps=3)
+    before_p = [p.detach().clone() for p in params]
+    before_s = copy.deepcopy(opt.state_dict())
+    loss = torch.rand(6, dtype=torch.float64) + 0.5
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if bad == "loss":
+        loss[2] = math.nan
+    elif bad == "grad":
+        params[4].grad[0] = math.inf
+    else:
+        params[1].grad[0, 0] = 1e200  # finite, but its square overflows: ||h||^2 is not finite
+    with NoSync():
+        opt.step(loss=loss)
+    for a, b in zip(before_p, params, strict=True):
+        assert torch.equal(a, b)
+    after = opt.state_dict()
+    for key, st in before_s["state"].items():
+        for name, value in st.items():
+            if name == "skipped_steps":
+                assert int(after["state"][key][name]) == int(value) + 1
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(value, after["state"][key][name]), name
+    assert skipped_steps(opt) == 1
+
+
+@needs_kernel
+def test_zero_gradient_tensor_is_left_alone():
+    params, opt = _run({"lr": 0.5, "fused": True}, steps=2)
+    saved = {k: v.clone() for k, v in opt.state[params[1]].items() if isinstance(v, torch.Tensor)}
+    before = params[1].detach().clone()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad.zero_()
+    opt.step(loss=torch.tensor(1.2, dtype=torch.float64))
+    assert torch.equal(before, params[1])
+    assert all(torch.equal(v, opt.state[params[1]][k]) for k, v in saved.items())
+    assert not torch.equal(opt.state[params[0]]["step"], torch.tensor(2.0))
+
+
+@needs_kernel
+def test_grad_scaler_protocol_matches_multi_tensor_path():
+    runs = []
+    for kw in ({"fused": True}, {"foreach": True}):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.randn(s, generator=gen, dtype=torch.float32).requires_grad_() for s in SHAPES]
+        opt = KOALAPlusPlus(params, lr=0.5, **kw)
+        for k in range(4):
+            for p in params:
+                p.grad = 1024.0 * torch.randn(p.shape, generator=gen)
+            opt.grad_scale = torch.tensor(1024.0)
+            opt.found_inf = torch.tensor(1.0 if k == 2 else 0.0)
+            opt.step(loss=torch.rand(4, generator=gen) + 0.5)
+        runs.append((params, opt))
+    _assert_same(*runs, tol=2e-4)
+    assert skipped_steps(runs[0][1]) == 1
+
+
+@needs_kernel
+def test_state_dict_round_trip_continues_identically():
+    whole = _run({"lr": 0.5, "fused": True}, steps=6, seed=2)
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
+    first = KOALAPlusPlus(params, lr=0.5, fused=True)
+    for k in range(6):
+        if k == 3:  # a fresh optimizer from the checkpoint
+            saved = first.state_dict()
+            first = KOALAPlusPlus(params, lr=0.5, fused=True)
+            first.load_state_dict(saved)
+        for p in params:
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
+        first.step(loss=torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    _assert_same(whole, (params, first), tol=0.0)
+
+
+def test_invalid_fused_options():
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="fused"):
+        KOALAPlusPlus(p, fused="yes")
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        KOALAPlusPlus(p, fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match="block"):
+        KOALAPlusPlus(p, fused=True, block="group")
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        KOALAPlusPlus([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], fused=True)
+
+
+def test_without_the_kernel_the_default_is_the_multi_tensor_path(monkeypatch):
+    monkeypatch.setattr(_koala_pp_fused, "load", lambda: None)
+    monkeypatch.setattr(_koala_pp_fused, "unavailable_reason", lambda: "no compiler (test)")
+    default = _run({"lr": 0.5}, steps=3)
+    assert "_fused_work" not in default[1].__dict__
+    _assert_same(default, _run({"lr": 0.5, "foreach": True}, steps=3), tol=0.0)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        KOALAPlusPlus([torch.zeros(3, requires_grad=True)], fused=True)
+
+
+@needs_kernel
+def test_block_group_and_low_precision_fall_back_by_default():
+    params, opt = _run({"lr": 0.5, "block": "group"}, steps=2)
+    assert "_fused_work" not in opt.__dict__
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    opt = KOALAPlusPlus(model.parameters())
+    model(torch.randn(4, 3, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+    opt.step(loss=torch.tensor(1.0))
+    assert "_fused_work" not in opt.__dict__
