@@ -10,6 +10,7 @@ import torch
 from kalmanopt import KOALAPlusPlus
 from kalmanopt.bench import step as step_bench
 from kalmanopt.cli import main
+from kalmanopt.optim import _koala_pp_fused
 
 
 def _gpt_count(d: int, layers: int, vocab: int, context: int) -> int:
@@ -75,6 +76,9 @@ def test_quick_run_writes_json(tmp_path, capsys):
     assert record["preset"] == step_bench.QUICK_PRESET
     keys = [row["key"] for row in record["rows"]]
     expected = [c.key for c in step_bench._contenders()]
+    if _koala_pp_fused.load() is None:  # fused=True cannot be built here: its row is skipped with a note
+        expected.remove("koala++-fused")
+        assert any("fused=True" in note for note in record["notes"])
     assert sorted(keys) == sorted(expected)
     for row in record["rows"]:
         assert len(row["per_step_ms"]) == record["rounds"]
@@ -84,4 +88,15 @@ def test_quick_run_writes_json(tmp_path, capsys):
     assert by_key["adamw"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
     assert by_key["koala++-paper"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
     assert by_key["koala++"]["state_bytes_per_param"] == pytest.approx(16.0, abs=0.01)  # + metric and momentum
-    assert "| KOALA++ (default preset, foreach=True) |" in capsys.readouterr().out
+    for row in record["rows"]:
+        assert row["cpu_median_ms"] > 0 and len(row["per_step_cpu_ms"]) == record["rounds"]
+    assert by_key["adamw"]["cpu_ratio_to_adamw"] == pytest.approx(1.0)
+    path = "fused kernel" if _koala_pp_fused.load() is not None else "multi-tensor path"
+    assert f"| KOALA++ (defaults; {path}) |" in capsys.readouterr().out
+
+
+def test_mlp_preset_is_the_demo_model():
+    from kalmanopt.bench.digits import make_mlp
+
+    assert [tuple(p.shape) for p in make_mlp().parameters()] == step_bench.mlp_shapes()
+    assert "mlp" in step_bench.ALL_PRESETS
