@@ -49,7 +49,25 @@ R recursions, the automatic P0 and the precision-matching variance update are **
     scalar at its own first non-zero Jacobian, explaining ``p0_scale * trace(R) / U``; this adapts to groups whose
     derivatives differ by orders of magnitude (a fresh head next to LoRA factors).
 
-Defaults (``observation="logits"``, ``noise="fixed"`` with ``r0=1``, ``variance_update="fd"``, scalar ``p0=0.3``)
+``rank``
+    ``0`` (default): the diagonal filter above. ``k > 0``: a low-rank-plus-diagonal **precision**
+    :math:`\Sigma^{-1} = \Upsilon + W W^\top` (LoFi, Chang et al. 2023; :mod:`kalmanopt.optim.lofi`), with
+    ``W`` of shape ``n x k`` over *all* trainable parameters jointly (so correlations across tensors and layers are
+    kept), stored per parameter as ``upsilon`` (``p.shape``) and ``W`` (``(*p.shape, k)``). Per step: the time
+    update (inflation, ``q``; exact in this form), the information :math:`H^\top R^{-1} H` appended to ``W``, the
+    mean moved by the exact gain of that untruncated system (Woodbury, in ``k + m`` dimensions), then ``W`` cut back
+    to its ``k`` leading directions (eigendecomposition of the ``(k+m) x (k+m)`` Gram matrix) with the dropped
+    part's squared row norms added to ``Upsilon``, so the diagonal of the precision stays exact. It is
+    precision-matching by construction: ``variance_update`` and ``p_min`` do not apply. With ``k >= n`` (or while
+    the information gathered has rank ``<= k``) it is the exact EKF (:class:`kalmanopt.FullKalman`). Memory
+    ``n (k + 1)``, time ``O(n (k + m)^2)`` per step. The prior of a tensor is ``Upsilon = 1 / p0``, ``W = 0``.
+
+Predictive distribution: :meth:`LoKO.predictive` returns the linearised distribution of the logits,
+:math:`\mathcal{N}(h, H P^- H^\top)` per sample, and class probabilities (probit, Laplace bridge, Monte Carlo);
+every ``step`` with the logit observation stores that of the outputs it measured, before learning them, in
+``opt.last_predictive`` (from the step's own Jacobian, no extra pass).
+
+Defaults (``observation="logits"`, ``noise="fixed"`` with ``r0=1``, ``variance_update="fd"``, scalar ``p0=0.3``)
 are what won on the tuning streams of ``kalmanopt bench online`` (docs/benchmarks/online.md): with the logit
 observation and the variance-matching update the linearised change of the logits, ``H P H^T (H P H^T + R)^-1 e``,
 is shorter than the innovation ``e = onehot - softmax``, so a step cannot overshoot into a saturated softmax; the
@@ -359,11 +377,19 @@ class LoKO(Optimizer):
         auto_scope (str): ``"joint"`` (one scalar for all ``"auto"`` groups, default), ``"group"`` or ``"tensor"``
             (one scalar per group / per tensor, each explaining an equal share; see ``_initial_variances``).
         jacobian (str): ``"batched"`` (default) or ``"loop"``.
+        rank (int): ``0`` (default) keeps the diagonal covariance; ``k > 0`` a low-rank-plus-diagonal precision
+            with ``k`` columns over all trainable parameters (LoFi; see module docs). Shared by every group.
 
     ``step(forward_fn, target)``: ``forward_fn()`` returns logits ``(batch, classes)``; ``target`` holds class
     indices ``(batch,)`` (or probabilities ``(batch, classes)``). Returns the detached logits computed before the
-    update. The state holds ``p`` per parameter and, in the first parameter's state, ``step``,
-    ``skipped_steps``, the R estimate ``noise_estimate`` and ``p0_auto``.
+    update. The state holds ``p`` per parameter (``upsilon`` and ``W`` for ``rank > 0``) and, in the first
+    parameter's state, ``step``, ``skipped_steps``, the R estimate ``noise_estimate`` and ``p0_auto``.
+
+    After every ``step``, ``opt.last_predictive`` is the :class:`Predictive` (logits, their covariance
+    :math:`H P^- H^\top` per sample, probit probabilities) of the outputs the step measured, computed from the
+    prior of that step (before the update) and the step's own Jacobian; it is None for ``observation="softmax"``
+    and ``"loss"`` (the step has no Jacobian of the logits) and after a sample skipped for non-finite input.
+    :meth:`predictive` computes the same for any inputs without changing anything.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float | str = 0.3, r0: float = 1.0,
