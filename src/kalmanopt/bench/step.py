@@ -467,6 +467,7 @@ class Settings:
     weight_decay: float = 5e-4
     seed: int = 0
     max_memory_gb: float = 16.0
+    profile: int = 0  # steps of each contender to run under torch.profiler after the timing (0: none)
 
 
 def _check_memory(preset: Preset, contenders: Sequence[Contender], count: int, limit_gb: float) -> float:
@@ -507,11 +508,22 @@ def run_preset(preset: Preset, settings: Settings) -> dict[str, Any]:
     else:
         notes.append("no ratio column: AdamW (foreach=True) was not run")
     rows = [_summarize(p, seconds[p.contender.key], baseline) for p in prepared]
+    profiles = {p.contender.key: _profile(p, settings.profile) for p in prepared} if settings.profile else {}
     return {
         "preset": preset.name, "description": preset.description, "n_params": count, "n_tensors": len(shapes),
         "rounds": rounds, "steps_per_round": steps, "warmup": warmup, "notes": notes,
-        "rows": [asdict(row) for row in rows],
+        "rows": [asdict(row) for row in rows], "profiles": profiles,
     }
+
+
+def _profile(prepared: Prepared, steps: int, rows: int = 12) -> str:
+    """torch.profiler's table of the operators ``steps`` steps of a contender spend their CPU time in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            prepared.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
@@ -566,6 +578,8 @@ def markdown(record: dict[str, Any], info: dict[str, Any], weight_decay: float) 
         "(per-tensor Python loop, ~25 small ops and a host sync per tensor), not that code itself.",
         *[f"- note: {note}" for note in record["notes"]],
     ]
+    for key, table in record.get("profiles", {}).items():
+        lines += ["", f"torch.profiler, {key}:", "", "```", table.rstrip(), "```"]
     return "\n".join(lines)
 
 
@@ -607,6 +621,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
         presets=list(ALL_PRESETS) if preset == "all" else [preset], rounds=args.rounds,
         steps_per_round=args.steps_per_round, warmup=args.warmup, optimizers=optimizers, device=device,
         weight_decay=args.weight_decay, seed=args.seed, max_memory_gb=args.max_memory_gb,
+        profile=args.profile,
     )
     return settings, preset
 
@@ -652,6 +667,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="seed of the parameters and gradients (default: 0)")
     parser.add_argument("--max-memory-gb", type=float, default=16.0,
                         help="refuse a preset whose estimated peak memory is above this (default: 16)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, run STEPS steps of each optimizer under torch.profiler and print the "
+                        "operators they spend their time in (default: 0, no profile)")
     parser.add_argument("--out", help="JSON results file (default: results/step/step-<preset>.json)")
     parser.set_defaults(func=main)
     return parser
