@@ -9,10 +9,16 @@ pytest.importorskip("sklearn")
 from kalmanopt.bench import online  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KALMANOPT_DATA", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(_module_cache, monkeypatch):
+    """A data cache of this module's own: the digits MLP is pretrained once for all its tests (about a second)."""
+    monkeypatch.setenv("KALMANOPT_DATA", str(_module_cache))
+    return _module_cache
 
 
 def test_digits_shift_stream(cache):
@@ -41,3 +47,114 @@ def test_digits_shift_stream(cache):
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert len(names) == 4 and all("lora_" in n for n in names)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 4 * (64 + 64) + 4 * (64 + 10)
+
+
+def test_quick_run_records_calibration_cost_and_the_tables(cache, tmp_path, capsys):
+    """``kalmanopt bench online --quick`` on the digits stream, LoRA only, two ablation rows: the results file holds
+    what the tables need, and the docs page is generated from it (figures included)."""
+    import json
+
+    from kalmanopt.cli import main
+
+    out = tmp_path / "results"
+    argv = ["bench", "online", "--task", "digits_shift", "--quick", "--adapters", "LoRA", "--no-progress",
+            "--ablations", "rank=0", "--ablations", "noise=ema", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads((out / "online_digits_shift_quick.json").read_text())
+    assert res["format"] == 2 and res["config"]["samples"] == 60 and res["config"]["tune_samples"] == 30
+    assert res["config"]["loko_defaults"] == {k: v for k, v in online.loko_defaults().items()
+                                              if isinstance(v, int | float | str | bool)}
+    assert list(res["runs"]) == ["LoRA/LoKO", "LoRA/AdamW", "LoRA/AdaGrad", "LoRA/LoKO tuned p0",
+                                 "LoRA/LoKO [rank=0]", "LoRA/LoKO [noise=ema]"]
+    # LoKO at its defaults is not tuned; the others are, each on its six-point grid
+    assert set(res["chosen"]) == {"LoRA/AdamW", "LoRA/AdaGrad", "LoRA/LoKO tuned p0"}
+    for label, opt in (("LoRA/AdamW", "AdamW"), ("LoRA/AdaGrad", "AdaGrad"), ("LoRA/LoKO tuned p0", "LoKO tuned p0")):
+        grid = online.SWEEPS[opt][1]
+        assert len(grid) == 6 and res["chosen"][label] in grid and len(res["tuning"][label]) == 6
+        best = max(res["tuning"][label].values())
+        assert res["tuning"][label][f"{res['chosen'][label]:g}"] == best
+    for label, recs in res["runs"].items():
+        assert len(recs) == 2 and [r["order_seed"] for r in recs] == [0, 1]
+        for r in recs:
+            assert len(r["correct"]) == len(r["loss"]) == len(r["confidence"]) == 60
+            assert r["softmax_nll"] == pytest.approx(sum(r["loss"]) / 60, abs=1e-4)
+            assert 0 <= r["ece"] <= 1 and r["cpu_seconds_per_sample"] > 0
+            if "pred_confidence" in r:  # an optimizer that reports its own predictive (LoKO)
+                assert "LoKO" in label and r["nll"] == pytest.approx(sum(r["nll_per_sample"]) / 60, abs=1e-4)
+            else:
+                assert r["nll"] == r["softmax_nll"]
+    # the same orders for every contender: same labels in the same places, so the hits differ only by prediction
+    adamw = res["runs"]["LoRA/AdamW"][0]
+    assert res["runs"]["LoRA/LoKO"][0]["trainable_parameters"] == adamw["trainable_parameters"] == 808
+
+    # the report: a non-quick copy of the file -> docs page with the table, its command and the figures
+    pytest.importorskip("matplotlib")
+    (out / "online_digits_shift.json").write_text(json.dumps(res))
+    online.plot_task(res, out)
+    assert online.plot_reliability(res, out).exists()
+    docs = tmp_path / "docs" / "online.md"
+    online.write_markdown(out, docs)
+    text = docs.read_text()
+    assert "| method | chosen | online acc | last 100 | NLL | ECE | softmax NLL | softmax ECE | ms/sample | " in text
+    assert f"Command: `{res['provenance']['command']}`" in text or "Command: `kalmanopt " in text
+    assert "online_digits_shift_reliability.png" in text and "| LoRA/AdamW | lr=" in text
+    assert "| LoRA/LoKO | defaults |" in text and "x LoRA/AdamW" in text
+    row = next(line for line in text.splitlines() if line.startswith("| LoRA/AdamW |"))
+    assert row.split("|")[10].strip() == "1.00"  # its own cost ratio
+
+
+@pytest.mark.parametrize("row, match", [
+    ("rank", "expected option=value"), ("nope=1", "has no option 'nope'"), ("noise=loud", "Invalid noise"),
+    ("rank=-1", "Invalid rank"),
+])
+def test_bad_ablation_rows(row, match):
+    if "rank" in row and "rank" not in online.loko_defaults():
+        pytest.skip("this LoKO has no rank option")
+    with pytest.raises(ValueError, match=match):
+        online.parse_ablation(row)
+
+
+def test_ablation_rows_parse_and_change_one_thing():
+    assert online.parse_ablation("p0=auto,auto_scope=group") == {"p0": "auto", "auto_scope": "group"}
+    assert online.parse_ablation("q=0.001") == {"q": 0.001}
+    defaults = online.loko_defaults()
+    presets = online.ablation_presets()
+    for row in presets["all"]:
+        kw = online.parse_ablation(row)
+        assert any(defaults[k] != v for k, v in kw.items()), row  # never a copy of the default row
+    assert set(presets["core"]) <= set(presets["all"]) and presets["none"] == []
+
+
+def test_bad_options_fail_in_one_line_before_anything_is_written(tmp_path, capsys):
+    from kalmanopt.cli import main
+
+    out = tmp_path / "results"
+    for argv, match in ((["--ablations", "nope=1"], "has no option 'nope'"), (["--orders", "0"], "--orders"),
+                        (["--adapters", "LoRA,VeRA"], "unknown adapter 'VeRA'"), (["--samples", "-3"], "--samples")):
+        assert main(["bench", "online", "--task", "digits_shift", "--quick", "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err
+    assert not out.exists()
+
+
+def test_build_refuses_what_it_cannot_build(cache):
+    task = online.load_task("digits_shift")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        online.build(task, "LoRA", "SGD", 0.1, 0)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        online.build(task, "VeRA", "AdamW", 0.1, 0)
+    with pytest.raises(ValueError, match="needs a learning rate"):
+        online.build(task, "LoRA", "AdamW", None, 0)
+    with pytest.raises(ValueError, match="unknown task"):
+        online.load_task("cifar")
+
+
+def test_loko_at_its_defaults_gets_nothing_but_the_parameters(cache):
+    from kalmanopt import LoKO
+
+    task = online.load_task("digits_shift")
+    _, opt = online.build(task, "LoRA", "LoKO", None, 0)
+    assert isinstance(opt, LoKO)
+    defaults = online.loko_defaults()
+    for group in opt.param_groups:
+        assert all(group[k] == v for k, v in defaults.items() if k in group)
