@@ -323,3 +323,16 @@ def test_time_to_accuracy_figure_shades_the_seeds(tmp_path):
     assert report._band(result["runs"], "test_accuracy") == ([0.1, 0.5, 0.7], [0.1, 0.6, 0.8])
     out = report.plot(tmp_path / "r.json", result, tmp_path / "r.png")
     assert out.stat().st_size > 0
+
+
+def test_report_into_keeps_the_hand_written_part(tmp_path):
+    from kalmanopt.bench import report
+
+    page = tmp_path / "page.md"
+    report.splice(page, "tables v1")
+    assert page.read_text() == report.MARKER + "\n\ntables v1\n"
+    page.write_text("# Title\n\nProse.\n\n" + page.read_text())
+    report.splice(page, "tables v2\n")
+    report.splice(page, "tables v3")
+    text = page.read_text()
+    assert text == "# Title\n\nProse.\n\n" + report.MARKER + "\n\ntables v3\n"
