@@ -202,3 +202,24 @@ def test_block_group_and_low_precision_fall_back_by_default():
     model(torch.randn(4, 3, dtype=torch.bfloat16)).float().pow(2).mean().backward()
     opt.step(loss=torch.tensor(1.0))
     assert "_fused_work" not in opt.__dict__
+
+
+@needs_kernel
+def test_result_does_not_depend_on_the_thread_count():
+    """Large tensors are shared out between threads; each block's sums are added in block order afterwards."""
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            gen = torch.Generator().manual_seed(7)
+            params = [torch.randn(s, generator=gen).requires_grad_() for s in [(300, 301), (5,), (70_001,)]]
+            opt = KOALAPlusPlus(params, weight_decay=1e-3)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step(loss=torch.rand(8, generator=gen) + 0.5)
+            runs.append((params, opt))
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same(*runs, tol=0.0)

@@ -50,6 +50,7 @@ _SOURCE = r"""
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #ifndef KOALA_COMMON
 #define KOALA_COMMON
@@ -62,8 +63,9 @@ enum { R_SECOND_MOMENT = 0, R_SQUARED_MEAN = 1, R_MEAN_VARIANCE = 2 };
  * squares, count] already formed (and summed over data-parallel ranks) in float32 / float64. */
 enum { LOSS_F32 = 0, LOSS_F64 = 1, MOMENTS_F32 = 2, MOMENTS_F64 = 3 };
 #define KOALA_CHUNK 1024
+#define KOALA_PARALLEL_BLOCKS 64 /* tensors of fewer blocks run on the calling thread only */
 
-int koala_abi_version(void) { return 1; }
+int koala_abi_version(void) { return 2; }
 
 /* v_k = a v_{k-1} + b h + c H_{k-1}, h.v_k and S_k from the step's dot products (koala_pp._coefficients). */
 static void koala_coefficients(double hh, double h_prev, double h_v, double prev_sq, double prev_v, double S_prev,
@@ -91,56 +93,76 @@ static double koala_minimum(double x, double y) { return (isnan(x) || isnan(y)) 
 static inline int FN(finite)(double x) { return isfinite((REAL)x); }
 static inline double FN(round)(double x) { return (double)(REAL)x; }
 
-/* Pass 1 over one tensor: out = [||h||^2, ||theta||^2, ||h~||^2, h~.H_prev, h~.gain_prev], with
- * h = g * inv_scale + wd * theta and h~ = D^{1/2} h under the diagonal metric (h~ = h without it). */
-static void FN(reduce)(int64_t n, const REAL *restrict g, const REAL *restrict th, const REAL *restrict s,
-                       const REAL *restrict H, const REAL *restrict G, REAL inv_scale, REAL wd, int use_wd,
-                       int precondition, REAL beta2, REAL one_minus_beta2, REAL inv_correction, REAL eps,
-                       double *out) {
-    double raw = 0, psq = 0, hh = 0, hp = 0, hg = 0;
-    for (int64_t start = 0; start < n; start += KOALA_CHUNK) {
-        int64_t end = start + KOALA_CHUNK < n ? start + KOALA_CHUNK : n;
-        REAL a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
-        if (precondition) {
+/* Pass 1 over one block of a tensor (elements start .. end - 1): acc = [||h||^2, ||theta||^2, ||h~||^2, h~.H_prev,
+ * h~.gain_prev], with h = g * inv_scale + wd * theta and h~ = D^{1/2} h under the diagonal metric (h~ = h without
+ * it). Summed in REAL within the block (vectorised), in double across blocks. */
+static void FN(reduce_block)(int64_t start, int64_t end, const REAL *restrict g, const REAL *restrict th,
+                             const REAL *restrict s, const REAL *restrict H, const REAL *restrict G, REAL inv_scale,
+                             REAL wd, int use_wd, int precondition, REAL beta2, REAL one_minus_beta2,
+                             REAL inv_correction, REAL eps, double *acc) {
+    REAL a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
+    if (precondition) {
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
-            for (int64_t j = start; j < end; ++j) {
-                REAL t = th[j];
-                REAL h = g[j] * inv_scale;
-                if (use_wd) h += wd * t;
-                REAL sq = s[j] * beta2 + one_minus_beta2 * (h * h);
-                REAL root = (REAL)1 / SQRT(SQRT(sq * inv_correction) + eps);
-                REAL ht = h * root;
-                a0 += h * h;
-                a1 += t * t;
-                a2 += ht * ht;
-                a3 += ht * H[j];
-                a4 += ht * G[j];
-            }
-        } else {
-#pragma omp simd reduction(+ : a0, a1, a3, a4)
-            for (int64_t j = start; j < end; ++j) {
-                REAL t = th[j];
-                REAL h = g[j] * inv_scale;
-                if (use_wd) h += wd * t;
-                a0 += h * h;
-                a1 += t * t;
-                a3 += h * H[j];
-                a4 += h * G[j];
-            }
-            a2 = a0;
+        for (int64_t j = start; j < end; ++j) {
+            REAL t = th[j];
+            REAL h = g[j] * inv_scale;
+            if (use_wd) h += wd * t;
+            REAL sq = s[j] * beta2 + one_minus_beta2 * (h * h);
+            REAL root = (REAL)1 / SQRT(SQRT(sq * inv_correction) + eps);
+            REAL ht = h * root;
+            a0 += h * h;
+            a1 += t * t;
+            a2 += ht * ht;
+            a3 += ht * H[j];
+            a4 += ht * G[j];
         }
-        raw += a0;
-        psq += a1;
-        hh += a2;
-        hp += a3;
-        hg += a4;
+    } else {
+#pragma omp simd reduction(+ : a0, a1, a3, a4)
+        for (int64_t j = start; j < end; ++j) {
+            REAL t = th[j];
+            REAL h = g[j] * inv_scale;
+            if (use_wd) h += wd * t;
+            a0 += h * h;
+            a1 += t * t;
+            a3 += h * H[j];
+            a4 += h * G[j];
+        }
+        a2 = a0;
     }
-    if (!precondition) hh = raw;
-    out[0] = raw;
-    out[1] = psq;
-    out[2] = hh;
-    out[3] = hp;
-    out[4] = hg;
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4;
+}
+
+/* Pass 1 over one tensor, out = the five sums. With threads > 1 the blocks of a large tensor are shared out, each
+ * block's sums are kept apart and added in block order afterwards: the result does not depend on the thread count. */
+static void FN(reduce)(int64_t n, const REAL *g, const REAL *th, const REAL *s, const REAL *H, const REAL *G,
+                       REAL inv_scale, REAL wd, int use_wd, int precondition, REAL beta2, REAL one_minus_beta2,
+                       REAL inv_correction, REAL eps, int threads, double *out) {
+    int64_t blocks = (n + KOALA_CHUNK - 1) / KOALA_CHUNK;
+    double sums[5] = {0, 0, 0, 0, 0}, acc[5];
+    double *part = threads > 1 && blocks >= KOALA_PARALLEL_BLOCKS ? malloc(5 * blocks * sizeof(double)) : NULL;
+    if (part != NULL) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < blocks; ++b) {
+            int64_t end = (b + 1) * KOALA_CHUNK < n ? (b + 1) * KOALA_CHUNK : n;
+            FN(reduce_block)(b * KOALA_CHUNK, end, g, th, s, H, G, inv_scale, wd, use_wd, precondition, beta2,
+                             one_minus_beta2, inv_correction, eps, part + 5 * b);
+        }
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+        const double *block = part;
+        if (part != NULL) {
+            block = part + 5 * b;
+        } else {
+            int64_t end = (b + 1) * KOALA_CHUNK < n ? (b + 1) * KOALA_CHUNK : n;
+            FN(reduce_block)(b * KOALA_CHUNK, end, g, th, s, H, G, inv_scale, wd, use_wd, precondition, beta2,
+                             one_minus_beta2, inv_correction, eps, acc);
+            block = acc;
+        }
+        for (int k = 0; k < 5; ++k) sums[k] += block[k];
+    }
+    free(part);
+    if (!precondition) sums[2] = sums[0];
+    for (int k = 0; k < 5; ++k) out[k] = sums[k];
 }
 
 /* Pass 2 over one committed tensor: gain = a gain + c H_prev + b h~; H_prev = h~; s = new second moment;
@@ -179,7 +201,18 @@ static inline void FN(update)(int64_t n, const REAL *restrict g, REAL *restrict 
 /* The four specialisations of pass 2 (the flags are constants inside each, so every loop is branch-free). */
 static void FN(update_any)(int64_t n, const REAL *g, REAL *th, REAL *s, REAL *H, REAL *G, REAL *m, REAL inv_scale,
                            REAL wd, int use_wd, int precondition, int momentum, REAL beta2, REAL one_minus_beta2,
-                           REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu, REAL k1, REAL k2) {
+                           REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu, REAL k1, REAL k2,
+                           int threads) {
+    int64_t blocks = (n + KOALA_CHUNK - 1) / KOALA_CHUNK;
+    if (threads > 1 && blocks >= KOALA_PARALLEL_BLOCKS) { /* element-wise: any split gives the same result */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t k = 0; k < blocks; ++k) {
+            int64_t o = k * KOALA_CHUNK, len = (k + 1) * KOALA_CHUNK < n ? KOALA_CHUNK : n - o;
+            FN(update_any)(len, g + o, th + o, s ? s + o : NULL, H + o, G + o, m ? m + o : NULL, inv_scale, wd, use_wd,
+                           precondition, momentum, beta2, one_minus_beta2, inv_correction, eps, a, b, c, mu, k1, k2, 1);
+        }
+        return;
+    }
 #define KOALA_UPDATE(P, M)                                                                                         \
     FN(update)(n, g, th, s, H, G, m, inv_scale, wd, use_wd, P, M, beta2, one_minus_beta2, inv_correction, eps, a, b, \
                c, mu, k1, k2)
@@ -208,7 +241,7 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
                       REAL **exp_avg_sq, REAL **momentum_buffer, REAL **prev_S, REAL **prev_grad_sq,
                       REAL **prev_grad_v, REAL **prev_q, float **step, const int64_t *numel, const void *loss,
                       int64_t loss_n, int loss_kind, const float *grad_scale, const float *found_inf, double *work,
-                      REAL *out) {
+                      REAL *out, int threads) {
     const int n = first[n_groups];
     /* The measurement: moments of the loss in its own precision (float32 for float32 losses, as loss_moments). */
     int loss_float = loss_kind == LOSS_F32 || loss_kind == MOMENTS_F32;
@@ -273,7 +306,7 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
             double correction = FN(round)(1.0 - pow(beta2, (double)*step[i] + 1.0));
             FN(reduce)(numel[i], grad[i], param[i], precondition ? exp_avg_sq[i] : NULL, prev_grad[i], gain[i],
                        inv_scale, (REAL)wd, use_wd, precondition, (REAL)beta2, (REAL)(1.0 - beta2),
-                       (REAL)(1.0 / correction), (REAL)hp[HP_EPS], work + 5 * i);
+                       (REAL)(1.0 / correction), (REAL)hp[HP_EPS], threads, work + 5 * i);
             double *w = work + 5 * i;
             ok = ok && FN(finite)(w[0]);
             if (use_wd) ok = ok && FN(finite)(w[1]) && FN(finite)(loss_T + 0.5 * wd * FN(round)(w[1]));
@@ -332,7 +365,7 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
             FN(update_any)(numel[i], grad[i], param[i], precondition ? exp_avg_sq[i] : NULL, prev_grad[i], gain[i],
                            momentum ? momentum_buffer[i] : NULL, inv_scale, (REAL)wd, use_wd, precondition, momentum,
                            (REAL)beta2, (REAL)(1.0 - beta2), (REAL)(1.0 / correction), (REAL)hp[HP_EPS], (REAL)a,
-                           (REAL)b_gain, (REAL)c_gain, (REAL)mu, (REAL)k1, (REAL)k2);
+                           (REAL)b_gain, (REAL)c_gain, (REAL)mu, (REAL)k1, (REAL)k2, threads);
             *prev_S[i] = (REAL)S;
             *prev_grad_sq[i] = (REAL)hh;
             *prev_grad_v[i] = (REAL)h_v_new;
@@ -350,6 +383,7 @@ _VARIANTS = (("float", "f32", "sqrtf"), ("double", "f64", "sqrt"))
 # -fno-math-errno lets sqrt vectorise (it changes no result); no -ffast-math: IEEE semantics, NaN and inf tests intact.
 _FLAGS = ("-O3", "-fno-math-errno", "-fopenmp-simd", "-std=gnu99", "-shared", "-fPIC")
 _ARCH_FLAGS = ("-march=native", "-mprefer-vector-width=512")  # dropped if this compiler rejects them
+_OPENMP_FLAGS = ("-fopenmp",)  # threads within large tensors; without it the kernel runs on the calling thread
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -396,7 +430,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     program = _program()
-    key = hashlib.sha256("\0".join([program, compiler, version, " ".join(_FLAGS + _ARCH_FLAGS),
+    key = hashlib.sha256("\0".join([program, compiler, version, " ".join(_FLAGS + _OPENMP_FLAGS + _ARCH_FLAGS),
                                      platform.machine(), _cpu_signature()]).encode()).hexdigest()[:20]
     directory = _cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -406,7 +440,8 @@ def _build() -> ctypes.CDLL:
             source = Path(tmp) / "koala_pp_fused.c"
             source.write_text(program)
             built = Path(tmp) / target.name
-            for flags in (_FLAGS + _ARCH_FLAGS, _FLAGS):
+            attempts = (_FLAGS + _OPENMP_FLAGS + _ARCH_FLAGS, _FLAGS + _OPENMP_FLAGS, _FLAGS + _ARCH_FLAGS, _FLAGS)
+            for flags in attempts:
                 result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
                                         capture_output=True, text=True, timeout=300)
                 if result.returncode == 0:
@@ -415,14 +450,14 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling the fused KOALA++ kernel failed: {result.stderr.strip()[-2000:]}")
             os.replace(built, target)  # atomic: concurrent processes never load a half-written library
     library = ctypes.CDLL(str(target))
-    if library.koala_abi_version() != 1:
+    if library.koala_abi_version() != 2:
         raise RuntimeError(f"{target} is not this version's kernel")
     pointer = ctypes.c_void_p
     for suffix in ("f32", "f64"):
         fn = getattr(library, f"koala_pp_step_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, pointer, pointer, pointer, pointer, pointer, *([pointer] * 12), pointer,
-                       ctypes.c_int64, ctypes.c_int, pointer, pointer, pointer, pointer]
+                       ctypes.c_int64, ctypes.c_int, pointer, pointer, pointer, pointer, ctypes.c_int]
     return library
 
 

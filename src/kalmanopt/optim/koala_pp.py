@@ -302,7 +302,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         inf = None if found_inf is None else found_inf.data_ptr()
         step(n_groups, _array(hyper, ctypes.c_double), *(_array(c) for c in group_fields),
              _array(first, ctypes.c_int32), *(_array(c) for c in fields[:11]), _array(fields[11], ctypes.c_int64),
-             loss.data_ptr(), loss.numel(), loss_kind, scale, inf, work, out.data_ptr())
+             loss.data_ptr(), loss.numel(), loss_kind, scale, inf, work, out.data_ptr(), torch.get_num_threads())
         recorded = self.__dict__.setdefault("_diagnostics", {})
         start = 0
         for index, count in enumerate(members):
