@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_task", "plot_reliability", "write_markdown", "task_table", "reliability_of"]
+__all__ = ["cost_table", "plot_task", "plot_reliability", "write_markdown", "task_table", "reliability_of"]
 
 RELIABILITY = ("LoRA/LoKO", "LoRA/AdamW", "LoRA/AdaGrad")  # the main contenders' diagrams (LoKO: both predictives)
 
@@ -205,6 +205,20 @@ def plot_reliability(result: dict[str, Any], out_dir: Path) -> Path | None:
     return path
 
 
+def cost_table(cost: dict[str, Any]) -> list[str]:
+    """Markdown table of a ``--cost-only`` measurement."""
+    full = cost["full_run"]
+    lines = [f"**{cost['task']}**: thread CPU time per sample, median of {cost['rounds']} interleaved rounds of "
+             f"{cost['samples']} samples (loading the task: {cost['load_seconds']:.0f} s wall); a full run here "
+             f"({full['orders']} orders x {full['samples']} samples, tuning {full['tune_samples']} x 6 grid points) "
+             f"takes about {cost['full_run_minutes']:.0f} min of CPU on one thread.", "",
+             "| row | ms/sample | x LoRA/AdamW | full run (min) |", "|---|---|---|---|"]
+    for label, r in cost["rows"].items():
+        lines.append(f"| {label} | {r['ms_per_sample']:.2f} | {r['ratio_to_lora_adamw']:.2f} | "
+                     f"{r['full_run_minutes']:.1f} |")
+    return lines
+
+
 def write_markdown(results_dir: Path, docs_path: Path) -> None:
     """``docs/benchmarks/online.md`` from every (non-quick) results file, with the hand-written notes around it."""
     from .tasks import TASKS
@@ -247,6 +261,15 @@ def write_markdown(results_dir: Path, docs_path: Path) -> None:
                 rel = os.path.relpath(png, docs_path.parent)
                 lines += ["", f"![{res['task']} {kind}]({rel})"]
         lines.append("")
+    costs = [json.loads((results_dir / f"cost_{t}.json").read_text()) for t in TASKS
+             if (results_dir / f"cost_{t}.json").exists()]
+    if costs:
+        lines += ["## Cost per sample", "",
+                  "Measured with `--cost-only` (the rows of the comparison at the options given, 3 interleaved "
+                  "rounds, thread CPU time, one thread); the minutes estimate a full run of the task.", ""]
+        for cost in costs:
+            lines += [f"Command: `{_command(cost['provenance']['command'])}` ({cost['provenance']['cpu']}, "
+                      f"{cost['provenance']['date']})", ""] + cost_table(cost) + [""]
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     extra = docs_path.parent / "online_findings.md"
     if extra.exists():

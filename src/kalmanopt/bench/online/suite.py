@@ -24,14 +24,14 @@ import torch
 
 from .tasks import Task, build, load_task
 
-__all__ = ["SWEEPS", "ablation_presets", "parse_ablation", "resolve_ablations", "run_one", "run_task",
+__all__ = ["measure_cost", "SWEEPS", "ablation_presets", "parse_ablation", "resolve_ablations", "run_one", "run_task",
            "contenders", "loko_defaults"]
 
 SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
     "AdamW": ("lr", (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
     # AdaGrad's steps shrink with the accumulated squared gradients; its grid sits half a decade higher
     "AdaGrad": ("lr", (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
-    "LoKO tuned p0": ("p0", (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)),
+    "LoKO tuned p0": ("p0", (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)),
 }
 
 
@@ -234,3 +234,38 @@ def _result(task: Task, args: argparse.Namespace, n: int, n_tune: int, ablations
                    "eval_pool": len(task.eval_pool), "quick": bool(args.quick)},
         "tuning": tuning, "chosen": chosen, "runs": runs, "seconds": time.perf_counter() - t0,
     }
+
+
+def measure_cost(name: str, args: argparse.Namespace, task: Task | None = None) -> dict[str, Any]:
+    """Thread CPU ms per sample of every contender and ablation row on the first ``args.cost_only`` samples of
+    evaluation order 0, in ``rounds`` interleaved rounds (the median is reported), and what a full run of the task
+    with the current options would cost: ``(6 * tuning samples if tuned) + orders * samples`` per row."""
+    t0 = time.perf_counter()
+    task = task or load_task(name, max_length=args.max_length, progress=not args.no_progress)
+    load_seconds = time.perf_counter() - t0
+    n_full, n_tune = _stream_sizes(task, args)
+    n = min(args.cost_only, len(task.eval_pool))
+    order = _order(task.eval_pool, 0, n)
+    rows = [(label, a, o, 1e-3 if o in ("AdamW", "AdaGrad") else None, None) for label, a, o in
+            contenders(tuple(args.adapters))]  # the lr does not change the cost of a step
+    rows += [(f"LoRA/LoKO [{spec}]", "LoRA", "LoKO", None, kw)
+             for spec, kw in resolve_ablations(args.ablations, name).items()]
+    ms: dict[str, list[float]] = {}
+    for _ in range(3):
+        for label, a, o, v, kw in rows:
+            r = run_one(task, a, o, v, order, 0, kw, progress=False)
+            ms.setdefault(label, []).append(r["cpu_seconds_per_sample"] * 1e3)
+    out: dict[str, Any] = {"task": name, "samples": n, "rounds": 3, "load_seconds": load_seconds,
+                           "full_run": {"samples": n_full, "tune_samples": n_tune, "orders": args.orders},
+                           "rows": {}}
+    ref = sorted(ms["LoRA/AdamW"])[1] if "LoRA/AdamW" in ms else math.nan
+    for (label, _, o, _, _), values in zip(rows, ms.values(), strict=True):
+        med = sorted(values)[1]
+        per_row = (len(SWEEPS[o][1]) * n_tune if o in SWEEPS and "[" not in label else 0) + args.orders * n_full
+        out["rows"][label] = {"ms_per_sample": med, "ratio_to_lora_adamw": med / ref,
+                              "full_run_minutes": med * per_row / 6e4, "all_rounds_ms": values}
+    out["full_run_minutes"] = sum(r["full_run_minutes"] for r in out["rows"].values())
+    from ..common import provenance
+
+    out["provenance"] = provenance()
+    return out
