@@ -59,13 +59,13 @@ enum { HP_LR, HP_SIGMA, HP_Q, HP_WD, HP_BETA2, HP_EPS, HP_MOMENTUM, HP_MAX_STEP,
        HP_FLAGS, HP_R_STAT, KOALA_NHP };
 enum { F_SYMMETRIC = 1, F_PRECONDITION = 2, F_MOMENTUM = 4, F_FIXED_R = 8, F_MAX_STEP = 16, F_R_CLIP = 32 };
 enum { R_SECOND_MOMENT = 0, R_SQUARED_MEAN = 1, R_MEAN_VARIANCE = 2 };
-/* The loss argument: per-sample losses (or a 0-d loss) in float32 / float64, or their moments [sum, sum of
- * squares, count] already formed (and summed over data-parallel ranks) in float32 / float64. */
-enum { LOSS_F32 = 0, LOSS_F64 = 1, MOMENTS_F32 = 2, MOMENTS_F64 = 3 };
+/* The measurement: the loss moments [sum, sum of squares, count] (noise.loss_moments, summed over data-parallel
+ * ranks), or [mean, statistic] handed over by update(), in float32 or float64. */
+enum { MOMENTS_F32 = 0, MOMENTS_F64 = 1, GIVEN_F32 = 2, GIVEN_F64 = 3 };
 #define KOALA_CHUNK 1024
 #define KOALA_PARALLEL_BLOCKS 64 /* tensors of fewer blocks run on the calling thread only */
 
-int koala_abi_version(void) { return 2; }
+int koala_abi_version(void) { return 3; }
 
 /* v_k = a v_{k-1} + b h + c H_{k-1}, h.v_k and S_k from the step's dot products (koala_pp._coefficients). */
 static void koala_coefficients(double hh, double h_prev, double h_v, double prev_sq, double prev_v, double S_prev,
@@ -239,30 +239,18 @@ static void FN(update_any)(int64_t n, const REAL *g, REAL *th, REAL *s, REAL *H,
 int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_t **skipped, int64_t **updates,
                       const int32_t *first, REAL **param, REAL **grad, REAL **prev_grad, REAL **gain,
                       REAL **exp_avg_sq, REAL **momentum_buffer, REAL **prev_S, REAL **prev_grad_sq,
-                      REAL **prev_grad_v, REAL **prev_q, float **step, const int64_t *numel, const void *loss,
-                      int64_t loss_n, int loss_kind, const float *grad_scale, const float *found_inf, double *work,
-                      REAL *out, int threads) {
+                      REAL **prev_grad_v, REAL **prev_q, float **step, const int64_t *numel,
+                      const void *measurement, int kind, const float *grad_scale, const float *found_inf,
+                      double *work, REAL *out, int threads) {
     const int n = first[n_groups];
-    /* The measurement: moments of the loss in its own precision (float32 for float32 losses, as loss_moments). */
-    int loss_float = loss_kind == LOSS_F32 || loss_kind == MOMENTS_F32;
+    /* The measurement, in its own precision (float32 for float32 losses), as the multi-tensor path forms it. */
+    int loss_float = kind == MOMENTS_F32 || kind == GIVEN_F32, given = kind == GIVEN_F32 || kind == GIVEN_F64;
 #define RP(x) (loss_float ? (double)(float)(x) : (double)(x))
-    double total = 0, total_sq = 0, count;
-    if (loss_kind == LOSS_F32 || loss_kind == LOSS_F64) {
-        for (int64_t k = 0; k < loss_n; ++k) {
-            double l = loss_kind == LOSS_F32 ? (double)((const float *)loss)[k] : ((const double *)loss)[k];
-            total += l;
-            total_sq += l * l;
-        }
-        count = (double)loss_n;
-    } else if (loss_kind == MOMENTS_F32) {
-        const float *mo = (const float *)loss;
-        total = mo[0], total_sq = mo[1], count = mo[2];
-    } else {
-        const double *mo = (const double *)loss;
-        total = mo[0], total_sq = mo[1], count = mo[2];
-    }
-    total = RP(total), total_sq = RP(total_sq), count = RP(count);
-    double mean = RP(total / count);
+    double v[3] = {0, 0, 1};
+    for (int k = 0; k < (given ? 2 : 3); ++k)
+        v[k] = loss_float ? (double)((const float *)measurement)[k] : ((const double *)measurement)[k];
+    double total = v[0], total_sq = v[1], count = v[2];
+    double mean = given ? v[0] : RP(total / count);
     int ok = isfinite(mean);
     if (found_inf != NULL) ok = ok && *found_inf == 0;
     double inv_scale_d = grad_scale != NULL ? FN(round)(1.0 / FN(round)((double)*grad_scale)) : 1.0;
@@ -274,7 +262,9 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
         const double *hp = hp_all + (size_t)j * KOALA_NHP;
         int flags = (int)hp[HP_FLAGS], r_stat = (int)hp[HP_R_STAT];
         double previous = (double)*R_state[j], stat;
-        if (r_stat == R_SECOND_MOMENT) {
+        if (given) {
+            stat = v[1];
+        } else if (r_stat == R_SECOND_MOMENT) {
             stat = RP(total_sq / count);
         } else if (r_stat == R_SQUARED_MEAN) {
             stat = RP(mean * mean);
@@ -450,14 +440,14 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling the fused KOALA++ kernel failed: {result.stderr.strip()[-2000:]}")
             os.replace(built, target)  # atomic: concurrent processes never load a half-written library
     library = ctypes.CDLL(str(target))
-    if library.koala_abi_version() != 2:
+    if library.koala_abi_version() != 3:
         raise RuntimeError(f"{target} is not this version's kernel")
     pointer = ctypes.c_void_p
     for suffix in ("f32", "f64"):
         fn = getattr(library, f"koala_pp_step_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, pointer, pointer, pointer, pointer, pointer, *([pointer] * 12), pointer,
-                       ctypes.c_int64, ctypes.c_int, pointer, pointer, pointer, pointer, ctypes.c_int]
+                       ctypes.c_int, pointer, pointer, pointer, pointer, ctypes.c_int]
     return library
 
 

@@ -403,6 +403,11 @@ class KalmanOptimizer(Optimizer):
         loss_mean = moments[0] / moments[2]
         return self._measurement_update(loss_mean, lambda group: loss_statistic(moments, group["r_stat"]), hyper_ok)
 
+    def _measure_given(self, loss_mean: Tensor, statistic: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
+        """The measurement update of :meth:`update` (mean and R statistic given, summed over ranks); returns ``ok``
+        (None where a subclass's faster path took it: the gate of the next prediction is then not needed)."""
+        return self._measurement_update(loss_mean, lambda group: statistic, hyper_ok)
+
     def predict(self) -> None:
         """The filter's time update (the papers' ``predict()``); call it before the forward pass.
 
@@ -428,7 +433,7 @@ class KalmanOptimizer(Optimizer):
         with torch.no_grad():
             self._ensure_predicted()
             mean, var, ranks = self._all_reduce(torch.stack([mean, var.to(mean), torch.ones_like(mean)])).unbind(0)
-            ok = self._measurement_update(mean / ranks, lambda group: var / ranks, hyper_ok)
+            ok = self._measure_given(mean / ranks, var / ranks, hyper_ok)
         # The next prediction (explicit, or the one step()/update() make first) is gated by this outcome: after a
         # skipped update the current prediction still stands, and predicting again would move KOALA-M twice.
         self.__dict__["_pending_gate"] = ok

@@ -7,14 +7,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import _docs, _koala_pp_fused
 from ._reductions import dots, squared_norms
 from ._sharding import reduce_if
 from .base import GradBucket, KalmanOptimizer, _check_number, _is_dtensor, state_dtype
-from .noise import R_CLIP, R_STATISTICS, loss_moments
+from .noise import R_CLIP, R_STATISTICS, loss_moments, loss_statistic
 
 __all__ = ["BLOCKS", "PRESETS", "KOALAPlusPlus", "koala_pp"]
 
@@ -221,11 +220,19 @@ class KOALAPlusPlus(KalmanOptimizer):
     def _measure(self, measured: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
         # The fused kernel takes the whole step when every group can (Python-number hyperparameters, CPU tensors);
         # otherwise the multi-tensor path does, with the same semantics. Under torch.compile: the traceable path.
-        if hyper_ok is None and not torch.compiler.is_compiling() and self._fused_step(measured):
+        moments = self._all_reduce(loss_moments(measured))
+        if hyper_ok is None and not torch.compiler.is_compiling() and self._fused_step(moments, given=False):
             return None
-        return super()._measure(measured, hyper_ok)
+        return self._measurement_update(moments[0] / moments[2],
+                                        lambda group: loss_statistic(moments, group["r_stat"]), hyper_ok)
 
-    def _fused_step(self, measured: Tensor) -> bool:
+    def _measure_given(self, loss_mean: Tensor, statistic: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
+        if hyper_ok is None and not torch.compiler.is_compiling() \
+                and self._fused_step(torch.stack([loss_mean, statistic.to(loss_mean)]), given=True):
+            return None
+        return super()._measure_given(loss_mean, statistic, hyper_ok)
+
+    def _fused_step(self, measurement: Tensor, given: bool) -> bool:
         """The whole measurement update on the fused kernel; False (nothing done) where it cannot run.
 
         Same semantics as :meth:`KalmanOptimizer._measurement_update` followed by :func:`koala_pp`: every guard is
@@ -239,16 +246,10 @@ class KOALAPlusPlus(KalmanOptimizer):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if not (_cpu_scalar(grad_scale) and _cpu_scalar(found_inf)):
             return False
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(self._process_group) > 1
-        if measured.device.type != "cpu":
+        if measurement.dtype not in _KINDS or measurement.device.type != "cpu":
             return False
-        if not distributed and measured.dtype in _KINDS and measured.is_contiguous():
-            loss, loss_kind = measured, _KINDS[measured.dtype]
-        else:
-            loss = self._all_reduce(loss_moments(measured))
-            if loss.dtype not in _KINDS:
-                return False
-            loss_kind = _KINDS[loss.dtype] + 2  # moments, not samples
+        measurement = measurement.contiguous()
+        kind = _KINDS[measurement.dtype] + (2 if given else 0)
         dtype, fields, first, hyper, group_fields, members = None, [[] for _ in range(12)], [0], [], [[], [], []], []
         for group in groups:
             precondition, momentum = group["precondition"], bool(group["momentum"])
@@ -302,7 +303,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         inf = None if found_inf is None else found_inf.data_ptr()
         step(n_groups, _array(hyper, ctypes.c_double), *(_array(c) for c in group_fields),
              _array(first, ctypes.c_int32), *(_array(c) for c in fields[:11]), _array(fields[11], ctypes.c_int64),
-             loss.data_ptr(), loss.numel(), loss_kind, scale, inf, work, out.data_ptr(), torch.get_num_threads())
+             measurement.data_ptr(), kind, scale, inf, work, out.data_ptr(), torch.get_num_threads())
         recorded = self.__dict__.setdefault("_diagnostics", {})
         start = 0
         for index, count in enumerate(members):
@@ -639,7 +640,7 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
 
 
 # ---------------------------------------------------------------------------------------------- fused-path helpers
-_KINDS = {torch.float32: 0, torch.float64: 1}  # the kernel's loss kinds (+2: moments already formed)
+_KINDS = {torch.float32: 0, torch.float64: 1}  # the kernel's measurement kinds: moments (+2: mean, statistic)
 # per-tensor state, in the kernel's argument order; None where the option is off
 _STATE_KEYS = ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer", "prev_S", "prev_grad_sq", "prev_grad_v",
                "prev_q", "step")
