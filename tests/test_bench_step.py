@@ -100,3 +100,14 @@ def test_mlp_preset_is_the_demo_model():
 
     assert [tuple(p.shape) for p in make_mlp().parameters()] == step_bench.mlp_shapes()
     assert "mlp" in step_bench.ALL_PRESETS
+
+
+def test_preset_comma_list_and_unknown_names():
+    from kalmanopt.cli import build_parser
+
+    parse = lambda *argv: build_parser().parse_args(["bench", "step", *argv])  # noqa: E731
+    settings, name = step_bench._settings(parse("--preset", "mlp,resnet18-tiny"))
+    assert settings.presets == ["mlp", "resnet18-tiny"] and name == "mlp+resnet18-tiny"
+    assert step_bench._settings(parse("--preset", "all"))[0].presets == list(step_bench.ALL_PRESETS)
+    with pytest.raises(SystemExit, match="unknown preset"):
+        step_bench._settings(parse("--preset", "mlp,resnet99"))

@@ -617,13 +617,17 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     optimizers = [k.strip() for k in args.optimizers.split(",") if k.strip()] if args.optimizers else None
+    names = list(ALL_PRESETS) if preset == "all" else [n.strip() for n in preset.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or not names:
+        raise SystemExit(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)} or all (or a comma list)")
     settings = Settings(
-        presets=list(ALL_PRESETS) if preset == "all" else [preset], rounds=args.rounds,
+        presets=names, rounds=args.rounds,
         steps_per_round=args.steps_per_round, warmup=args.warmup, optimizers=optimizers, device=device,
         weight_decay=args.weight_decay, seed=args.seed, max_memory_gb=args.max_memory_gb,
         profile=args.profile,
     )
-    return settings, preset
+    return settings, preset.replace(",", "+")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -648,8 +652,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "step", help="time one optimizer step: KOALA++ against AdamW and its reference",
         description=(__doc__ or "").split("\n\n", 1)[0],
     )
-    parser.add_argument("--preset", choices=[*PRESETS, "all"], default=None,
-                        help="parameter set (default: resnet18; all: " + ", ".join(ALL_PRESETS) + ")")
+    parser.add_argument("--preset", default=None,
+                        help="parameter set, or a comma list of them, from " + ", ".join(PRESETS)
+                        + " (default: resnet18; all: " + ", ".join(ALL_PRESETS) + ")")
     parser.add_argument("--quick", action="store_true",
                         help=f"a few seconds: preset {QUICK_PRESET}, 3 rounds x 2 steps, 1 warm-up step")
     parser.add_argument("--rounds", type=_positive, help="timing rounds (default: per preset)")
