@@ -106,16 +106,17 @@ class LofiUpdate(NamedTuple):
     delta: Tensor
     upsilon: Tensor
     W: Tensor
-    prior_hph: Tensor
-    post_hph: Tensor
-    h_delta: Tensor
+    prior_hph: Tensor | None
+    post_hph: Tensor | None
+    h_delta: Tensor | None
 
 
 def _sym_solve(L: Tensor, b: Tensor) -> Tensor:
     return torch.cholesky_solve(b, L)
 
 
-def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor) -> LofiUpdate | None:
+def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, prior: bool = True,
+           posterior: bool = True) -> LofiUpdate | None:
     r"""Measurement update of the precision ``diag(upsilon) + W W^T`` (see the module docs).
 
     Args:
@@ -124,6 +125,7 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor) -> 
         H: ``(m, n)`` Jacobian of the outputs, in the dtype of ``W``.
         chol_R: ``(m, m)`` float64 lower Cholesky factor of the observation noise ``R``.
         e: ``(m,)`` float64 innovation.
+        prior, posterior: compute ``prior_hph`` / ``post_hph`` and ``h_delta`` (else they are None).
 
     Returns:
         A :class:`LofiUpdate`, or None when the small ``(k + m)`` system cannot be factorised (non-finite input).
@@ -150,15 +152,18 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor) -> 
     coef[k:] += e_w
     delta = U @ coef.to(U.dtype)
     # quadratic forms in the outputs, read off T: H Upsilon^{-1} H^T = L_R T_gg L_R^T, H Upsilon^{-1} W = L_R T_gw
-    T_gg, T_gw = T[k:, k:], T[k:, :k]
-    L_w = torch.linalg.cholesky(eye[:k, :k] + T[:k, :k])
-    Z = torch.linalg.solve_triangular(L_w, T_gw.T, upper=False)  # (k, m)
-    prior_white = T_gg - Z.T @ Z
-    Z2 = torch.linalg.solve_triangular(L_M, T[:, k:], upper=False)  # (k + m, m)
-    post_white = T_gg - Z2.T @ Z2
-    prior_hph = chol_R @ prior_white @ chol_R.T
-    post_hph = chol_R @ post_white @ chol_R.T
-    h_delta = chol_R @ (T[k:, :] @ coef)
+    T_gg = T[k:, k:]
+    prior_hph = post_hph = h_delta = None
+    if prior:
+        L_w = torch.linalg.cholesky(eye[:k, :k] + T[:k, :k])
+        Z = torch.linalg.solve_triangular(L_w, T[:k, k:], upper=False)  # (k, m)
+        prior_hph = chol_R @ (T_gg - Z.T @ Z) @ chol_R.T
+        prior_hph = 0.5 * (prior_hph + prior_hph.T)
+    if posterior:
+        Z2 = torch.linalg.solve_triangular(L_M, T[:, k:], upper=False)  # (k + m, m)
+        post_hph = chol_R @ (T_gg - Z2.T @ Z2) @ chol_R.T
+        post_hph = 0.5 * (post_hph + post_hph.T)
+        h_delta = chol_R @ (T[k:, :] @ coef)
     # truncation: rotate W~ onto the eigenvectors of its Gram matrix, keep the k largest
     gram = (Wt.T @ Wt).to(f64)
     _, V = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
@@ -166,7 +171,7 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor) -> 
     W_new = Wt @ V[:, :k]
     dropped = Wt @ V[:, k:]
     ups_new = upsilon + dropped.square().sum(1)
-    return LofiUpdate(delta, ups_new, W_new, 0.5 * (prior_hph + prior_hph.T), 0.5 * (post_hph + post_hph.T), h_delta)
+    return LofiUpdate(delta, ups_new, W_new, prior_hph, post_hph, h_delta)
 
 
 def quadratic_form(upsilon: Tensor, W: Tensor | None, H: Tensor) -> Tensor:

@@ -719,12 +719,14 @@ class LoKO(Optimizer):
         init = self._initial_variances(pairs, list(H.split(sizes, dim=1)), R, gst)
         ups, W, infl, q, live = self._joint_prior(pairs, init, dtype)
         ups, W = lofi.predict(ups, W, infl, q)
-        res = lofi.update(ups, W, H, L_R, e)
-        if res is None or not all(bool(torch.isfinite(t).all()) for t in res):
+        ema = g0["noise"] in ("ema", "ema_diag")
+        res = lofi.update(ups, W, H, L_R, e, prior=g0["observation"] == "logits", posterior=ema)
+        if res is None or not bool(torch.isfinite(torch.cat([res.delta, res.upsilon, res.W.reshape(-1)])).all()):
             return False
-        self._store_predictive(outputs, res.prior_hph)
+        if res.prior_hph is not None:
+            self._store_predictive(outputs, res.prior_hph)
 
-        if g0["noise"] in ("ema", "ema_diag"):
+        if ema:
             blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
             new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - res.h_delta, res.post_hph,
                                            g0["beta"], blocks)
