@@ -34,9 +34,19 @@ def _demo(args: argparse.Namespace) -> int:
         ("AdamW (lr=1e-3)", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)),
     ]
     print(f"{'optimizer':<20} {'test acc':>9} {'train loss':>11} {'seconds':>8}")
+    tables = []
     for name, make in contenders:
-        r = train_digits(name, make, epochs=args.epochs, seed=args.seed, data=data)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                r = train_digits(name, make, epochs=args.epochs, seed=args.seed, data=data)
+            tables.append((name, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)))
+        else:
+            r = train_digits(name, make, epochs=args.epochs, seed=args.seed, data=data)
         print(f"{r.name:<20} {r.test_accuracy:>9.4f} {r.final_train_loss:>11.4f} {r.seconds:>8.2f}")
+    for name, table in tables:
+        print(f"\ntorch.profiler, {name} (training loop; seconds above include the profiler's overhead):\n{table}")
     return 0
 
 
@@ -70,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    demo.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                      help="run each optimizer under torch.profiler and print its top ROWS operators (default: 0)")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmark suites (results under results/, see BENCHMARKS.md)")
