@@ -210,3 +210,25 @@ def test_long_nlp_streams_compute_the_full_models_function():
                                        attention_mask=enc["attention_mask"]),
                                    full(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]),
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_cost_only_measures_every_row_against_adamw(cache, tmp_path, capsys):
+    import json
+
+    from kalmanopt.cli import main
+
+    out = tmp_path / "results"
+    argv = ["bench", "online", "--task", "digits_shift", "--quick", "--cost-only", "5", "--adapters", "LoRA",
+            "--ablations", "observation=loss", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    cost = json.loads((out / "cost_digits_shift_quick.json").read_text())
+    assert list(cost["rows"]) == ["LoRA/LoKO", "LoRA/AdamW", "LoRA/AdaGrad", "LoRA/LoKO tuned p0",
+                                  "LoRA/LoKO [observation=loss]"]
+    assert cost["samples"] == 5 and cost["rounds"] == 3
+    for label, row in cost["rows"].items():
+        assert len(row["all_rounds_ms"]) == 3 and row["ms_per_sample"] == sorted(row["all_rounds_ms"])[1] > 0
+        tuned = label in ("LoRA/AdamW", "LoRA/AdaGrad", "LoRA/LoKO tuned p0")
+        per_row = (6 * 30 if tuned else 0) + 2 * 60  # quick: tuning 30 x 6 grid points, 2 orders of 60
+        assert row["full_run_minutes"] == pytest.approx(row["ms_per_sample"] * per_row / 6e4)
+    assert cost["rows"]["LoRA/AdamW"]["ratio_to_lora_adamw"] == 1.0
+    assert "| LoRA/LoKO [observation=loss] |" in capsys.readouterr().out

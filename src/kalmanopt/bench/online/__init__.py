@@ -173,8 +173,8 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="comma-separated: LoRA, DoRA (default both)")
     p.add_argument("--ablations", action="append", default=None, metavar="ROW",
                    help="LoKO ablation rows: a preset (all, core, none) or option=value[,option=value] such as "
-                        "rank=4 or p0=auto,auto_scope=group; repeat the flag for several. Default: all on the "
-                        "digits and MNIST, core on the NLP tasks")
+                        "rank=4 or p0=auto,auto_scope=group; repeat the flag for several. Default: core on the "
+                        "120-text NLP streams, all elsewhere")
     p.add_argument("--cost-only", type=int, default=0, metavar="N",
                    help="only measure thread CPU ms per sample of every row on N samples (3 interleaved rounds) and "
                         "estimate a full run's minutes; writes cost_<task>.json")

