@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .tasks import Task, build, load_task
+from .tasks import LONG_POOL, Task, build, load_task
 
 __all__ = ["measure_cost", "SWEEPS", "ablation_presets", "parse_ablation", "resolve_ablations", "run_one", "run_task",
            "contenders", "loko_defaults"]
@@ -173,7 +173,8 @@ def run_task(name: str, args: argparse.Namespace, task: Task | None = None) -> d
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    task = task or load_task(name, max_length=args.max_length, progress=not args.no_progress)
+    task = task or load_task(name, max_length=args.max_length, progress=not args.no_progress,
+                             long_pool=100 if args.quick else LONG_POOL)
     n, n_tune = _stream_sizes(task, args)
     progress = not args.no_progress
     adapters = tuple(args.adapters)

@@ -270,17 +270,23 @@ def _split(n: int, tune_fraction: float = 0.2, seed: int = 1234) -> tuple[list[i
     return perm[:k], perm[k:]
 
 
-def load_task(name: str, *, max_length: int = 64, progress: bool = True) -> Task:
-    """The stream ``name`` (one of :data:`TASKS`); the pretrained models are trained once and cached."""
+def load_task(name: str, *, max_length: int = 64, progress: bool = True, long_pool: int = LONG_POOL) -> Task:
+    """The stream ``name`` (one of :data:`TASKS`); the pretrained models are trained once and cached.
+
+    ``long_pool``: how many texts a long NLP stream draws (the first fifth for tuning); smaller for a smoke test,
+    since each costs a pass through the frozen blocks at load time.
+    """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r} (expected one of {TASKS})")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"Invalid max_length: {max_length!r} (an int >= 2)")
+    if isinstance(long_pool, bool) or not isinstance(long_pool, int) or long_pool < 10:
+        raise ValueError(f"Invalid long_pool: {long_pool!r} (an int >= 10)")
     if name == "digits_shift":
         return _digits_task()
     if name == "cv_mnist":
         return _mnist_task(progress)
-    return _nlp_task(name, max_length, progress)
+    return _nlp_task(name, max_length, progress, long_pool)
 
 
 def _digits_task() -> Task:
@@ -324,7 +330,7 @@ def _mnist_task(progress: bool) -> Task:
                 tune_samples=300, quick=(60, 30), adapted="LoRA on conv1, conv2, fc1; fresh head trained in full")
 
 
-def _nlp_task(name: str, max_length: int, progress: bool) -> Task:
+def _nlp_task(name: str, max_length: int, progress: bool, long_pool: int) -> Task:
     from kalmanopt import data
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -361,7 +367,7 @@ def _nlp_task(name: str, max_length: int, progress: bool) -> Task:
     from tqdm.auto import tqdm
 
     blocks = 1
-    n = min(LONG_POOL, len(d.texts))
+    n = min(long_pool, len(d.texts))
     pick = torch.randperm(len(d.texts), generator=torch.Generator().manual_seed(4321))[:n].tolist()
     encoder = transformers.AutoModel.from_pretrained(path)
     encoder.eval()
@@ -372,7 +378,7 @@ def _nlp_task(name: str, max_length: int, progress: bool) -> Task:
         items.append({"hidden": lower_hidden(encoder, enc["input_ids"], enc["attention_mask"], blocks),
                       "attention_mask": enc["attention_mask"]})
     labels = d.labels[pick]
-    tune, evaluate = list(range(300)), list(range(300, n))  # ``pick`` is already a random draw
+    tune, evaluate = list(range(n // 5)), list(range(n // 5, n))  # ``pick`` is already a random draw
 
     def make_base_top(seed: int) -> nn.Module:
         top = transformers.AutoModel.from_pretrained(path)
