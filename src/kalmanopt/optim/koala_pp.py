@@ -114,6 +114,13 @@ class KOALAPlusPlus(KalmanOptimizer):
         momentum (float, optional): :math:`\mu` (adaptive: 0.9, paper: 0).
         max_step (float or None, optional): :math:`\gamma_{\max}`, the cap on :math:`\ell/S`, scaled by ``lr`` so
             that a learning-rate schedule anneals capped steps too (adaptive: 0.01, paper: none).
+        fused (bool, optional): the whole step in one compiled CPU kernel: one reduction pass and one element-wise
+            pass per tensor (see :mod:`kalmanopt.optim._koala_pp_fused`). ``None`` (default): used when ``foreach``
+            is also ``None``, ``block="tensor"``, the parameters are dense float32/float64 CPU tensors, every
+            hyperparameter is a Python number, the step is not being compiled, and a C compiler built the kernel
+            (about a second, once per machine, cached); otherwise the multi-tensor path runs, with the same results
+            up to rounding. ``True`` raises where the kernel cannot be used (CUDA, DTensors, ``block="group"``).
+            ``update()`` and ``step()`` both use it.
     """
 
     __doc__ = (__doc__ or "") + _docs.COMMON_ARGS + _docs.LOSS_PATHS + _docs.GUARDS + r"""
