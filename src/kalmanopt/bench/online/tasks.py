@@ -20,6 +20,7 @@ model with adapters and makes the optimizer.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -352,9 +353,10 @@ def _nlp_task(name: str, max_length: int, progress: bool, long_pool: int) -> Tas
             items.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         tune, evaluate = _split(len(items))
 
+        pretrained = transformers.AutoModel.from_pretrained(path).requires_grad_(False)
+
         def make_base_nlp(seed: int) -> nn.Module:
-            encoder = transformers.AutoModel.from_pretrained(path)
-            encoder.requires_grad_(False)
+            encoder = copy.deepcopy(pretrained)  # a fresh copy per run, without reading the weights from disk again
             torch.manual_seed(seed)
             return EncoderClassifier(encoder, classes)
 
@@ -380,12 +382,13 @@ def _nlp_task(name: str, max_length: int, progress: bool, long_pool: int) -> Tas
     labels = d.labels[pick]
     tune, evaluate = list(range(n // 5)), list(range(n // 5, n))  # ``pick`` is already a random draw
 
+    encoder.requires_grad_(False)
+    layers = encoder.encoder.layer
+
     def make_base_top(seed: int) -> nn.Module:
-        top = transformers.AutoModel.from_pretrained(path)
-        top.requires_grad_(False)
-        layers = top.encoder.layer
+        top = copy.deepcopy(nn.ModuleList(layers[len(layers) - blocks:]))  # fresh copies of the adapted blocks
         torch.manual_seed(seed)
-        return TopEncoderClassifier(nn.ModuleList(layers[len(layers) - blocks:]), top.config, classes)
+        return TopEncoderClassifier(top, encoder.config, classes)
 
     return Task(name, f"MiniLM-L6 (frozen blocks 1-5 cached) + LoRA on block 6 + mean pooling + linear head, {label},"
                 f" {max_length} tokens", items, labels, tune, evaluate, make_base_top, ["query", "value"], 8,
