@@ -223,3 +223,23 @@ def test_result_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     _assert_same(*runs, tol=0.0)
+
+
+@needs_kernel
+def test_replaced_state_is_seen_and_checked_before_the_kernel_writes_through_it():
+    """The kernel's pointer arrays are reused between steps; a replaced state tensor must invalidate them."""
+    whole = _run({"lr": 0.5, "fused": True}, steps=5, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
+    opt = KOALAPlusPlus(params, lr=0.5, fused=True)
+    for k in range(5):
+        if k == 3:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # every state tensor is a new one now
+        for p in params:
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
+        opt.step(loss=torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    _assert_same(whole, (params, opt), tol=0.0)
+    opt.state[params[2]]["gain"] = torch.zeros(5, dtype=torch.float64)  # of another size: never written through
+    with pytest.raises(ValueError, match="'gain'"):
+        opt.step(loss=torch.tensor(1.0, dtype=torch.float64))

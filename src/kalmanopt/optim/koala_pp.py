@@ -215,12 +215,13 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     # ------------------------------------------------------------------ the fused path
     def _fused_group(self, group: dict[str, Any]) -> bool:
-        """Whether this group's step runs on the fused kernel: ``fused=True``, or by default (``fused`` and
-        ``foreach`` both None) when every parameter is a dense float32/float64 CPU tensor and the kernel is built."""
+        """Whether this group's step may run on the fused kernel: ``fused=True``, or by default (``fused`` and
+        ``foreach`` both None) when the kernel is built. :meth:`_fused_step` checks the tensors themselves (dense
+        float32/float64 CPU tensors, contiguous, one dtype) and falls back when they are not."""
         fused = group.get("fused")
         if fused is False or group["block"] != "tensor":
             return False
-        if fused is None and (group["foreach"] is not None or not all(map(_fusable_param, group["params"]))):
+        if fused is None and group["foreach"] is not None:
             return False
         return _koala_pp_fused.load() is not None
 
@@ -257,10 +258,9 @@ class KOALAPlusPlus(KalmanOptimizer):
             return False
         measurement = measurement.contiguous()
         kind = _KINDS[measurement.dtype] + (2 if given else 0)
-        dtype, fields, first, hyper, group_fields, members = None, [[] for _ in range(12)], [0], [], [[], [], []], []
+        dtype, params, grads, numels, tensors, shared, first, hyper, members = None, [], [], [], [], [], [0], [], []
         for group in groups:
-            precondition, momentum = group["precondition"], bool(group["momentum"])
-            count = 0
+            precondition, momentum, count = group["precondition"], bool(group["momentum"]), 0
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -270,7 +270,7 @@ class KOALAPlusPlus(KalmanOptimizer):
                 if dtype is None:
                     dtype = p.dtype
                 if p.dtype != dtype or grad.dtype != dtype or grad.device.type != "cpu" or not grad.is_contiguous() \
-                        or not p.is_contiguous():
+                        or not p.is_contiguous() or not _fusable_param(p):
                     return False
                 st = self.state[p]
                 if "step" not in st:
@@ -279,21 +279,15 @@ class KOALAPlusPlus(KalmanOptimizer):
                     st["exp_avg_sq"] = torch.zeros_like(st["gain"])
                 if momentum and "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(st["gain"])
-                fields[0].append(p.data_ptr())
-                fields[1].append(grad.data_ptr())
-                for k, key in enumerate(_STATE_KEYS, start=2):
-                    fields[k].append(_pointer(st, key, dtype))
-                fields[11].append(p.numel())
+                params.append(p.data_ptr())
+                grads.append(grad.data_ptr())
+                numels.append(p.numel())
+                tensors += [st.get(key) for key in _STATE_KEYS]
                 count += 1
             st = self._group_state(group)
             if "noise_updates" not in st:  # a checkpoint from before the counter: R has been measured
                 st["noise_updates"] = torch.ones((), dtype=torch.int64, device=st["skipped_steps"].device)
-            noise = st["measurement_noise"]
-            if (count and noise.dtype != dtype) or noise.device.type != "cpu":
-                return False
-            group_fields[0].append(noise.data_ptr())
-            group_fields[1].append(st["skipped_steps"].data_ptr())
-            group_fields[2].append(st["noise_updates"].data_ptr())
+            shared += [st["measurement_noise"], st["skipped_steps"], st["noise_updates"]]
             first.append(first[-1] + count)
             members.append(count)
             hyper += _hyper(group)
@@ -301,6 +295,9 @@ class KOALAPlusPlus(KalmanOptimizer):
         if dtype is None:
             dtype = state_dtype(groups[0]["params"][0])
         n, n_groups = first[-1], len(groups)
+        state_arrays = self._fused_plan(dtype, tensors + shared, numels, first)
+        if state_arrays is None:
+            return False
         work = self.__dict__.get("_fused_work")
         if work is None or len(work) < 5 * n + 2 * n_groups:
             work = self.__dict__["_fused_work"] = (ctypes.c_double * (5 * n + 2 * n_groups))()
@@ -308,15 +305,49 @@ class KOALAPlusPlus(KalmanOptimizer):
         step = library.koala_pp_step_f64 if dtype == torch.float64 else library.koala_pp_step_f32
         scale = None if grad_scale is None else grad_scale.data_ptr()
         inf = None if found_inf is None else found_inf.data_ptr()
-        step(n_groups, _array(hyper, ctypes.c_double), *(_array(c) for c in group_fields),
-             _array(first, ctypes.c_int32), *(_array(c) for c in fields[:11]), _array(fields[11], ctypes.c_int64),
-             measurement.data_ptr(), kind, scale, inf, work, out.data_ptr(), torch.get_num_threads())
+        group_arrays, first_array, tensor_arrays, numel_array = state_arrays
+        step(n_groups, _array(hyper, ctypes.c_double), *group_arrays, first_array, _array(params), _array(grads),
+             *tensor_arrays, numel_array, measurement.data_ptr(), kind, scale, inf, work, out.data_ptr(),
+             torch.get_num_threads())
         recorded = self.__dict__.setdefault("_diagnostics", {})
         start = 0
         for index, count in enumerate(members):
             recorded[index] = (out, n, start, start + count, 4 * n + index) if count else {"loss": out[-1]}
             start += count
         return True
+
+    def _fused_plan(self, dtype: torch.dtype, tensors: list[Tensor | None], numels: list[int],
+                    first: list[int]) -> tuple | None:
+        """The kernel's pointer arrays for the state tensors, checked once and reused while nothing changed.
+
+        ``tensors`` holds each stepped parameter's state (``_STATE_KEYS``) and then each group's R and counters. The
+        arrays are rebuilt, and every tensor checked (dtype, CPU, contiguous, size: the kernel writes through these
+        pointers), whenever a tensor, its storage, a size or the set of stepped parameters differs from last time.
+        None where a group's state is not the kernel's (e.g. R of another dtype).
+        """
+        pointers = [None if t is None else t.data_ptr() for t in tensors]
+        plan = self.__dict__.get("_fused_cache")
+        if plan is not None and plan[0] == dtype and plan[2] == pointers and plan[3] == numels and plan[4] == first \
+                and all(a is b for a, b in zip(plan[1], tensors, strict=True)):
+            return plan[5]
+        self.__dict__.pop("_fused_cache", None)
+        n, width = len(numels), len(_STATE_KEYS)
+        for i, numel in enumerate(numels):
+            for k, key in enumerate(_STATE_KEYS):
+                _check_state(tensors[i * width + k], key, dtype, numel)
+        for j in range(len(first) - 1):
+            noise, skipped, updates = tensors[n * width + 3 * j:n * width + 3 * j + 3]
+            if noise.dtype != dtype or noise.device.type != "cpu" or noise.numel() != 1:
+                return None
+            for counter in (skipped, updates):
+                if counter.dtype != torch.int64 or counter.device.type != "cpu" or counter.numel() != 1:
+                    return None
+        columns = [[pointers[i * width + k] for i in range(n)] for k in range(width)]
+        groups = [[pointers[n * width + 3 * j + k] for j in range(len(first) - 1)] for k in range(3)]
+        arrays = ([_array(c) for c in groups], _array(first, ctypes.c_int32), [_array(c) for c in columns],
+                  _array(numels, ctypes.c_int64))
+        self.__dict__["_fused_cache"] = (dtype, tensors, pointers, list(numels), list(first), arrays)
+        return arrays
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
@@ -664,16 +695,15 @@ def _cpu_scalar(t: Tensor | None) -> bool:
     return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1)
 
 
-def _pointer(st: dict[str, Any], key: str, dtype: torch.dtype) -> int | None:
-    """The data pointer of one state tensor, checked to be what the kernel reads (else ValueError)."""
-    value = st.get(key)
+def _check_state(value: Tensor | None, key: str, dtype: torch.dtype, numel: int) -> None:
+    """One state tensor is what the kernel reads and writes through its pointer (else ValueError)."""
     if value is None:
-        return None
+        return
     want = torch.float32 if key == "step" else dtype
-    if value.dtype != want or value.device.type != "cpu" or not value.is_contiguous():
-        raise ValueError(f"KOALAPlusPlus: state {key!r} is {value.dtype} on {value.device}, the step needs a "
-                         f"contiguous {want} CPU tensor")
-    return value.data_ptr()
+    size = numel if key in ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer") else 1
+    if value.dtype != want or value.device.type != "cpu" or not value.is_contiguous() or value.numel() != size:
+        raise ValueError(f"KOALAPlusPlus: state {key!r} is {value.dtype} of {value.numel()} elements on "
+                         f"{value.device}, the step needs a contiguous {want} CPU tensor of {size}")
 
 
 def _hyper(group: dict[str, Any]) -> list[float]:
