@@ -422,8 +422,12 @@ def _build() -> ctypes.CDLL:
     program = _program()
     key = hashlib.sha256("\0".join([program, compiler, version, " ".join(_FLAGS + _OPENMP_FLAGS + _ARCH_FLAGS),
                                      platform.machine(), _cpu_signature()]).encode()).hexdigest()[:20]
-    directory = _cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory = _cache_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (CI, containers): a per-user folder in the temporary directory
+        directory = Path(tempfile.gettempdir()) / f"kalmanopt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"koala_pp_fused_{key}.so"
     if not target.exists():
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
