@@ -187,7 +187,8 @@ def plot_reliability(result: dict[str, Any], out_dir: Path) -> Path | None:
         lows = [b[0] for b in bins if b[2]]
         ax.bar(lows, [b[4] for b in bins if b[2]], width=width, align="edge", edgecolor="k", linewidth=0.5,
                label="accuracy")
-        # the gap between accuracy and mean confidence, above the bar (underconfident) or inside it (overconfident)
+        # the gap between accuracy and mean confidence: the bar's top part where accuracy is higher (underconfident),
+        # above the bar where confidence is (overconfident)
         ax.bar(lows, [abs(b[3] - b[4]) for b in bins if b[2]], bottom=[min(b[3], b[4]) for b in bins if b[2]],
                width=width, align="edge", color="tab:red", alpha=0.35, hatch="//", edgecolor="tab:red",
                linewidth=0.0, label="gap to mean confidence")
