@@ -31,15 +31,17 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["load", "unavailable_reason"]
+__all__ = ["SUFFIXES", "load", "unavailable_reason"]
 
 _SOURCE = r"""
 /* The fused KOALA++ step on CPU: one reduction pass and one element-wise pass per tensor, the scalar algebra
  * and the step's guards in between, for every tensor of every param group in one call.
  *
  * Compiled at first use by kalmanopt/optim/_koala_pp_fused.py (plain C, no PyTorch headers: a compile takes about a
- * second) and called through ctypes with the tensors' data pointers. The file is compiled twice, with REAL = float and
- * REAL = double (SUFFIX f32/f64): the state dtype of the parameters.
+ * second) and called through ctypes with the tensors' data pointers. The file is compiled four times: REAL = float or
+ * double is the compute dtype (that of the parameters); STATE is how the four per-element state tensors (previous
+ * gradient, gain, second moment, momentum buffer) are stored: in REAL (SUFFIX f32, f64), or as bfloat16 bits
+ * (uint16_t; SUFFIX f32_bf16, f64_bf16), widened exactly on load and rounded to nearest even on store.
  *
  * The mathematics is koala_pp.py's multi-tensor path (block = "tensor"), in the same order of operations except
  * that the scalars are formed in double precision and the dot products are summed in blocks (in REAL) whose sums
@@ -65,7 +67,26 @@ enum { MOMENTS_F32 = 0, MOMENTS_F64 = 1, GIVEN_F32 = 2, GIVEN_F64 = 3 };
 #define KOALA_CHUNK 1024
 #define KOALA_PARALLEL_BLOCKS 64 /* tensors of fewer blocks run on the calling thread only */
 
-int koala_abi_version(void) { return 3; }
+int koala_abi_version(void) { return 4; }
+
+/* bfloat16 <-> float as torch's CPU kernels do it: widening is exact (the bits shifted up); narrowing rounds to
+ * nearest, ties to even (c10::round_to_nearest_even), overflow to +-inf, and every NaN becomes 0xFFFF, the NaN torch's
+ * vectorised float32 -> bfloat16 conversion writes. A double is first rounded to float (as torch converts float64). */
+static inline float koala_bf16_load(uint16_t x) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)x << 16;
+    return v.f;
+}
+static inline uint16_t koala_bf16_store(float x) {
+    union { float f; uint32_t u; } v;
+    v.f = x;
+    uint32_t rounded = (v.u + UINT32_C(0x7FFF) + ((v.u >> 16) & 1)) >> 16;
+    return x != x ? (uint16_t)0xFFFF : (uint16_t)rounded;
+}
+/* The conversion on its own, for the tests: n floats to bfloat16 bits. */
+void koala_bf16_round(int64_t n, const float *x, uint16_t *out) {
+    for (int64_t j = 0; j < n; ++j) out[j] = koala_bf16_store(x[j]);
+}
 
 /* v_k = a v_{k-1} + b h + c H_{k-1}, h.v_k and S_k from the step's dot products (koala_pp._coefficients). */
 static void koala_coefficients(double hh, double h_prev, double h_v, double prev_sq, double prev_v, double S_prev,
@@ -89,6 +110,15 @@ static double koala_minimum(double x, double y) { return (isnan(x) || isnan(y)) 
 #define CAT(a, b) CAT2(a, b)
 #define FN(name) CAT(name, SUFFIX)
 
+/* The per-element state: S_LOAD widens a stored element to REAL, S_STORE stores a REAL value (STATE_BF16: rounded). */
+#ifdef STATE_BF16
+#define S_LOAD(x) ((REAL)koala_bf16_load(x))
+#define S_STORE(x) koala_bf16_store((float)(x))
+#else
+#define S_LOAD(x) (x)
+#define S_STORE(x) (x)
+#endif
+
 /* Finite in the state dtype: the guards check a value in the dtype it is stored in. */
 static inline int FN(finite)(double x) { return isfinite((REAL)x); }
 static inline double FN(round)(double x) { return (double)(REAL)x; }
@@ -97,7 +127,7 @@ static inline double FN(round)(double x) { return (double)(REAL)x; }
  * h~.gain_prev], with h = g * inv_scale + wd * theta and h~ = D^{1/2} h under the diagonal metric (h~ = h without
  * it). Summed in REAL within the block (vectorised), in double across blocks. */
 static void FN(reduce_block)(int64_t start, int64_t end, const REAL *restrict g, const REAL *restrict th,
-                             const REAL *restrict s, const REAL *restrict H, const REAL *restrict G, REAL inv_scale,
+                             const STATE *restrict s, const STATE *restrict H, const STATE *restrict G, REAL inv_scale,
                              REAL wd, int use_wd, int precondition, REAL beta2, REAL one_minus_beta2,
                              REAL inv_correction, REAL eps, double *acc) {
     REAL a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
@@ -107,14 +137,14 @@ static void FN(reduce_block)(int64_t start, int64_t end, const REAL *restrict g,
             REAL t = th[j];
             REAL h = g[j] * inv_scale;
             if (use_wd) h += wd * t;
-            REAL sq = s[j] * beta2 + one_minus_beta2 * (h * h);
+            REAL sq = S_LOAD(s[j]) * beta2 + one_minus_beta2 * (h * h);
             REAL root = (REAL)1 / SQRT(SQRT(sq * inv_correction) + eps);
             REAL ht = h * root;
             a0 += h * h;
             a1 += t * t;
             a2 += ht * ht;
-            a3 += ht * H[j];
-            a4 += ht * G[j];
+            a3 += ht * S_LOAD(H[j]);
+            a4 += ht * S_LOAD(G[j]);
         }
     } else {
 #pragma omp simd reduction(+ : a0, a1, a3, a4)
@@ -124,8 +154,8 @@ static void FN(reduce_block)(int64_t start, int64_t end, const REAL *restrict g,
             if (use_wd) h += wd * t;
             a0 += h * h;
             a1 += t * t;
-            a3 += h * H[j];
-            a4 += h * G[j];
+            a3 += h * S_LOAD(H[j]);
+            a4 += h * S_LOAD(G[j]);
         }
         a2 = a0;
     }
@@ -134,7 +164,7 @@ static void FN(reduce_block)(int64_t start, int64_t end, const REAL *restrict g,
 
 /* Pass 1 over one tensor, out = the five sums. With threads > 1 the blocks of a large tensor are shared out, each
  * block's sums are kept apart and added in block order afterwards: the result does not depend on the thread count. */
-static void FN(reduce)(int64_t n, const REAL *g, const REAL *th, const REAL *s, const REAL *H, const REAL *G,
+static void FN(reduce)(int64_t n, const REAL *g, const REAL *th, const STATE *s, const STATE *H, const STATE *G,
                        REAL inv_scale, REAL wd, int use_wd, int precondition, REAL beta2, REAL one_minus_beta2,
                        REAL inv_correction, REAL eps, int threads, double *out) {
     int64_t blocks = (n + KOALA_CHUNK - 1) / KOALA_CHUNK;
@@ -167,55 +197,59 @@ static void FN(reduce)(int64_t n, const REAL *g, const REAL *th, const REAL *s, 
 
 /* Pass 2 over one committed tensor: gain = a gain + c H_prev + b h~; H_prev = h~; s = new second moment;
  * the correction k1 D^{1/2} gain goes into the momentum buffer m = mu m + k1 D^{1/2} gain and theta -= k2 m
- * (with momentum), or theta -= k1 D^{1/2} gain (without). */
-static inline void FN(update)(int64_t n, const REAL *restrict g, REAL *restrict th, REAL *restrict s,
-                              REAL *restrict H, REAL *restrict G, REAL *restrict m, REAL inv_scale, REAL wd,
+ * (with momentum), or theta -= k1 D^{1/2} gain (without). With bfloat16 state it also sums, over the stored (rounded)
+ * values, acc = [||H||^2, H.gain]: the next step's scalars then describe the vectors it will read. */
+static inline void FN(update)(int64_t n, const REAL *restrict g, REAL *restrict th, STATE *restrict s,
+                              STATE *restrict H, STATE *restrict G, STATE *restrict m, REAL inv_scale, REAL wd,
                               int use_wd, int precondition, int momentum, REAL beta2, REAL one_minus_beta2,
-                              REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu, REAL k1, REAL k2) {
+                              REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu, REAL k1, REAL k2,
+                              double *acc) {
+    REAL t0 = 0, t1 = 0;
+#ifdef STATE_BF16
+#pragma omp simd reduction(+ : t0, t1)
+#else
 #pragma omp simd
+#endif
     for (int64_t j = 0; j < n; ++j) {
         REAL t = th[j];
         REAL h = g[j] * inv_scale;
         if (use_wd) h += wd * t;
         REAL root = 1;
         if (precondition) {
-            REAL sq = s[j] * beta2 + one_minus_beta2 * (h * h);
+            REAL sq = S_LOAD(s[j]) * beta2 + one_minus_beta2 * (h * h);
             root = (REAL)1 / SQRT(SQRT(sq * inv_correction) + eps);
-            s[j] = sq;
+            s[j] = S_STORE(sq);
             h = h * root;
         }
-        REAL gain = G[j] * a + H[j] * c + h * b;
-        G[j] = gain;
-        H[j] = h;
+        /* The step uses the unrounded gain and buffer; only what is stored is rounded (STATE_BF16). */
+        REAL gain = S_LOAD(G[j]) * a + S_LOAD(H[j]) * c + h * b;
+        STATE gain_stored = S_STORE(gain), h_stored = S_STORE(h);
+        G[j] = gain_stored;
+        H[j] = h_stored;
+#ifdef STATE_BF16
+        t0 += S_LOAD(h_stored) * S_LOAD(h_stored);
+        t1 += S_LOAD(h_stored) * S_LOAD(gain_stored);
+#endif
         REAL correction = precondition ? root * gain : gain;
         if (momentum) {
-            REAL buf = m[j] * mu + correction * k1;
-            m[j] = buf;
+            REAL buf = S_LOAD(m[j]) * mu + correction * k1;
+            m[j] = S_STORE(buf);
             th[j] = t - buf * k2;
         } else {
             th[j] = t - correction * k1;
         }
     }
+    acc[0] = t0, acc[1] = t1;
 }
 
 /* The four specialisations of pass 2 (the flags are constants inside each, so every loop is branch-free). */
-static void FN(update_any)(int64_t n, const REAL *g, REAL *th, REAL *s, REAL *H, REAL *G, REAL *m, REAL inv_scale,
-                           REAL wd, int use_wd, int precondition, int momentum, REAL beta2, REAL one_minus_beta2,
-                           REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu, REAL k1, REAL k2,
-                           int threads) {
-    int64_t blocks = (n + KOALA_CHUNK - 1) / KOALA_CHUNK;
-    if (threads > 1 && blocks >= KOALA_PARALLEL_BLOCKS) { /* element-wise: any split gives the same result */
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t k = 0; k < blocks; ++k) {
-            int64_t o = k * KOALA_CHUNK, len = (k + 1) * KOALA_CHUNK < n ? KOALA_CHUNK : n - o;
-            FN(update_any)(len, g + o, th + o, s ? s + o : NULL, H + o, G + o, m ? m + o : NULL, inv_scale, wd, use_wd,
-                           precondition, momentum, beta2, one_minus_beta2, inv_correction, eps, a, b, c, mu, k1, k2, 1);
-        }
-        return;
-    }
+static void FN(update_flags)(int64_t n, const REAL *g, REAL *th, STATE *s, STATE *H, STATE *G, STATE *m,
+                             REAL inv_scale, REAL wd, int use_wd, int precondition, int momentum, REAL beta2,
+                             REAL one_minus_beta2, REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu,
+                             REAL k1, REAL k2, double *acc) {
 #define KOALA_UPDATE(P, M)                                                                                         \
     FN(update)(n, g, th, s, H, G, m, inv_scale, wd, use_wd, P, M, beta2, one_minus_beta2, inv_correction, eps, a, b, \
-               c, mu, k1, k2)
+               c, mu, k1, k2, acc)
     if (use_wd) {
         if (precondition) { if (momentum) KOALA_UPDATE(1, 1); else KOALA_UPDATE(1, 0); }
         else { if (momentum) KOALA_UPDATE(0, 1); else KOALA_UPDATE(0, 0); }
@@ -227,18 +261,66 @@ static void FN(update_any)(int64_t n, const REAL *g, REAL *th, REAL *s, REAL *H,
 #undef KOALA_UPDATE
 }
 
+/* Pass 2 over one tensor, shared out between threads in blocks for a large one. sums: [||H||^2, H.gain] of the
+ * stored state with bfloat16 state (summed per block in REAL, across blocks in double and in block order, so that,
+ * as in pass 1, the result does not depend on the thread count); untouched otherwise. */
+static void FN(update_any)(int64_t n, const REAL *g, REAL *th, STATE *s, STATE *H, STATE *G, STATE *m, REAL inv_scale,
+                           REAL wd, int use_wd, int precondition, int momentum, REAL beta2, REAL one_minus_beta2,
+                           REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu, REAL k1, REAL k2,
+                           int threads, double *sums) {
+    int64_t blocks = (n + KOALA_CHUNK - 1) / KOALA_CHUNK;
+#define KOALA_BLOCK(k, acc)                                                                                         \
+    do {                                                                                                             \
+        int64_t o = (k) * KOALA_CHUNK, len = ((k) + 1) * KOALA_CHUNK < n ? KOALA_CHUNK : n - o;                      \
+        FN(update_flags)(len, g + o, th + o, s ? s + o : NULL, H + o, G + o, m ? m + o : NULL, inv_scale, wd, use_wd, \
+                         precondition, momentum, beta2, one_minus_beta2, inv_correction, eps, a, b, c, mu, k1, k2,   \
+                         acc);                                                                                       \
+    } while (0)
+#ifdef STATE_BF16
+    double acc[2], *part = threads > 1 && blocks >= KOALA_PARALLEL_BLOCKS ? malloc(2 * blocks * sizeof(double)) : NULL;
+    if (part != NULL) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t k = 0; k < blocks; ++k) KOALA_BLOCK(k, part + 2 * k);
+    }
+    sums[0] = 0, sums[1] = 0;
+    for (int64_t k = 0; k < blocks; ++k) {
+        const double *block = part + 2 * k;
+        if (part == NULL) {
+            KOALA_BLOCK(k, acc);
+            block = acc;
+        }
+        sums[0] += block[0], sums[1] += block[1];
+    }
+    free(part);
+#else
+    double acc[2];
+    (void)sums;
+    if (threads > 1 && blocks >= KOALA_PARALLEL_BLOCKS) { /* element-wise: any split gives the same result */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t k = 0; k < blocks; ++k) {
+            double unused[2];
+            KOALA_BLOCK(k, unused);
+        }
+        return;
+    }
+    FN(update_flags)(n, g, th, s, H, G, m, inv_scale, wd, use_wd, precondition, momentum, beta2, one_minus_beta2,
+                     inv_correction, eps, a, b, c, mu, k1, k2, acc);
+#endif
+#undef KOALA_BLOCK
+}
+
 /* One KOALA++ step (update followed by nothing: KOALA++'s prediction moves no tensor) for every tensor with a
  * gradient. Returns ok: 1 if the step was taken, 0 if a guard skipped it (then only skipped_steps moved).
  *
  * Per group j (n_groups): hp[j * KOALA_NHP ...], R_state[j] (0-d, REAL), skipped[j] / updates[j] (0-d int64),
  * tensors first[j] .. first[j + 1] - 1. Per tensor i: param, grad (same dtype, contiguous), prev_grad, gain,
- * exp_avg_sq (NULL without the metric), momentum_buffer (NULL without momentum), the 0-d prev_S, prev_grad_sq,
+ * exp_avg_sq (NULL without the metric), momentum_buffer (NULL without momentum) (STATE), the 0-d prev_S, prev_grad_sq,
  * prev_grad_v, prev_q (REAL) and step (float32), numel. work: 5 * n doubles of scratch.
  * out (REAL): 4 n diagnostics (step_size, S, h.v, ||h~||^2 per tensor) then the R used by each group, then the loss.
  */
 int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_t **skipped, int64_t **updates,
-                      const int32_t *first, REAL **param, REAL **grad, REAL **prev_grad, REAL **gain,
-                      REAL **exp_avg_sq, REAL **momentum_buffer, REAL **prev_S, REAL **prev_grad_sq,
+                      const int32_t *first, REAL **param, REAL **grad, STATE **prev_grad, STATE **gain,
+                      STATE **exp_avg_sq, STATE **momentum_buffer, REAL **prev_S, REAL **prev_grad_sq,
                       REAL **prev_grad_v, REAL **prev_q, float **step, const int64_t *numel,
                       const void *measurement, int kind, const float *grad_scale, const float *found_inf,
                       double *work, REAL *out, int threads) {
@@ -351,14 +433,22 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
                 k1 = (1.0 - mu) * step_size;
                 k2 = 1.0 / (1.0 - pow(mu, step_prev + 1.0));
             }
-            double correction = FN(round)(1.0 - pow(beta2, step_prev + 1.0));
+            double correction = FN(round)(1.0 - pow(beta2, step_prev + 1.0)), stored[2];
             FN(update_any)(numel[i], grad[i], param[i], precondition ? exp_avg_sq[i] : NULL, prev_grad[i], gain[i],
                            momentum ? momentum_buffer[i] : NULL, inv_scale, (REAL)wd, use_wd, precondition, momentum,
                            (REAL)beta2, (REAL)(1.0 - beta2), (REAL)(1.0 / correction), (REAL)hp[HP_EPS], (REAL)a,
-                           (REAL)b_gain, (REAL)c_gain, (REAL)mu, (REAL)k1, (REAL)k2, threads);
+                           (REAL)b_gain, (REAL)c_gain, (REAL)mu, (REAL)k1, (REAL)k2, threads, stored);
             *prev_S[i] = (REAL)S;
+#ifdef STATE_BF16
+            /* ||H||^2 and H.v of the rounded vectors the next step reads (v = gain - q H), in REAL as torch forms
+             * them in the reference (koala_pp: bfloat16 state). */
+            REAL stored_sq = (REAL)stored[0];
+            *prev_grad_sq[i] = stored_sq;
+            *prev_grad_v[i] = (REAL)stored[1] - (REAL)q * stored_sq;
+#else
             *prev_grad_sq[i] = (REAL)hh;
             *prev_grad_v[i] = (REAL)h_v_new;
+#endif
             *prev_q[i] = (REAL)q;
             *step[i] += 1.0f;
         }
@@ -367,9 +457,16 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
     return ok;
 #undef RP
 }
+#undef S_LOAD
+#undef S_STORE
 """
 
-_VARIANTS = (("float", "f32", "sqrtf"), ("double", "f64", "sqrt"))
+# (compute dtype, suffix, sqrt, per-element state storage): the state in the compute dtype, or in bfloat16
+_VARIANTS = (("float", "f32", "sqrtf", None), ("double", "f64", "sqrt", None),
+             ("float", "f32_bf16", "sqrtf", "bf16"), ("double", "f64_bf16", "sqrt", "bf16"))
+#: the kernel's suffix for (compute dtype, state storage dtype), by torch dtype name
+SUFFIXES = {("float32", "float32"): "f32", ("float64", "float64"): "f64", ("float32", "bfloat16"): "f32_bf16",
+            ("float64", "bfloat16"): "f64_bf16"}
 # -fno-math-errno lets sqrt vectorise (it changes no result); no -ffast-math: IEEE semantics, NaN and inf tests intact.
 _FLAGS = ("-O3", "-fno-math-errno", "-fopenmp-simd", "-std=gnu99", "-shared", "-fPIC")
 _ARCH_FLAGS = ("-march=native", "-mprefer-vector-width=512")  # dropped if this compiler rejects them
@@ -383,9 +480,10 @@ _tried = False
 
 def _program() -> str:
     parts = []
-    for real, suffix, sqrt in _VARIANTS:
-        parts.append(f"#define REAL {real}\n#define SUFFIX {suffix}\n#define SQRT {sqrt}\n{_SOURCE}\n"
-                     "#undef REAL\n#undef SUFFIX\n#undef SQRT\n")
+    for real, suffix, sqrt, storage in _VARIANTS:
+        state = "#define STATE uint16_t\n#define STATE_BF16 1\n" if storage == "bf16" else f"#define STATE {real}\n"
+        parts.append(f"#define REAL {real}\n#define SUFFIX {suffix}\n#define SQRT {sqrt}\n{state}{_SOURCE}\n"
+                     "#undef REAL\n#undef SUFFIX\n#undef SQRT\n#undef STATE\n#undef STATE_BF16\n")
     return "".join(parts)
 
 
@@ -444,14 +542,16 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling the fused KOALA++ kernel failed: {result.stderr.strip()[-2000:]}")
             os.replace(built, target)  # atomic: concurrent processes never load a half-written library
     library = ctypes.CDLL(str(target))
-    if library.koala_abi_version() != 3:
+    if library.koala_abi_version() != 4:
         raise RuntimeError(f"{target} is not this version's kernel")
     pointer = ctypes.c_void_p
-    for suffix in ("f32", "f64"):
+    for suffix in SUFFIXES.values():
         fn = getattr(library, f"koala_pp_step_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, pointer, pointer, pointer, pointer, pointer, *([pointer] * 12), pointer,
                        ctypes.c_int, pointer, pointer, pointer, pointer, ctypes.c_int]
+    library.koala_bf16_round.restype = None
+    library.koala_bf16_round.argtypes = [ctypes.c_int64, pointer, pointer]
     return library
 
 

@@ -12,12 +12,15 @@ from torch import Tensor
 from . import _docs, _koala_pp_fused
 from ._reductions import dots, squared_norms
 from ._sharding import reduce_if
-from .base import GradBucket, KalmanOptimizer, _check_number, _is_dtensor, state_dtype
+from .base import GradBucket, KalmanOptimizer, StateSpec, _check_number, _is_dtensor, state_dtype
 from .noise import R_CLIP, R_STATISTICS, loss_moments, loss_statistic
 
-__all__ = ["BLOCKS", "PRESETS", "KOALAPlusPlus", "koala_pp"]
+__all__ = ["BLOCKS", "PRESETS", "STATE_DTYPES", "KOALAPlusPlus", "koala_pp"]
 
 BLOCKS = ("tensor", "group")
+#: the storage dtypes of the per-element state: None (the compute dtype: float32, float64 for float64 parameters)
+#: or bfloat16. float16 is not offered: the second moment (a squared gradient) underflows in its range.
+STATE_DTYPES = (None, torch.bfloat16)
 
 
 class _FromPreset:
@@ -144,14 +147,16 @@ class KOALAPlusPlus(KalmanOptimizer):
                  preset: str = "adaptive", block: Any = PRESET, precondition: Any = PRESET, beta2: float = 0.999,
                  eps: float = 1e-8, momentum: Any = PRESET, max_step: Any = PRESET,
                  r_stat: str = "second_moment", r_clip: Any = PRESET, foreach: bool | None = None,
-                 fused: bool | None = None, process_group: Any = None) -> None:
+                 fused: bool | None = None, state_dtype: torch.dtype | None = None,
+                 process_group: Any = None) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
         chosen = dict(r=r, block=block, precondition=precondition, momentum=momentum, max_step=max_step,
                       r_clip=r_clip)
         chosen = {k: PRESETS[preset][k] if v is PRESET else v for k, v in chosen.items()}
         defaults = dict(lr=lr, sigma=sigma, q=q, alpha_r=alpha_r, weight_decay=weight_decay, symmetric=symmetric,
-                        beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, fused=fused, **chosen)
+                        beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, fused=fused, state_dtype=state_dtype,
+                        **chosen)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -170,6 +175,10 @@ class KOALAPlusPlus(KalmanOptimizer):
         _check_number("eps", group["eps"], 0.0, low_inclusive=False)
         _check_number("momentum", group["momentum"], 0.0, high=1.0, high_inclusive=False)
         _check_number("max_step", group["max_step"], 0.0, low_inclusive=False, optional=True)
+        storage = group.setdefault("state_dtype", None)
+        if storage not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {storage!r} (expected None, i.e. the parameter's dtype, or "
+                             "torch.bfloat16)")
         fused = group.setdefault("fused", None)
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
@@ -188,19 +197,42 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> None:
         kw = {"device": p.device, "dtype": state_dtype(p)}
+        # The per-element tensors in state_dtype (bfloat16: widened on load, rounded on store); the scalars stay in
+        # the compute dtype.
+        per_element = {"device": p.device, "dtype": group.get("state_dtype") or kw["dtype"]}
         st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        st["prev_grad"] = torch.zeros(p.shape, **kw)  # H_{k-1}; all zeros means "no previous gradient"
+        st["prev_grad"] = torch.zeros(p.shape, **per_element)  # H_{k-1}; all zeros means "no previous gradient"
         # The gain numerator v_{k-1} + Q H_{k-1} = H_{k-1}(P_{k-2} + Q I), stored instead of v_{k-1} itself: the
         # parameter update is then a single multiply-add (v is recovered with the Q it was stored with).
-        st["gain"] = torch.zeros(p.shape, **kw)
+        st["gain"] = torch.zeros(p.shape, **per_element)
         st["prev_q"] = torch.zeros((), **kw)
         st["prev_S"] = torch.zeros((), **kw)  # S_{k-1}
         st["prev_grad_sq"] = torch.zeros((), **kw)  # ||H_{k-1}||^2
         st["prev_grad_v"] = torch.zeros((), **kw)  # H_{k-1} . v_{k-1}
         if group.get("precondition"):
-            st["exp_avg_sq"] = torch.zeros(p.shape, **kw)  # the diagonal metric's second moment
+            st["exp_avg_sq"] = torch.zeros(p.shape, **per_element)  # the diagonal metric's second moment
         if group.get("momentum"):
-            st["momentum_buffer"] = torch.zeros(p.shape, **kw)  # the average of the corrections
+            st["momentum_buffer"] = torch.zeros(p.shape, **per_element)  # the average of the corrections
+
+    def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
+        # While loading, the loaded group's state_dtype decides (its hyperparameters replace this group's).
+        loading = self.__dict__.get("_loading_state_dtypes")
+        if loading is not None and id(group) in loading:
+            group = {**group, "state_dtype": loading[id(group)]}
+        return super()._expected_state(group, p)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = [g.get("state_dtype") for g in state_dict["param_groups"]]
+        for dtype in saved:
+            if dtype not in STATE_DTYPES:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: invalid state_dtype {dtype!r}")
+        self.__dict__["_loading_state_dtypes"] = {id(g): d for g, d in zip(self.param_groups, saved, strict=False)}
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            del self.__dict__["_loading_state_dtypes"]
+        for group in self.param_groups:
+            group.setdefault("state_dtype", None)  # a checkpoint from before the option
 
     def diagnostics(self) -> list[dict[str, Tensor]]:
         r"""What the filter did at the last step, per param group, as tensors (reading them never syncs ``step``).
@@ -259,6 +291,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         measurement = measurement.contiguous()
         kind = _KINDS[measurement.dtype] + (2 if given else 0)
         dtype, params, grads, numels, tensors, shared, first, hyper, members = None, [], [], [], [], [], [0], [], []
+        storage = None  # the per-element state's dtype: one kernel variant per call
         for group in groups:
             precondition, momentum, count = group["precondition"], bool(group["momentum"]), 0
             for p in group["params"]:
@@ -279,6 +312,10 @@ class KOALAPlusPlus(KalmanOptimizer):
                     st["exp_avg_sq"] = torch.zeros_like(st["gain"])
                 if momentum and "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(st["gain"])
+                if storage is None:
+                    storage = st["gain"].dtype
+                if st["gain"].dtype != storage:  # e.g. groups of different state_dtype: the multi-tensor path
+                    return False
                 params.append(p.data_ptr())
                 grads.append(grad.data_ptr())
                 numels.append(p.numel())
@@ -294,15 +331,19 @@ class KOALAPlusPlus(KalmanOptimizer):
             st["predicted"] = False
         if dtype is None:
             dtype = state_dtype(groups[0]["params"][0])
+        storage = storage or dtype
+        suffix = _koala_pp_fused.SUFFIXES.get((str(dtype).removeprefix("torch."), str(storage).removeprefix("torch.")))
+        if suffix is None:
+            return False
         n, n_groups = first[-1], len(groups)
-        state_arrays = self._fused_plan(dtype, tensors + shared, numels, first)
+        state_arrays = self._fused_plan(dtype, storage, tensors + shared, numels, first)
         if state_arrays is None:
             return False
         work = self.__dict__.get("_fused_work")
         if work is None or len(work) < 5 * n + 2 * n_groups:
             work = self.__dict__["_fused_work"] = (ctypes.c_double * (5 * n + 2 * n_groups))()
         out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
-        step = library.koala_pp_step_f64 if dtype == torch.float64 else library.koala_pp_step_f32
+        step = getattr(library, f"koala_pp_step_{suffix}")
         scale = None if grad_scale is None else grad_scale.data_ptr()
         inf = None if found_inf is None else found_inf.data_ptr()
         group_arrays, first_array, tensor_arrays, numel_array = state_arrays
@@ -316,25 +357,26 @@ class KOALAPlusPlus(KalmanOptimizer):
             start += count
         return True
 
-    def _fused_plan(self, dtype: torch.dtype, tensors: list[Tensor | None], numels: list[int],
+    def _fused_plan(self, dtype: torch.dtype, storage: torch.dtype, tensors: list[Tensor | None], numels: list[int],
                     first: list[int]) -> tuple | None:
         """The kernel's pointer arrays for the state tensors, checked once and reused while nothing changed.
 
-        ``tensors`` holds each stepped parameter's state (``_STATE_KEYS``) and then each group's R and counters. The
+        ``tensors`` holds each stepped parameter's state (``_STATE_KEYS``; the per-element tensors in ``storage``,
+        the scalars in ``dtype``) and then each group's R and counters. The
         arrays are rebuilt, and every tensor checked (dtype, CPU, contiguous, size: the kernel writes through these
         pointers), whenever a tensor, its storage, a size or the set of stepped parameters differs from last time.
         None where a group's state is not the kernel's (e.g. R of another dtype).
         """
         pointers = [None if t is None else t.data_ptr() for t in tensors]
         plan = self.__dict__.get("_fused_cache")
-        if plan is not None and plan[0] == dtype and plan[2] == pointers and plan[3] == numels and plan[4] == first \
-                and all(a is b for a, b in zip(plan[1], tensors, strict=True)):
+        if plan is not None and plan[0] == (dtype, storage) and plan[2] == pointers and plan[3] == numels \
+                and plan[4] == first and all(a is b for a, b in zip(plan[1], tensors, strict=True)):
             return plan[5]
         self.__dict__.pop("_fused_cache", None)
         n, width = len(numels), len(_STATE_KEYS)
         for i, numel in enumerate(numels):
             for k, key in enumerate(_STATE_KEYS):
-                _check_state(tensors[i * width + k], key, dtype, numel)
+                _check_state(tensors[i * width + k], key, dtype, storage, numel)
         for j in range(len(first) - 1):
             noise, skipped, updates = tensors[n * width + 3 * j:n * width + 3 * j + 3]
             if noise.dtype != dtype or noise.device.type != "cpu" or noise.numel() != 1:
@@ -346,7 +388,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         groups = [[pointers[n * width + 3 * j + k] for j in range(len(first) - 1)] for k in range(3)]
         arrays = ([_array(c) for c in groups], _array(first, ctypes.c_int32), [_array(c) for c in columns],
                   _array(numels, ctypes.c_int64))
-        self.__dict__["_fused_cache"] = (dtype, tensors, pointers, list(numels), list(first), arrays)
+        self.__dict__["_fused_cache"] = ((dtype, storage), tensors, pointers, list(numels), list(first), arrays)
         return arrays
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
@@ -426,6 +468,35 @@ def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], g
         raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
     if block == "group" and loss is None:
         raise ValueError("block='group' needs the 0-d loss")
+    if hs and any(xs is not None and any(x.dtype != hs[0].dtype for x in xs)
+                  for xs in (prev_grads, gains, exp_avg_sqs, momentum_buffers)):
+        # Per-element state stored narrower than the compute dtype (state_dtype=torch.bfloat16): the step runs on
+        # widened copies, exactly as on state of the compute dtype, and what it wrote is rounded back to the
+        # storage dtype (torch's conversion: to nearest, ties to even). A tensor left alone round-trips exactly.
+        stored = [prev_grads, gains, exp_avg_sqs, momentum_buffers]
+        wide = [None if xs is None else [x.to(hs[0].dtype) for x in xs] for xs in stored]
+        steps_before = torch.stack(steps)
+        diag = koala_pp(params, hs, wide[0], wide[1], prev_S, prev_grad_sq, prev_grad_v, prev_q, steps,
+                        layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q, symmetric=symmetric,
+                        foreach=foreach, grad_sq=grad_sq, shard_sum=shard_sum, loss=loss, block=block,
+                        exp_avg_sqs=wide[2], beta2=beta2, eps=eps, momentum_buffers=wide[3], momentum=momentum,
+                        max_step=max_step, scratch=scratch)
+        for narrow, widened in zip(stored, wide, strict=True):
+            if narrow is not None:
+                for x, y in zip(narrow, widened, strict=True):
+                    x.copy_(y)
+        # ||H||^2 and H.v (v = gain - q H) of the rounded vectors the next step reads, not of the unrounded ones:
+        # the multi-tensor path and the fused kernel take them from these scalars, the reference from the vectors.
+        committed = torch.stack(steps) != steps_before
+        H = [x.to(hs[0].dtype).view(-1) for x in prev_grads]
+        sums = torch.stack([torch.stack([x.dot(x) for x in H]),
+                            torch.stack([x.dot(y.to(x.dtype).view(-1)) for x, y in zip(H, gains, strict=True)])])
+        if shard_sum is not None:
+            sums = shard_sum(sums)
+        for i in range(len(steps)):
+            prev_grad_sq[i].copy_(torch.where(committed[i], sums[0, i], prev_grad_sq[i]))
+            prev_grad_v[i].copy_(torch.where(committed[i], sums[1, i] - prev_q[i] * sums[0, i], prev_grad_v[i]))
+        return diag
     kwargs = dict(layer_loss=layer_loss, noise=noise, ok=ok, lr=lr, sigma=sigma, q=q, symmetric=symmetric,
                   loss=loss, block=block, exp_avg_sqs=exp_avg_sqs, beta2=beta2, eps=eps,
                   momentum_buffers=momentum_buffers, momentum=momentum, max_step=max_step)
@@ -695,12 +766,13 @@ def _cpu_scalar(t: Tensor | None) -> bool:
     return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1)
 
 
-def _check_state(value: Tensor | None, key: str, dtype: torch.dtype, numel: int) -> None:
+def _check_state(value: Tensor | None, key: str, dtype: torch.dtype, storage: torch.dtype, numel: int) -> None:
     """One state tensor is what the kernel reads and writes through its pointer (else ValueError)."""
     if value is None:
         return
-    want = torch.float32 if key == "step" else dtype
-    size = numel if key in ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer") else 1
+    per_element = key in ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer")
+    want = torch.float32 if key == "step" else storage if per_element else dtype
+    size = numel if per_element else 1
     if value.dtype != want or value.device.type != "cpu" or not value.is_contiguous() or value.numel() != size:
         raise ValueError(f"KOALAPlusPlus: state {key!r} is {value.dtype} of {value.numel()} elements on "
                          f"{value.device}, the step needs a contiguous {want} CPU tensor of {size}")
