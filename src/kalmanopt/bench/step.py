@@ -4,8 +4,8 @@ Issue 6 asks for a KOALA++ step at the memory-traffic floor. This benchmark meas
 the gradients are preset once (random, fixed) and only ``opt.step(...)`` is timed, on the parameter shapes of
 real networks (ResNet-18/50, a 4-layer GPT, GPT-2 124M) written out as lists of shapes: no model code needed.
 
-Contenders: KOALA++ (its default, which on CPU is the fused kernel; ``fused=True``; the eager multi-tensor path
-``foreach=True``; and the single-tensor reference kernel), KOALA-V, KOALA-M, AdamW
+Contenders: KOALA++ (its default, which on CPU is the fused kernel; ``fused=True``, also with bfloat16 state; the
+eager multi-tensor path ``foreach=True``; and the single-tensor reference kernel), KOALA-V, KOALA-M, AdamW
 (``foreach``, the for-loop, and ``fused`` where supported), and a re-creation of how the public KOALA++
 reference code is *structured* (:class:`_ReferenceStructureKOALAPlusPlus`), the baseline the library improves
 on. LoKO is listed but skipped with a note: its step observes model outputs through a forward function, not
@@ -252,10 +252,16 @@ def _contenders() -> list[Contender]:
                   lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd), True, 6),
         Contender("koala++-fused", "KOALA++ (fused=True)",
                   lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, fused=True), True, 5),
+        Contender("koala++-fused-bf16", "KOALA++ (fused=True, state_dtype=bfloat16)",
+                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, fused=True, state_dtype=torch.bfloat16),
+                  True, 3),
         Contender("koala++-foreach", "KOALA++ (foreach=True)",
                   lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, foreach=True), True, 6),
         Contender("koala++-paper", "KOALA++ (preset='paper')",
                   lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, preset="paper"), True, 3),
+        Contender("koala++-paper-bf16", "KOALA++ (preset='paper', state_dtype=bfloat16)",
+                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, preset="paper",
+                                                         state_dtype=torch.bfloat16), True, 4),
         Contender("koala++-paper-foreach", "KOALA++ (preset='paper', foreach=True)",
                   lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, foreach=True, preset="paper"), True, 4),
         Contender("koala++-reference", "KOALA++ (preset='paper', foreach=False, reference kernel)",
@@ -275,7 +281,8 @@ def _contenders() -> list[Contender]:
     ]
 
 
-CONTENDER_KEYS = ("koala++", "koala++-fused", "koala++-foreach", "koala++-paper", "koala++-paper-foreach",
+CONTENDER_KEYS = ("koala++", "koala++-fused", "koala++-fused-bf16", "koala++-foreach", "koala++-paper",
+                  "koala++-paper-bf16", "koala++-paper-foreach",
                   "koala++-reference", "koala++-refstruct", "koala-v", "koala-m", "loko", "adamw", "adamw-loop",
                   "adamw-fused")
 
@@ -357,7 +364,7 @@ def _prepare(contender: Contender, params: Sequence[Tensor], grads: Sequence[Ten
     for _ in range(warmup):
         step()
     name = contender.name
-    if contender.key in ("koala++", "koala++-paper"):  # the default path: say which one ran
+    if contender.key in ("koala++", "koala++-paper", "koala++-paper-bf16"):  # the default path: say which one ran
         kernel = "fused kernel" if "_fused_work" in optimizer.__dict__ else "multi-tensor path"
         name = f"{name[:-1]}; {kernel})"
     return Prepared(contender, optimizer, step, n_params(p.shape for p in own), name)
