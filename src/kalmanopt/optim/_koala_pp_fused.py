@@ -199,11 +199,13 @@ static void FN(reduce)(int64_t n, const REAL *g, const REAL *th, const STATE *s,
  * the correction k1 D^{1/2} gain goes into the momentum buffer m = mu m + k1 D^{1/2} gain and theta -= k2 m
  * (with momentum), or theta -= k1 D^{1/2} gain (without). With bfloat16 state it also sums, over the stored (rounded)
  * values, acc = [||H||^2, H.gain]: the next step's scalars then describe the vectors it will read. */
-static inline void FN(update)(int64_t n, const REAL *restrict g, REAL *restrict th, STATE *restrict s,
-                              STATE *restrict H, STATE *restrict G, STATE *restrict m, REAL inv_scale, REAL wd,
-                              int use_wd, int precondition, int momentum, REAL beta2, REAL one_minus_beta2,
-                              REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu, REAL k1, REAL k2,
-                              double *acc) {
+/* always_inline: each of the eight flag combinations below gets its own branch-free loop (gcc would otherwise keep one
+ * out-of-line copy that evaluates every option's arithmetic). */
+static inline __attribute__((always_inline)) void FN(update)(
+    int64_t n, const REAL *restrict g, REAL *restrict th, STATE *restrict s, STATE *restrict H, STATE *restrict G,
+    STATE *restrict m, REAL inv_scale, REAL wd, int use_wd, int precondition, int momentum, REAL beta2,
+    REAL one_minus_beta2, REAL inv_correction, REAL eps, REAL a, REAL b, REAL c, REAL mu, REAL k1, REAL k2,
+    double *acc) {
     REAL t0 = 0, t1 = 0;
 #ifdef STATE_BF16
 #pragma omp simd reduction(+ : t0, t1)
