@@ -93,7 +93,8 @@ class KOALAPlusPlus(KalmanOptimizer):
     ``block="group"`` makes the whole param group one block (the paper's parameter vector): a step then asks to
     remove at most :math:`\eta\ell` in all; with the cap, per-tensor blocks did better on every task of the grid.
 
-    It stores four floats per parameter (AdamW: two; ``preset="paper"``: two). A zero previous gradient, a member
+    It stores four floats per parameter (AdamW: two; ``preset="paper"``: two), or four bfloat16 numbers with
+    ``state_dtype=torch.bfloat16``. A zero previous gradient, a member
     of a group block without history, or a non-positive :math:`S` restarts the block from its prior. The
     multi-tensor path gets :math:`h_k\cdot v_k` (hence :math:`S_k`) algebraically from the recursion before
     :math:`v_k` exists, so it needs one batched reduction and one element-wise pass. :meth:`diagnostics` returns
@@ -124,6 +125,16 @@ class KOALAPlusPlus(KalmanOptimizer):
             (about a second, once per machine, cached); otherwise the multi-tensor path runs, with the same results
             up to rounding. ``True`` raises where the kernel cannot be used (CUDA, DTensors, ``block="group"``).
             ``update()`` and ``step()`` both use it.
+        state_dtype (torch.dtype or None, optional): how the four per-element state tensors (previous gradient,
+            gain numerator, second moment, momentum buffer) are stored. ``None`` (default): in the compute dtype
+            (float32, or float64 for float64 parameters). ``torch.bfloat16``: half the state memory and less memory
+            traffic per step; each step widens the stored values exactly, computes in the compute dtype as before
+            and rounds what it stores to nearest even (torch's conversion). The scalars stay in the compute dtype,
+            and :math:`\lVert H\rVert^2`, :math:`H\cdot v` are kept for the rounded vectors. All three paths support
+            it (the fused kernel has bfloat16 variants; it falls back to the multi-tensor path when param groups
+            differ in it). A per-element relative rounding of at most :math:`2^{-9}`, not a change of the algorithm:
+            docs/algorithms.md reports its measured effect on accuracy. Checkpoints keep the dtype; loading follows
+            the loaded param groups' ``state_dtype`` (casting the saved state to it).
     """
 
     __doc__ = (__doc__ or "") + _docs.COMMON_ARGS + _docs.LOSS_PATHS + _docs.GUARDS + r"""
