@@ -63,9 +63,9 @@ class ResearchLoKO(LoKO):
     """
 
     def __init__(self, params: Any, *, p0_rule: str | None = None, v: float = 1.0, a_rule: str = "init",
-                 a_scale: float = 1.0, q_rel: float = 0.0, trust: float = 0.0, **kw: Any) -> None:
+                 a_scale: float = 1.0, q_rel: float = 0.0, trust: float = 0.0, p_max: float = 1.0, pred: float = 0.0, **kw: Any) -> None:
         super().__init__(params, **kw)
-        self.trust, self.trust_hits, self._trz = trust, 0, None
+        self.trust, self.trust_hits, self._trz, self.p_max, self.pred = trust, 0, None, p_max, bool(pred)
         self.p0_rule, self.v, self.a_rule, self.a_scale, self.q_rel = p0_rule, v, a_rule, a_scale, q_rel
         self.p0_of: dict[int, float] = {}
         self.partner: dict[int, int] = {}  # index of a lora_A tensor in the trainable list -> its lora_B's index
@@ -77,13 +77,18 @@ class ResearchLoKO(LoKO):
 
         self.last_predictive = None
         params = [p for _, p in self._trainable()]
-        if self.p0_rule == "joint_logitvar_z" and self._trz is None:
+        if self.p0_rule in ("joint_logitvar_z", "capped") and self._trz is None:
             # the logit Jacobian's trace at the first sample, whatever the observation (one extra pass, once)
             with torch.enable_grad():
                 z = forward_fn()
                 rows = jacobian_rows(z.reshape(-1), params)
             self._trz = sum(float(r.double().square().sum()) for r in rows) / z.numel()
         before = [p.detach().clone() for p in params] if self.trust > 0 else None
+        if self.pred and self.param_groups[0]["observation"] != "logits":
+            # the linearised (probit) predictive with the prior covariance, before the update (extra C VJPs)
+            probs = self.predictive(forward_fn, "probit").probs
+            self.pred_nll.append(float(-torch.log(probs[torch.arange(len(target)), target].clamp_min(1e-300))
+                                       .mean()))
         out = super().step(forward_fn, target)
         if before is not None:  # trust region on the actual change of the logits of this sample
             with torch.no_grad():
@@ -94,7 +99,7 @@ class ResearchLoKO(LoKO):
                         p.copy_(b + c * (p - b))
                     self.trust_hits += 1
         pred = getattr(self, "last_predictive", None)
-        if pred is not None:  # probit predictive of the prior H P^- H^T (logit observation), before the update
+        if pred is not None and self.param_groups[0]["observation"] == "logits":  # probit predictive of the prior H P^- H^T (logit observation), before the update
             self.pred_nll.append(float(-torch.log(pred.probs[torch.arange(len(target)), target].clamp_min(1e-300))
                                        .mean()))
         return out
@@ -108,9 +113,12 @@ class ResearchLoKO(LoKO):
             first = gst["step"] == 0 and not any("p" in self.state[p] for _, p in pairs)
             if first:
                 self._units = 1 if self.p0_rule.startswith("joint") else max(len(live), 1)
-                if self.p0_rule == "joint_logitvar_z":  # p0 = v / (mean over logits of |dz_c/dtheta|^2)
+                if self.p0_rule in ("joint_logitvar_z", "capped"):  # p0 = v / (mean_c |dz_c/dtheta|^2)
+                    value = self.v / self._trz
+                    if self.p0_rule == "capped":  # ... and at most p_max (parameter-space bound)
+                        value = min(value, self.p_max)
                     for i in range(len(pairs)):
-                        out[i] = self.v / self._trz
+                        out[i] = value
                     return self._record(pairs, out)
                 if self.p0_rule == "joint_logitvar":  # one scalar: the total prior logit variance is v per class
                     tr_all = sum(float(H[i].double().square().sum()) for i in live)
@@ -267,7 +275,7 @@ def load_stream(name: str) -> dict[str, Any]:
 
     from kalmanopt.bench import online
 
-    if name in ("cv_mnist", "digits_shift"):
+    if name in online.TASKS:
         task = online.load_task(name, progress=False)
 
         def make(seed: int) -> nn.Module:
@@ -277,7 +285,7 @@ def load_stream(name: str) -> dict[str, Any]:
             torch.manual_seed(seed)
             return get_peft_model(base, cfg)
 
-        n = 1000 if name == "cv_mnist" else min(1000, len(task.eval_pool))
+        n = 1000 if name == "cv_mnist" else min(getattr(task, "samples", 1000) or 1000, len(task.eval_pool))
         return dict(inputs=task.inputs, labels=task.labels, tune=task.tune_pool, eval=task.eval_pool, n=n,
                     make=make, task=task)
     if name in ("fmnist_inv", "fmnist_inv_raw"):
@@ -441,6 +449,43 @@ def cmd_show(args: argparse.Namespace) -> None:
               f"  cpu {sum(r['cpu_s'] for r in rs) / len(rs):.0f}s")
 
 
+def cmd_table(args: argparse.Namespace) -> None:
+    """Markdown: one row per configuration, one column per stream (mean ± std online accuracy over the orders
+    of ``--split``; NLL of the plug-in softmax and, where recorded, of the probit predictive)."""
+    streams = args.streams.split(",")
+    rows = load_rows()
+    print("| configuration | " + " | ".join(streams) + " |")
+    print("|---|" + "---|" * len(streams))
+    for name in args.configs:
+        cells = []
+        for st in streams:
+            rs = [r for r in rows if r["stream"] == st and r["split"] == args.split and r["config"] == name]
+            if not rs:
+                cells.append("-")
+                continue
+            acc = [r["acc"] for r in rs]
+            m = sum(acc) / len(acc)
+            sd = math.sqrt(sum((a - m) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
+            cell = f"{m:.3f} ± {sd:.3f} (nll {sum(r['nll'] for r in rs) / len(rs):.2f}"
+            pn = [r["pred_nll"] for r in rs if "pred_nll" in r]
+            if pn and args.pred:
+                cell += f", pred {sum(pn) / len(pn):.2f}"
+            if args.cost:
+                cell += f", {1e3 * sum(r['cpu_s'] / r['n'] for r in rs) / len(rs):.1f} ms"
+            cells.append(cell + f"){'' if len(rs) == 3 else f' n={len(rs)}'}")
+        print(f"| `{name}` | " + " | ".join(cells) + " |")
+
+
+def cmd_best(args: argparse.Namespace) -> None:
+    """The configuration named ``prefix*`` with the best mean online accuracy on the tuning split (order 999)."""
+    scores: dict[str, float] = {}
+    for r in load_rows():
+        if r["stream"] == args.stream and r["split"] == "tune" and r["order"] == 999 \
+                and r["config"].startswith(args.prefix):
+            scores[r["config"]] = r["acc"]
+    print(max(scores, key=scores.get))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -450,10 +495,19 @@ def main() -> None:
     r.add_argument("--configs", required=True, nargs="+")
     r.add_argument("--orders", default="999")
     r.add_argument("--n", type=int, default=None)
+    b = sub.add_parser("best")
+    b.add_argument("--stream", required=True)
+    b.add_argument("--prefix", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("--streams", required=True)
+    t.add_argument("--split", default="eval")
+    t.add_argument("--pred", action="store_true")
+    t.add_argument("--cost", action="store_true")
+    t.add_argument("--configs", nargs="+", required=True)
     s = sub.add_parser("show")
     s.add_argument("--stream", default=None)
     a = ap.parse_args()
-    {"run": cmd_run, "show": cmd_show}[a.cmd](a)
+    {"run": cmd_run, "show": cmd_show, "best": cmd_best, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":
