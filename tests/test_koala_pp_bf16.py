@@ -91,11 +91,12 @@ def test_reference_is_the_full_precision_step_rounded_on_store(config):
         torch.testing.assert_close(st["prev_grad_sq"], twin.state[t]["prev_grad_sq"], rtol=1e-2, atol=0)
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("config", [*sorted(CONFIGS), "group_block"])
 def test_multi_tensor_path_matches_reference(config):
-    kw = {**CONFIGS[config], "state_dtype": torch.bfloat16}
-    reference = _run({**kw, "foreach": False})
-    multi = _run({**kw, "foreach": True})
+    kw = {**CONFIGS.get(config, {"lr": 0.5, "block": "group"}), "state_dtype": torch.bfloat16}
+    schedule = (lambda k, i: (k + i) % 3 == 0) if config == "group_block" else None
+    reference = _run({**kw, "foreach": False}, none_schedule=schedule)
+    multi = _run({**kw, "foreach": True}, none_schedule=schedule)
     _assert_same(reference, multi, tol=1e-12)
 
 
