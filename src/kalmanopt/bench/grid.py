@@ -31,7 +31,7 @@ def _per_optimizer(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     key, scale, higher, _ = METRIC[result["suite"]]
     out: dict[str, dict[str, Any]] = {}
     for run in result["runs"]:
-        finals = out.setdefault(run["optimizer"], {"label": run["label"], "final": [], "drop": []})
+        finals = out.setdefault(run["optimizer"], {"label": run["label"], "lr": run["lr"], "final": [], "drop": []})
         values = [h[key] * scale for h in run["history"][1:] if key in h]
         final = run["final"][key] * scale if not run["diverged"] else math.nan
         finals["final"].append(final)
@@ -75,13 +75,14 @@ def task_table(constant: dict[str, Any] | None, cosine: dict[str, Any] | None) -
             if schedule == "constant":
                 worst = max(row["drop"]) if row["drop"] else math.nan
                 cells.append(f"{worst:.2f}" + (" pt" if suite == "vision" else ""))
-        label_ = (by_schedule["constant"].get(name) or by_schedule["cosine"].get(name))["label"]
-        lines.append(f"| {label_} | " + " | ".join(cells) + " |")
+        first = by_schedule["constant"].get(name) or by_schedule["cosine"].get(name)
+        lrs = sorted({rows[name]["lr"] for rows in by_schedule.values() if name in rows})
+        lines.append(f"| {first['label']} (lr {', '.join(f'{lr:g}' for lr in lrs)}) | " + " | ".join(cells) + " |")
     better = "higher" if higher else "lower"
     lines.append("")
     lines.append(f"Mean ± std over seeds of the final test metric ({better} is better); 'vs AdamW' is the difference "
-                 "to AdamW at its defaults under the same schedule; 'drop from best epoch' is the largest, over "
-                 "seeds, of (best epoch - final) at a constant lr.")
+                 "to AdamW (at the lr in its row) under the same schedule; 'drop from best epoch' is the largest, "
+                 "over seeds, of (best epoch - final) at a constant lr.")
     return "\n".join(lines)
 
 
