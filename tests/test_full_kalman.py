@@ -6,7 +6,9 @@ import pytest
 import torch
 from test_loko import data, dense_ekf_step, flat_params, tiny
 
-from kalmanopt import FullKalman, LoKO
+from kalmanopt import FullKalman
+
+from conftest import diagonal_loko as LoKO
 
 
 @pytest.mark.parametrize("observation,noise", [("softmax", "moment"), ("logits", "fixed"), ("loss", "fixed")])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev
 
-from kalmanopt import LoKO
+from conftest import diagonal_loko as LoKO
 
 
 def tiny(seed=0, dtype=torch.float64):

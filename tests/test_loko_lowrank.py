@@ -7,8 +7,10 @@ import pytest
 import torch
 from test_loko import _assert_unchanged, _snapshot, data, flat_params, tiny
 
-from kalmanopt import FullKalman, LoKO
+from kalmanopt import FullKalman
 from kalmanopt.optim import lofi
+
+from conftest import diagonal_loko as LoKO
 
 N_TINY = 4 * 6 + 6 + 6 * 3 + 3  # 51 parameters
 

@@ -9,8 +9,9 @@ import torch
 from test_loko import data, tiny
 from test_loko_lowrank import set_lowrank_state
 
-from kalmanopt import LoKO
 from kalmanopt.optim.loko import PREDICTIVE_METHODS, predictive_probs
+
+from conftest import diagonal_loko as LoKO
 
 D, C = 4, 3
 N = C * D + C
@@ -203,15 +204,27 @@ def test_loss_observation_has_no_predictive():
         opt.predictive(lambda: model(x))
 
 
-def test_softmax_observation_predictive_on_demand_only():
-    model = tiny()
-    opt = LoKO(model.parameters(), observation="softmax", noise="moment")
-    x, y = data()
-    opt.step(lambda: model(x), y)
-    assert opt.last_predictive is None  # the step's Jacobian is of the probabilities, not the logits
-    assert opt.predictive(lambda: model(x)).cov.shape == (2, 3, 3)
-    with pytest.raises(ValueError, match="noise"):
-        opt.predictive(lambda: model(x), noise=True)
+def test_softmax_observation_stores_the_logit_predictive():
+    # the softmax observation's rows are the logits' rows mapped through the softmax Jacobian, so the step has the
+    # logits' Jacobian and stores their predictive, equal to predictive() taken just before the step
+    for rank in (0, 4):
+        model = tiny()
+        opt = LoKO(model.parameters(), observation="softmax", noise="moment", rank=rank)
+        x, y = data()
+
+        def forward(model=model, x=x):
+            return model(x)
+
+        for _ in range(2):
+            before = opt.predictive(forward)
+            opt.step(forward, y)
+            got = opt.last_predictive
+            assert got is not None
+            torch.testing.assert_close(got.mean, before.mean)
+            torch.testing.assert_close(got.cov, before.cov, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(got.probs, before.probs, rtol=1e-6, atol=1e-9)
+        with pytest.raises(ValueError, match="noise"):
+            opt.predictive(forward, noise=True)
 
 
 def test_bad_arguments():

@@ -88,6 +88,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -109,7 +110,7 @@ PREDICTIVE_METHODS = ("probit", "laplace_bridge", "mc", "plugin")
 
 # Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
 _SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "p0_scale", "auto_scope", "jacobian",
-           "rank")
+           "rank", "trust")
 AUTO_SCOPES = ("joint", "group", "tensor")
 
 
@@ -158,6 +159,32 @@ def observe(outputs: Tensor, target: Tensor, observation: str) -> tuple[Tensor, 
     else:
         raise ValueError(f"unknown observation {observation!r}; expected one of {OBSERVATIONS}")
     return h, e, yhat
+
+
+def softmax_rows(logit_rows: list[Tensor], yhat: Tensor) -> list[Tensor]:
+    r"""The softmax's Jacobian rows from the logits': :math:`H_s = \Lambda H_z` per sample, with
+    :math:`\Lambda = \mathrm{diag}(\hat y) - \hat y \hat y^\top` (symmetric), ``yhat`` the ``(B, C)`` softmax."""
+    b, c = yhat.shape
+    lam = torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)  # (B, C, C)
+    out = []
+    for r in logit_rows:
+        flat = r.reshape(b, c, -1)
+        out.append((lam.to(flat.dtype) @ flat).reshape(r.shape))
+    return out
+
+
+@dataclass
+class _Pending:
+    """A computed step not yet written: the parameter moves and the closure that writes the filter's state."""
+
+    moves: list[tuple[Tensor, Tensor]]
+    state: Callable[[], None]
+
+    def commit(self) -> None:
+        for p, d in self.moves:  # empty when the trust region already moved the parameters
+            p.add_(d)
+        self.moves = []
+        self.state()
 
 
 _BATCHING_FAILED: set[str] = set()
@@ -411,15 +438,18 @@ class LoKO(Optimizer):
     :meth:`predictive` computes the same for any inputs without changing anything.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float | str = 0.3, r0: float = 1.0,
-                 beta: float = 0.95, observation: str = "logits", q: float = 0.0, *, noise: str = "fixed",
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], p0: float | str = 0.1, r0: float = 1.0,
+                 beta: float = 0.95, observation: str = "softmax", q: float = 0.0, *, noise: str | None = None,
                  variance_update: str = "fd", r_min: float = 1e-3, p_min: float = 1e-12, inflation: float = 0.0,
-                 p0_scale: float = 1.0, auto_scope: str = "joint", jacobian: str = "batched",
-                 rank: int = 0) -> None:
+                 p0_scale: float = 1.0, auto_scope: str = "joint", jacobian: str = "vmap",
+                 rank: int = 64, trust: float = 3.0) -> None:
+        if noise is None:  # the categorical variance goes with the softmax observation; a fixed R otherwise
+            noise = "moment" if observation == "softmax" else "fixed"
         defaults = dict(p0=p0, r0=r0, beta=beta, observation=observation, q=q, noise=noise,
                         variance_update=variance_update, r_min=r_min, p_min=p_min, inflation=inflation,
-                        p0_scale=p0_scale, auto_scope=auto_scope, jacobian=jacobian, rank=rank)
+                        p0_scale=p0_scale, auto_scope=auto_scope, jacobian=jacobian, rank=rank, trust=trust)
         self.last_predictive: Predictive | None = None
+        self.trust_scaled_steps = 0  # steps whose mean step the trust region shortened (this process only)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -429,6 +459,7 @@ class LoKO(Optimizer):
         if not (isinstance(group["p0"], str) and group["p0"] == "auto"):
             _check_number("p0", group["p0"], 0.0, low_inclusive=False, tensor_ok=False)
         _check_number("p_min", group["p_min"], 0.0, tensor_ok=False)
+        _check_number("trust", group["trust"], 0.0, tensor_ok=False)
         _check_number("inflation", group["inflation"], 0.0, tensor_ok=False)
         _check_number("p0_scale", group["p0_scale"], 0.0, low_inclusive=False, tensor_ok=False)
         if group["auto_scope"] not in AUTO_SCOPES:
@@ -504,12 +535,21 @@ class LoKO(Optimizer):
         g0 = self.param_groups[0]
         self._check_rank_state(pairs)
         self.last_predictive = None
+        observation = g0["observation"]
+        params = [p for _, p in pairs]
         with torch.enable_grad():
             outputs = forward_fn()
-            h, e, yhat = observe(outputs, target, g0["observation"])
-            params = [p for _, p in pairs]
+            h, e, yhat = observe(outputs, target, observation)
             finite = bool(torch.isfinite(outputs).all())
-            rows = jacobian_rows(h, params, g0["jacobian"]) if finite and h.requires_grad else None
+            rows = logit_rows = None
+            if finite and h.requires_grad:
+                if observation == "softmax":
+                    # the logits' Jacobian, mapped through the softmax's (same number of VJPs): the rows of the
+                    # measurement and, for free, the linearised predictive of the logits
+                    logit_rows = jacobian_rows(outputs.reshape(-1), params, g0["jacobian"])
+                    rows = softmax_rows(logit_rows, yhat)
+                else:
+                    rows = jacobian_rows(h, params, g0["jacobian"])
         returned = outputs.detach()
         gst = self._global_state(params[0], outputs.shape[1])
         if rows is None:
@@ -518,13 +558,51 @@ class LoKO(Optimizer):
             gst["skipped_steps"] += 1
             return returned
         with torch.no_grad():
-            if g0["rank"] > 0:
-                ok = self._update_lowrank(pairs, rows, e, yhat, gst, returned)
-            else:
-                ok = self._update(pairs, rows, e, yhat, gst, returned)
-        if not ok:
-            gst["skipped_steps"] += 1
+            if logit_rows is not None:
+                prior_cov = self._logit_covariance(pairs, logit_rows, *returned.shape)
+            update = self._update_lowrank if g0["rank"] > 0 else self._update
+            pending = update(pairs, rows, e, yhat, gst, returned)
+            if pending is not None and g0["trust"] > 0:
+                pending = self._trust_region(pending, forward_fn, returned, g0["trust"])
+            if pending is None:
+                self.last_predictive = None
+                gst["skipped_steps"] += 1
+                return returned
+            pending.commit()
+            if logit_rows is not None:
+                self.last_predictive = Predictive(returned, prior_cov,
+                                                  predictive_probs(returned, prior_cov, "probit"))
         return returned
+
+    def _trust_region(self, pending: _Pending, forward_fn: Callable[[], Tensor], before: Tensor,
+                      trust: float) -> _Pending | None:
+        """Bound the step in function space: if a logit of the measured batch moved by more than ``trust``, keep
+        the fraction ``trust / max|z+ - z|`` of the mean step (the covariance update is kept as computed).
+
+        One more forward pass, without gradients. Non-finite outputs after the step undo it bit for bit (the
+        parameters are restored from copies and no state is written): the sample counts as skipped.
+        """
+        saved = [p.detach().clone() for p, _ in pending.moves]
+        for p, d in pending.moves:
+            p.add_(d)
+        after = forward_fn()
+        if not isinstance(after, Tensor) or after.shape != before.shape:
+            for (p, _), old in zip(pending.moves, saved, strict=True):
+                p.copy_(old)
+            raise ValueError(f"forward_fn returned {tuple(after.shape) if isinstance(after, Tensor) else after!r} "
+                             f"on its second call, {tuple(before.shape)} on its first: it must be deterministic")
+        moved = float((after.detach().to(torch.float64) - before.to(torch.float64)).abs().max())
+        if not math.isfinite(moved):
+            for (p, _), old in zip(pending.moves, saved, strict=True):
+                p.copy_(old)
+            return None
+        if moved > trust:
+            scale = trust / moved
+            for (p, d), old in zip(pending.moves, saved, strict=True):
+                p.copy_(old).add_(d, alpha=scale)
+            self.trust_scaled_steps += 1
+        pending.moves = []  # applied
+        return pending
 
     def _check_rank_state(self, pairs: list[tuple[dict[str, Any], Tensor]]) -> None:
         """``rank`` changed after state exists (groups are mutable): refuse rather than restart silently."""
@@ -584,11 +662,12 @@ class LoKO(Optimizer):
 
     @torch.no_grad()
     def _update(self, pairs: list[tuple[dict[str, Any], Tensor]], rows: list[Tensor], e: Tensor, yhat: Tensor,
-                gst: dict[str, Any], outputs: Tensor) -> bool:
+                gst: dict[str, Any], outputs: Tensor) -> _Pending | None:
+        """One diagonal-filter step: the parameter moves and the state commit, or None to skip (nothing written)."""
         g0 = self.param_groups[0]
         m = e.numel()
         if not bool(torch.isfinite(e).all()):
-            return False
+            return None
         H = []
         for (_, p), r in zip(pairs, rows, strict=True):
             # a non-finite H is caught by the check of S below (each of its entries reaches a diagonal entry of S
@@ -611,14 +690,14 @@ class LoKO(Optimizer):
         for hr, pp in zip(H, prior, strict=True):
             S += ((hr * pp) @ hr.T).to(torch.float64)
         if not bool(torch.isfinite(S).all()):
-            return False
+            return None
         self._store_predictive(outputs, S - R)
         vd = g0["variance_update"] == "vd"
         L = cholesky_with_jitter(R if vd else S)
         if L is None:
             warnings.warn("LoKO: the innovation covariance is not positive definite; sample skipped",
                           RuntimeWarning, stacklevel=3)
-            return False
+            return None
         a = torch.cholesky_solve(e.unsqueeze(1), L).squeeze(1)  # S^-1 e (fd) or R^-1 e (vd)
         deltas, posts = [], []
         for hr, pp in zip(H, prior, strict=True):
@@ -634,32 +713,34 @@ class LoKO(Optimizer):
             if not vd:
                 posts[i] = posts[i].clamp_min(g["p_min"])
         if not bool(torch.isfinite(torch.cat(deltas + posts)).all()):  # one check, one host sync
-            return False
+            return None
 
         # R estimate from the first-order post-update residual
+        new_r = None
         if g0["noise"] in ("ema", "ema_diag"):
             hdelta = sum((hr @ d).to(torch.float64) for hr, d in zip(H, deltas, strict=True))
             hph = sum(((hr * q) @ hr.T).to(torch.float64) for hr, q in zip(H, posts, strict=True))
             blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
             new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - hdelta, hph, g0["beta"], blocks)
             if not bool(torch.isfinite(new_r).all()):
-                return False
-            gst["noise_estimate"].copy_(new_r)
+                return None
 
-        # commit
-        for (_, p), d, post, value in zip(pairs, deltas, posts, init, strict=True):
-            st = self.state[p]
-            if "p" not in st:
-                if value is None:
-                    continue  # its Jacobian was zero, d is zero: initialise at the first informative step
-                st["p"] = torch.empty(p.shape, dtype=state_dtype(p), device=p.device)
-            st["p"].copy_(post.view(p.shape))
-            p.add_(d.view(p.shape).to(p.dtype))
-        joint = [v for (g, p), v in zip(pairs, init, strict=True) if g["p0"] == "auto" and v is not None]
-        if joint and g0["auto_scope"] == "joint":
-            gst["p0_auto"].fill_(joint[0])
-        gst["step"] += 1
-        return True
+        moves = []
+        for (_, p), d, value in zip(pairs, deltas, init, strict=True):
+            if "p" in self.state[p] or value is not None:  # else its Jacobian was zero and d is zero
+                moves.append((p, d.view(p.shape).to(p.dtype)))
+
+        def commit() -> None:
+            for (_, p), post, value in zip(pairs, posts, init, strict=True):
+                st = self.state[p]
+                if "p" not in st:
+                    if value is None:
+                        continue  # initialise at the first informative step
+                    st["p"] = torch.empty(p.shape, dtype=state_dtype(p), device=p.device)
+                st["p"].copy_(post.view(p.shape))
+            self._commit_global(gst, pairs, init, new_r)
+
+        return _Pending(moves, commit)
 
     # ------------------------------------------------------------------ rank > 0 (LoFi)
     def _joint_prior(self, pairs: list[tuple[dict[str, Any], Tensor]], init: list[float | None],
@@ -698,59 +779,71 @@ class LoKO(Optimizer):
 
     @torch.no_grad()
     def _update_lowrank(self, pairs: list[tuple[dict[str, Any], Tensor]], rows: list[Tensor], e: Tensor,
-                        yhat: Tensor, gst: dict[str, Any], outputs: Tensor) -> bool:
+                        yhat: Tensor, gst: dict[str, Any], outputs: Tensor) -> _Pending | None:
         """One LoFi step over every trainable parameter jointly (see :mod:`kalmanopt.optim.lofi`)."""
         g0 = self.param_groups[0]
         k = g0["rank"]
         m = e.numel()
         if not bool(torch.isfinite(e).all()):
-            return False
+            return None
         dtype = torch.float64 if any(state_dtype(p) == torch.float64 for _, p in pairs) else torch.float32
         H = torch.cat([r.reshape(m, -1).to(dtype) for r in rows], dim=1)  # (m, n)
         if not bool(torch.isfinite(H).all()):
-            return False
+            return None
         sizes = [p.numel() for _, p in pairs]
         R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
         L_R = cholesky_with_jitter(R)
         if L_R is None:
             warnings.warn("LoKO: the observation noise R is not positive definite; sample skipped",
                           RuntimeWarning, stacklevel=3)
-            return False
+            return None
         init = self._initial_variances(pairs, list(H.split(sizes, dim=1)), R, gst)
         ups, W, infl, q, live = self._joint_prior(pairs, init, dtype)
         ups, W = lofi.predict(ups, W, infl, q)
         ema = g0["noise"] in ("ema", "ema_diag")
         res = lofi.update(ups, W, H, L_R, e, prior=g0["observation"] == "logits", posterior=ema)
         if res is None or not bool(torch.isfinite(torch.cat([res.delta, res.upsilon, res.W.reshape(-1)])).all()):
-            return False
+            return None
         if res.prior_hph is not None:
             self._store_predictive(outputs, res.prior_hph)
 
+        new_r = None
         if ema:
             blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
             new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - res.h_delta, res.post_hph,
                                            g0["beta"], blocks)
             if not bool(torch.isfinite(new_r).all()):
-                return False
-            gst["noise_estimate"].copy_(new_r)
+                return None
 
-        # commit
-        for (_, p), d, u, w, ok in zip(pairs, res.delta.split(sizes), res.upsilon.split(sizes),
-                                       res.W.split(sizes, dim=0), live, strict=True):
-            if not ok:
-                continue  # an "auto" prior still undetermined: its Jacobian and W rows are zero, nothing moved
-            st = self.state[p]
-            if "upsilon" not in st:
-                st["upsilon"] = torch.empty(p.shape, dtype=state_dtype(p), device=p.device)
-                st["W"] = torch.empty((*p.shape, k), dtype=state_dtype(p), device=p.device)
-            st["upsilon"].copy_(u.view(p.shape))
-            st["W"].copy_(w.view(*p.shape, k))
-            p.add_(d.view(p.shape).to(p.dtype))
+        # an "auto" prior still undetermined (not live): its Jacobian and W rows are zero, nothing moves
+        moves = [(p, d.view(p.shape).to(p.dtype))
+                 for (_, p), d, ok in zip(pairs, res.delta.split(sizes), live, strict=True) if ok]
+
+        def commit() -> None:
+            for (_, p), u, w, ok in zip(pairs, res.upsilon.split(sizes), res.W.split(sizes, dim=0), live,
+                                        strict=True):
+                if not ok:
+                    continue
+                st = self.state[p]
+                if "upsilon" not in st:
+                    st["upsilon"] = torch.empty(p.shape, dtype=state_dtype(p), device=p.device)
+                    st["W"] = torch.empty((*p.shape, k), dtype=state_dtype(p), device=p.device)
+                st["upsilon"].copy_(u.view(p.shape))
+                st["W"].copy_(w.view(*p.shape, k))
+            self._commit_global(gst, pairs, init, new_r)
+
+        return _Pending(moves, commit)
+
+    def _commit_global(self, gst: dict[str, Any], pairs: list[tuple[dict[str, Any], Tensor]],
+                       init: list[float | None], new_r: Tensor | None) -> None:
+        """The shared part of a step's state: the R estimate, the joint automatic prior, the step count."""
+        g0 = self.param_groups[0]
+        if new_r is not None:
+            gst["noise_estimate"].copy_(new_r)
         joint = [v for (g, p), v in zip(pairs, init, strict=True) if g["p0"] == "auto" and v is not None]
         if joint and g0["auto_scope"] == "joint":
             gst["p0_auto"].fill_(joint[0])
         gst["step"] += 1
-        return True
 
     # ------------------------------------------------------------------ predictive
     def predictive(self, forward_fn: Callable[[], Tensor], method: str = "probit", *, noise: bool = False,
