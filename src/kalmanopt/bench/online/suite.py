@@ -36,11 +36,15 @@ SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
 
 
 def loko_defaults() -> dict[str, Any]:
-    """LoKO's constructor defaults (read from its signature, so the report always states the ones that ran)."""
+    """LoKO's defaults as they take effect: the signature's, with those it resolves at construction (e.g.
+    ``noise=None`` -> the noise model that goes with the default observation) read back from a param group, so the
+    report states the configuration that ran."""
     from kalmanopt.optim.loko import LoKO
 
-    return {k: p.default for k, p in inspect.signature(LoKO).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    sig = {k: p.default for k, p in inspect.signature(LoKO).parameters.items()
+           if p.default is not inspect.Parameter.empty}
+    group = LoKO([torch.zeros(1, requires_grad=True)]).param_groups[0]
+    return {k: group.get(k, v) for k, v in sig.items()}
 
 
 def _value(text: str) -> Any:
@@ -72,6 +76,14 @@ def parse_ablation(spec: str) -> dict[str, Any]:
     return kwargs
 
 
+def _accepted(row: str) -> bool:
+    try:
+        parse_ablation(row)
+    except ValueError:
+        return False
+    return True
+
+
 def ablation_presets() -> dict[str, list[str]]:
     """``all``: one factor at a time away from LoKO's defaults (rank, P0 rule, R, observation, variance update,
     process noise); ``core``: one row per factor; ``none``."""
@@ -92,6 +104,9 @@ def ablation_presets() -> dict[str, list[str]]:
     rows += [f"variance_update={v}" for v in loko.VARIANCE_UPDATES if v != d.get("variance_update")]
     if d.get("q", 0.0) == 0.0:
         rows.append("q=0.001")
+    if d.get("trust", 0.0) > 0:
+        rows.append("trust=0")  # no bound on how far a step may move the logits
+    rows = [row for row in rows if _accepted(row)]  # combinations this LoKO refuses are left out
     core, seen = [], set()
     for row in rows:
         factor = row.split("=")[0]
