@@ -63,7 +63,12 @@ class ResearchLoKO(LoKO):
     """
 
     def __init__(self, params: Any, *, p0_rule: str | None = None, v: float = 1.0, a_rule: str = "init",
-                 a_scale: float = 1.0, q_rel: float = 0.0, trust: float = 0.0, p_max: float = 1.0, pred: float = 0.0, **kw: Any) -> None:
+                 a_scale: float = 1.0, q_rel: float = 0.0, trust: float = 0.0, p_max: float = 1.0,
+                 pred: float = 0.0, **kw: Any) -> None:
+        import inspect
+
+        if "trust" in inspect.signature(LoKO).parameters:  # the library's own trust region (later versions): off,
+            kw["trust"] = 0.0  # the prototype below applies ``trust`` (same rule) so that old results stay comparable
         super().__init__(params, **kw)
         self.trust, self.trust_hits, self._trz, self.p_max, self.pred = trust, 0, None, p_max, bool(pred)
         self.p0_rule, self.v, self.a_rule, self.a_scale, self.q_rel = p0_rule, v, a_rule, a_scale, q_rel
@@ -99,7 +104,8 @@ class ResearchLoKO(LoKO):
                         p.copy_(b + c * (p - b))
                     self.trust_hits += 1
         pred = getattr(self, "last_predictive", None)
-        if pred is not None and self.param_groups[0]["observation"] == "logits":  # probit predictive of the prior H P^- H^T (logit observation), before the update
+        # probit predictive of the prior H P^- H^T (logit observation), before the update
+        if pred is not None and self.param_groups[0]["observation"] == "logits":
             self.pred_nll.append(float(-torch.log(pred.probs[torch.arange(len(target)), target].clamp_min(1e-300))
                                        .mean()))
         return out
@@ -131,7 +137,7 @@ class ResearchLoKO(LoKO):
                 target = self.v * float(torch.trace(R)) / self._units
             if first:
                 self._p0_by_index = {}
-            for i, (g, p) in enumerate(pairs):
+            for i, (_g, p) in enumerate(pairs):
                 if "p" in self.state[p]:
                     continue
                 tr = float(H[i].double().square().sum())
@@ -181,7 +187,12 @@ class ResearchLoKO(LoKO):
 # ------------------------------------------------------------------------------------------------ configurations
 # kind "loko": ResearchLoKO(**kw); "adamw"/"adagrad": torch optimizers with lr.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "main": dict(kind="loko", kw={}),  # LoKO at its defaults on main
+    # LoKO at the defaults on main before this research (loko.py up to 73b39a7): runs named "main" before 19:50 UTC
+    # used LoKO() itself, which was this configuration; "main_old" spells it out (later LoKO() has new defaults)
+    "main": dict(kind="loko", kw=dict(observation="logits", noise="fixed", r0=1.0, variance_update="fd", p0=0.3,
+                                      rank=0)),
+    "main_old": dict(kind="loko", kw=dict(observation="logits", noise="fixed", r0=1.0, variance_update="fd", p0=0.3,
+                                          rank=0)),
 }
 for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
     CONFIGS[f"adamw_{lr:g}"] = dict(kind="adamw", lr=lr)
@@ -445,7 +456,8 @@ def cmd_show(args: argparse.Namespace) -> None:
         pn = [r["pred_nll"] for r in rs if "pred_nll" in r]
         pn_s = f"{sum(pn) / len(pn):.3f}" if pn else "  -  "
         print(f"{s:14} {sp:5} {c:28} n={len(rs)} acc {m:.4f} ± {sd:.4f}  nll {nll:.3f} pnll {pn_s} "
-              f"first200 {sum(r['first200'] for r in rs) / len(rs):.3f} last100 {sum(r['last100'] for r in rs) / len(rs):.3f}"
+              f"first200 {sum(r['first200'] for r in rs) / len(rs):.3f} "
+              f"last100 {sum(r['last100'] for r in rs) / len(rs):.3f}"
               f"  cpu {sum(r['cpu_s'] for r in rs) / len(rs):.0f}s")
 
 

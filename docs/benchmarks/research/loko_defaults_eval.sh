@@ -39,3 +39,7 @@ done
 for s in digits_shift fmnist_inv fmnist_inv_raw cv_mnist; do
   $R --stream $s --split eval --orders 0,1,2 --configs "loko:LIT,rank=64,trust=3,p0=0.1,pred=1"
 done
+# LoKO at the old defaults on the NLP slices (spelled out: LoKO() has the new defaults since 0acac15)
+for s in nlp_spam_long nlp_bbc_long; do
+  $R --stream $s --split eval --orders 0 --n 300 --configs main_old
+done
