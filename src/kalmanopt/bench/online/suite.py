@@ -101,7 +101,8 @@ def ablation_presets() -> dict[str, list[str]]:
     rows += [f"noise={v}" + (",observation=softmax" if v == "moment" and d.get("observation") != "softmax" else "")
              for v in loko.NOISE_MODELS if v != d.get("noise")]
     rows += [f"observation={v}" for v in loko.OBSERVATIONS if v != d.get("observation")]
-    rows += [f"variance_update={v}" for v in loko.VARIANCE_UPDATES if v != d.get("variance_update")]
+    if not d.get("rank"):  # the low-rank filter always updates the precision: the option only acts at rank 0
+        rows += [f"variance_update={v}" for v in loko.VARIANCE_UPDATES if v != d.get("variance_update")]
     if d.get("q", 0.0) == 0.0:
         rows.append("q=0.001")
     if d.get("trust", 0.0) > 0:
