@@ -68,7 +68,7 @@ def test_reference_structure_matches_koala_pp(weight_decay):
 
 def test_quick_run_writes_json(tmp_path, capsys):
     out = tmp_path / "step.json"
-    assert main(["bench", "step", "--quick", "--out", str(out)]) == 0
+    assert main(["bench", "step", "--quick", "--threads", "1", "--out", str(out)]) == 0
 
     results = json.loads(out.read_text())
     assert results["provenance"]["torch"] == torch.__version__
