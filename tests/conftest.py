@@ -118,3 +118,24 @@ def diagonal_loko(params, **kwargs):
     from kalmanopt import LoKO
 
     return LoKO(params, **{**LOKO_DIAGONAL, **kwargs})
+
+
+def run_koala_pp(shapes, kwargs, *, steps, dtype=None, seed=0, none_schedule=None, groups=None):
+    """KOALA++ over random parameters of ``shapes`` for ``steps`` steps of correlated random gradients (as in
+    training) and random per-sample losses; ``none_schedule(step, i)`` drops parameter i's gradient at a step."""
+    import torch
+
+    from kalmanopt import KOALAPlusPlus
+
+    dtype = dtype or torch.float64
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
+    opt = KOALAPlusPlus(params if groups is None else groups(params), **kwargs)
+    for k in range(steps):
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen, dtype=dtype)
+            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
+            if none_schedule is not None and none_schedule(k, i):
+                p.grad = None
+        opt.step(loss=torch.rand(6, generator=gen, dtype=dtype) + 0.5)
+    return params, opt

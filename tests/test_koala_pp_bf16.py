@@ -12,7 +12,7 @@ import torch
 from kalmanopt import KOALAPlusPlus
 from kalmanopt.optim import _koala_pp_fused
 
-from conftest import NoSync, skipped_steps
+from conftest import NoSync, run_koala_pp, skipped_steps
 
 needs_kernel = pytest.mark.skipif(_koala_pp_fused.load() is None,
                                   reason=f"no fused kernel here: {_koala_pp_fused.unavailable_reason()}")
@@ -29,17 +29,7 @@ CONFIGS = {
 
 
 def _run(kwargs, *, steps=6, dtype=torch.float64, seed=0, none_schedule=None):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
-    opt = KOALAPlusPlus(params, **kwargs)
-    for k in range(steps):
-        for i, p in enumerate(params):
-            g = torch.randn(p.shape, generator=gen, dtype=dtype)
-            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g  # correlated, as in training
-            if none_schedule is not None and none_schedule(k, i):
-                p.grad = None
-        opt.step(loss=torch.rand(6, generator=gen, dtype=dtype) + 0.5)
-    return params, opt
+    return run_koala_pp(SHAPES, kwargs, steps=steps, dtype=dtype, seed=seed, none_schedule=none_schedule)
 
 
 def _states(opt, params):

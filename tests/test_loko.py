@@ -355,7 +355,9 @@ def _save_load(obj):
 
 @pytest.mark.parametrize("kwargs", [{}, {"noise": "ema", "p0": "auto", "auto_scope": "group"},
                                     {"observation": "softmax", "noise": "moment", "variance_update": "vd"},
-                                    {"observation": "loss", "noise": "ema", "q": 1e-4}])
+                                    {"observation": "loss", "noise": "ema", "q": 1e-4},
+                                    {"rank": 3}, {"rank": 2, "noise": "ema", "p0": "auto", "auto_scope": "group",
+                                                  "q": 1e-4, "inflation": 1e-3}])
 def test_state_dict_round_trip_is_bit_exact(kwargs):
     def run(model, opt, start, stop):
         for k in range(start, stop):
@@ -378,5 +380,8 @@ def test_state_dict_round_trip_is_bit_exact(kwargs):
     resumed.load_state_dict(ck["model"])
     opt2 = LoKO(resumed.parameters(), **kwargs)
     opt2.load_state_dict(ck["opt"])
+    for p in resumed.parameters():
+        if kwargs.get("rank", 0) > 0:
+            assert opt2.state[p]["W"].shape == (*p.shape, kwargs["rank"])
     run(resumed, opt2, 3, 6)
     assert torch.equal(straight, flat_params(resumed))
