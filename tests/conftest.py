@@ -110,7 +110,8 @@ def skipped_steps(opt):
 # The diagonal filter with LoKO's earlier defaults (logit observation, fixed R, variance matching, p0 = 0.3, no trust
 # region): the tests of the diagonal algebra pin it explicitly, so that they do not depend on the library's
 # defaults (softmax observation, moment-matched R, rank 64, trust region), which tests/test_loko_defaults.py covers.
-LOKO_DIAGONAL = dict(p0=0.3, observation="logits", noise="fixed", rank=0, trust=0.0, jacobian="batched")
+LOKO_DIAGONAL = dict(p0=0.3, observation="logits", noise="fixed", rank=0, trust=0.0, jacobian="batched",
+                     calibrate=False)
 
 
 def diagonal_loko(params, **kwargs):

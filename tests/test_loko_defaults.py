@@ -126,3 +126,33 @@ def test_forward_fn_that_changes_shape_on_its_second_call_is_an_error_that_loses
         opt.step(forward, y)
     assert torch.equal(params(model), before)
     assert not any(opt.state[p] for p in model.parameters() if p is not next(model.parameters()))
+
+
+def test_calibrated_predictive_uses_the_scale_with_the_lowest_past_nll_and_leaves_training_alone():
+    from kalmanopt.optim.loko import PREDICTIVE_SCALES, predictive_probs
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    twin = clone(model)
+    calibrated = LoKO(model.parameters(), rank=8)
+    plain = LoKO(twin.parameters(), rank=8, calibrate=False)
+    xs = 2.0 * torch.randn(25, 1, 4, dtype=torch.float64)
+    ys = torch.randint(0, 3, (25, 1))
+    past = torch.zeros(len(PREDICTIVE_SCALES), dtype=torch.float64)
+    chosen = []
+    for x, y in zip(xs, ys, strict=True):
+        calibrated.step(lambda x=x: model(x), y)
+        plain.step(lambda x=x: twin(x), y)
+        raw = plain.last_predictive  # the filter's own covariance
+        best = min(range(len(PREDICTIVE_SCALES)), key=lambda i: (float(past[i]), i))
+        scale = PREDICTIVE_SCALES[best]
+        chosen.append(scale)
+        expected = predictive_probs(raw.mean, scale * raw.cov, "probit")
+        torch.testing.assert_close(calibrated.last_predictive.probs, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(calibrated.last_predictive.cov, scale * raw.cov, rtol=1e-12, atol=1e-12)
+        for i, s in enumerate(PREDICTIVE_SCALES):
+            past[i] -= float(predictive_probs(raw.mean, s * raw.cov, "probit")[0, y].log())
+    assert torch.equal(params(model), params(twin))  # the predictive never touches the filter
+    assert chosen[0] == 1.0 and len(set(chosen)) > 1  # starts at the filter's own covariance, then moves
+    assert calibrated.predictive_scale == PREDICTIVE_SCALES[int(torch.argmin(past))]
+    torch.testing.assert_close(calibrated.state[next(model.parameters())]["predictive_nll"], past)

@@ -114,7 +114,11 @@ PREDICTIVE_METHODS = ("probit", "laplace_bridge", "mc", "plugin")
 
 # Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
 _SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "p0_scale", "auto_scope", "jacobian",
-           "rank", "trust")
+           "rank", "trust", "calibrate")
+
+# The scales of the linearised predictive covariance that ``calibrate=True`` chooses among (1 = the filter's own
+# covariance, 0 = the plug-in softmax), by the cumulative log-likelihood of the samples already seen.
+PREDICTIVE_SCALES = tuple([2.0 ** -j for j in range(11)] + [0.0])
 AUTO_SCOPES = ("joint", "group", "tensor")
 
 
@@ -453,12 +457,13 @@ class LoKO(Optimizer):
                  beta: float = 0.95, observation: str = "softmax", q: float = 0.0, *, noise: str | None = None,
                  variance_update: str = "fd", r_min: float = 1e-3, p_min: float = 1e-12, inflation: float = 0.0,
                  p0_scale: float = 1.0, auto_scope: str = "joint", jacobian: str = "vmap",
-                 rank: int = 64, trust: float = 3.0) -> None:
+                 rank: int = 64, trust: float = 3.0, calibrate: bool = True) -> None:
         if noise is None:  # the categorical variance goes with the softmax observation; a fixed R otherwise
             noise = "moment" if observation == "softmax" else "fixed"
         defaults = dict(p0=p0, r0=r0, beta=beta, observation=observation, q=q, noise=noise,
                         variance_update=variance_update, r_min=r_min, p_min=p_min, inflation=inflation,
-                        p0_scale=p0_scale, auto_scope=auto_scope, jacobian=jacobian, rank=rank, trust=trust)
+                        p0_scale=p0_scale, auto_scope=auto_scope, jacobian=jacobian, rank=rank, trust=trust,
+                        calibrate=calibrate)
         self.last_predictive: Predictive | None = None
         self.trust_scaled_steps = 0  # steps whose mean step the trust region shortened (this process only)
         super().__init__(params, defaults)
@@ -471,6 +476,8 @@ class LoKO(Optimizer):
             _check_number("p0", group["p0"], 0.0, low_inclusive=False, tensor_ok=False)
         _check_number("p_min", group["p_min"], 0.0, tensor_ok=False)
         _check_number("trust", group["trust"], 0.0, tensor_ok=False)
+        if not isinstance(group["calibrate"], bool):
+            raise ValueError(f"Invalid calibrate: {group['calibrate']!r} (True or False)")
         _check_number("inflation", group["inflation"], 0.0, tensor_ok=False)
         _check_number("p0_scale", group["p0_scale"], 0.0, low_inclusive=False, tensor_ok=False)
         if group["auto_scope"] not in AUTO_SCOPES:
@@ -506,7 +513,8 @@ class LoKO(Optimizer):
         pairs = self._trainable()
         if pairs and p is pairs[0][1]:
             spec |= {"step": ((), torch.int64), "skipped_steps": ((), torch.int64),
-                     "noise_estimate": ((-1, -1), torch.float64), "p0_auto": ((), torch.float64)}
+                     "noise_estimate": ((-1, -1), torch.float64), "p0_auto": ((), torch.float64),
+                     "predictive_nll": ((len(PREDICTIVE_SCALES),), torch.float64)}
         return spec
 
     # ------------------------------------------------------------------ state
@@ -583,7 +591,33 @@ class LoKO(Optimizer):
             if logit_rows is not None:
                 self.last_predictive = Predictive(returned, prior_cov,
                                                   predictive_probs(returned, prior_cov, "probit"))
+            if self.last_predictive is not None and g0["calibrate"]:
+                self.last_predictive = self._calibrated(self.last_predictive, e, yhat, gst)
         return returned
+
+    def _calibrated(self, pred: Predictive, e: Tensor, yhat: Tensor, gst: dict[str, Any]) -> Predictive:
+        """The step's predictive with its covariance scaled by the scale of :data:`PREDICTIVE_SCALES` whose
+        predictive had the lowest cumulative NLL on the samples *before* this one (prequential: the choice never
+        sees the sample it predicts); then this sample's NLL under every scale is added to the running sums."""
+        nll = gst.get("predictive_nll")
+        if nll is None:
+            nll = gst["predictive_nll"] = torch.zeros(len(PREDICTIVE_SCALES), dtype=torch.float64,
+                                                      device=pred.mean.device)
+        scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=pred.mean.device)
+        probs = torch.stack([predictive_probs(pred.mean, float(s) * pred.cov, "probit") for s in PREDICTIVE_SCALES])
+        best = torch.argmin(nll)  # ties: the first, the filter's own covariance
+        y = e.reshape(yhat.shape) + yhat  # the target (one-hot, or the given probabilities)
+        nll += -(y * probs.clamp_min(1e-300).log()).sum(dim=(1, 2))
+        return Predictive(pred.mean, scales[best] * pred.cov, probs[best])
+
+    @property
+    def predictive_scale(self) -> float:
+        """The covariance scale ``calibrate=True`` uses for the next prediction (1 before any step)."""
+        pairs = self._trainable()
+        nll = self.state.get(pairs[0][1], {}).get("predictive_nll") if pairs else None
+        if nll is None or not self.param_groups[0]["calibrate"]:
+            return 1.0
+        return PREDICTIVE_SCALES[int(torch.argmin(nll))]
 
     def _trust_region(self, pending: _Pending, forward_fn: Callable[[], Tensor], before: Tensor,
                       trust: float) -> _Pending | None:
@@ -909,7 +943,7 @@ class LoKO(Optimizer):
         b, c = outputs.shape
         mean = outputs.detach()
         with torch.no_grad():
-            cov = self._logit_covariance(pairs, rows, b, c)
+            cov = self._logit_covariance(pairs, rows, b, c) * self.predictive_scale
             if noise:
                 leader = self.state.get(params[0], {})
                 est = leader.get("noise_estimate")
