@@ -439,6 +439,9 @@ class LoKO(Optimizer):
             group.
         trust (float): the trust region on the logits: the largest change of a logit of the measured batch one
             step may cause (one extra forward pass per step; ``0`` turns it off). Default 3.
+        calibrate (bool): scale the linearised predictive covariance by the factor of :data:`PREDICTIVE_SCALES`
+            with the lowest cumulative NLL on the samples already seen (prequential; ``0`` is the plug-in softmax).
+            Only the predictive changes, never the filter. Default True.
 
     ``step(forward_fn, target)``: ``forward_fn()`` returns logits ``(batch, classes)``; ``target`` holds class
     indices ``(batch,)`` (or probabilities ``(batch, classes)``). Returns the detached logits computed before the
@@ -446,7 +449,8 @@ class LoKO(Optimizer):
     parameter's state, ``step``, ``skipped_steps``, the R estimate ``noise_estimate`` and ``p0_auto``.
 
     After every ``step``, ``opt.last_predictive`` is the :class:`Predictive` (logits, their covariance
-    :math:`H P^- H^\top` per sample, probit probabilities) of the outputs the step measured, computed from the
+    :math:`H P^- H^\top` per sample, scaled by :attr:`predictive_scale` when ``calibrate``; probit probabilities)
+    of the outputs the step measured, computed from the
     prior of that step (before the update) and the step's own Jacobian (with the softmax observation the step
     takes the logits' Jacobian and maps it through the softmax's); it is None for ``observation="loss"`` (the step
     has no Jacobian of the logits) and after a skipped sample.
