@@ -25,6 +25,7 @@ SECTIONS = [
     ("online.md", 0),
     ("loko_defaults.md", 1),  # its "#" title becomes a "##" section, and so on down
     ("vision_lm.md", 0),
+    ("r_stat_section.md", 0),
     ("covariance.md", 0),
 ]
 
