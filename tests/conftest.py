@@ -121,9 +121,9 @@ def diagonal_loko(params, **kwargs):
     return LoKO(params, **{**LOKO_DIAGONAL, **kwargs})
 
 
-def run_koala_pp(shapes, kwargs, *, steps, dtype=None, seed=0, none_schedule=None, groups=None):
-    """KOALA++ over random parameters of ``shapes`` for ``steps`` steps of correlated random gradients (as in
-    training) and random per-sample losses; ``none_schedule(step, i)`` drops parameter i's gradient at a step."""
+def run_koala_pp(shapes, kwargs, *, steps, dtype=None, seed=0, none_schedule=None, groups=None, cls=None):
+    """KOALA++ (or ``cls``) over random parameters of ``shapes`` for ``steps`` steps of correlated random gradients
+    (as in training) and random per-sample losses; ``none_schedule(step, i)`` drops parameter i's gradient."""
     import torch
 
     from kalmanopt import KOALAPlusPlus
@@ -131,7 +131,7 @@ def run_koala_pp(shapes, kwargs, *, steps, dtype=None, seed=0, none_schedule=Non
     dtype = dtype or torch.float64
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
-    opt = KOALAPlusPlus(params if groups is None else groups(params), **kwargs)
+    opt = (cls or KOALAPlusPlus)(params if groups is None else groups(params), **kwargs)
     for k in range(steps):
         for i, p in enumerate(params):
             g = torch.randn(p.shape, generator=gen, dtype=dtype)

@@ -259,10 +259,11 @@ def _assert_unchanged(model, opt, snap):
             assert torch.equal(state[id(p)][k], v), k
 
 
+@pytest.mark.parametrize("rank", [0, 3])
 @pytest.mark.parametrize("bad", ["nan_output", "inf_jacobian", "nan_param"])
-def test_bad_input_skips_and_changes_nothing(bad):
+def test_bad_input_skips_and_changes_nothing(bad, rank):
     model = tiny()
-    opt = LoKO(model.parameters(), noise="ema")
+    opt = LoKO(model.parameters(), noise="ema", rank=rank)
     for k in range(2):
         x, y = data(k)
         opt.step(lambda x=x: model(x), y)
@@ -290,6 +291,8 @@ def test_bad_input_skips_and_changes_nothing(bad):
     out = opt.step(fn, y)
     assert out.shape == (2, 3)
     _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == 1 and opt.last_predictive is None
+    opt.step(lambda: model(x), y)  # and the filter goes on
     assert opt.skipped_steps == 1
 
 

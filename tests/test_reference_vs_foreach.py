@@ -5,26 +5,15 @@ import torch
 
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
 
-from conftest import OPTIMIZERS
+from conftest import OPTIMIZERS, run_koala_pp
 
 SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (7, 1), (16, 8), (2, 2, 2, 2, 2)]
 
 
 def _run(cls, kwargs, foreach, *, steps=8, none_schedule=None, dtype=torch.float64, seed=0):
     """Preset random gradients (some None) on a bag of shapes; returns params and state after ``steps``."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
-    opt = cls(params, foreach=foreach, **kwargs)
-    for k in range(steps):
-        for i, p in enumerate(params):
-            g = torch.randn(p.shape, generator=gen, dtype=dtype)
-            # A correlated gradient sequence, as in training: H_k close to H_{k-1}.
-            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
-            if none_schedule is not None and none_schedule(k, i):
-                p.grad = None
-        losses = torch.rand(6, generator=gen, dtype=dtype) + 0.5
-        opt.step(loss=losses)
-    return params, opt
+    return run_koala_pp(SHAPES, {**kwargs, "foreach": foreach}, steps=steps, dtype=dtype, seed=seed,
+                        none_schedule=none_schedule, cls=cls)
 
 
 @pytest.mark.parametrize("schedule", [None, lambda k, i: (k + i) % 3 == 0, lambda k, i: i == 2 or k == 0],
