@@ -608,7 +608,10 @@ class LoKO(Optimizer):
             nll = gst["predictive_nll"] = torch.zeros(len(PREDICTIVE_SCALES), dtype=torch.float64,
                                                       device=pred.mean.device)
         scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=pred.mean.device)
-        probs = torch.stack([predictive_probs(pred.mean, float(s) * pred.cov, "probit") for s in PREDICTIVE_SCALES])
+        b, c = pred.mean.shape
+        # every scale at once, as a batch of len(scales) * b predictions: (scales, b, c)
+        probs = predictive_probs(pred.mean.repeat(len(PREDICTIVE_SCALES), 1),
+                                 (scales.view(-1, 1, 1, 1) * pred.cov).reshape(-1, c, c), "probit").view(-1, b, c)
         best = torch.argmin(nll)  # ties: the first, the filter's own covariance
         y = e.reshape(yhat.shape) + yhat  # the target (one-hot, or the given probabilities)
         nll += -(y * probs.clamp_min(1e-300).log()).sum(dim=(1, 2))
