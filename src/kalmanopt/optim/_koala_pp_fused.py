@@ -125,23 +125,26 @@ static inline double FN(round)(double x) { return (double)(REAL)x; }
 
 /* Pass 1 over one block of a tensor (elements start .. end - 1): acc = [||h||^2, ||theta||^2, ||h~||^2, h~.H_prev,
  * h~.gain_prev], with h = g * inv_scale + wd * theta and h~ = D^{1/2} h under the diagonal metric (h~ = h without
- * it). Summed in REAL within the block (vectorised), in double across blocks. */
-static void FN(reduce_block)(int64_t start, int64_t end, const REAL *restrict g, const REAL *restrict th,
-                             const STATE *restrict s, const STATE *restrict H, const STATE *restrict G, REAL inv_scale,
-                             REAL wd, int use_wd, int precondition, REAL beta2, REAL one_minus_beta2,
-                             REAL inv_correction, REAL eps, double *acc) {
+ * it). Summed in REAL within the block (vectorised), in double across blocks. Without weight decay the parameter is
+ * not read at all (||theta||^2 is then unused and left 0): the pass is bound by the bytes it reads. */
+static inline __attribute__((always_inline)) void FN(reduce_body)(
+    int64_t start, int64_t end, const REAL *restrict g, const REAL *restrict th, const STATE *restrict s,
+    const STATE *restrict H, const STATE *restrict G, REAL inv_scale, REAL wd, int use_wd, int precondition,
+    REAL beta2, REAL one_minus_beta2, REAL inv_correction, REAL eps, double *acc) {
     REAL a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
     if (precondition) {
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
         for (int64_t j = start; j < end; ++j) {
-            REAL t = th[j];
             REAL h = g[j] * inv_scale;
-            if (use_wd) h += wd * t;
+            if (use_wd) {
+                REAL t = th[j];
+                h += wd * t;
+                a1 += t * t;
+            }
             REAL sq = S_LOAD(s[j]) * beta2 + one_minus_beta2 * (h * h);
             REAL root = (REAL)1 / SQRT(SQRT(sq * inv_correction) + eps);
             REAL ht = h * root;
             a0 += h * h;
-            a1 += t * t;
             a2 += ht * ht;
             a3 += ht * S_LOAD(H[j]);
             a4 += ht * S_LOAD(G[j]);
@@ -149,17 +152,31 @@ static void FN(reduce_block)(int64_t start, int64_t end, const REAL *restrict g,
     } else {
 #pragma omp simd reduction(+ : a0, a1, a3, a4)
         for (int64_t j = start; j < end; ++j) {
-            REAL t = th[j];
             REAL h = g[j] * inv_scale;
-            if (use_wd) h += wd * t;
+            if (use_wd) {
+                REAL t = th[j];
+                h += wd * t;
+                a1 += t * t;
+            }
             a0 += h * h;
-            a1 += t * t;
             a3 += h * S_LOAD(H[j]);
             a4 += h * S_LOAD(G[j]);
         }
         a2 = a0;
     }
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4;
+}
+
+/* The four specialisations of pass 1 (the flags are constants inside each, so every loop is branch-free). */
+static void FN(reduce_block)(int64_t start, int64_t end, const REAL *g, const REAL *th, const STATE *s,
+                             const STATE *H, const STATE *G, REAL inv_scale, REAL wd, int use_wd, int precondition,
+                             REAL beta2, REAL one_minus_beta2, REAL inv_correction, REAL eps, double *acc) {
+#define KOALA_REDUCE(W, P)                                                                                        \
+    FN(reduce_body)(start, end, g, th, s, H, G, inv_scale, wd, W, P, beta2, one_minus_beta2, inv_correction, eps, \
+                    acc)
+    if (use_wd) { if (precondition) KOALA_REDUCE(1, 1); else KOALA_REDUCE(1, 0); }
+    else { if (precondition) KOALA_REDUCE(0, 1); else KOALA_REDUCE(0, 0); }
+#undef KOALA_REDUCE
 }
 
 /* Pass 1 over one tensor, out = the five sums. With threads > 1 the blocks of a large tensor are shared out, each
