@@ -173,6 +173,29 @@ def test_lofi_update_invariants_on_random_inputs():
     torch.testing.assert_close(blocks[1], (H @ prior @ H.T)[2:, 2:], rtol=1e-9, atol=1e-11)
 
 
+def test_lofi_update_with_mix_equals_the_mixed_rows():
+    """``mix`` (the softmax mapping of LoKO's fused step) applied to the small matrices gives the update of the
+    rows ``mix @ H``, and ``rows_prior`` the prior quadratic form of the unmixed rows."""
+    g = torch.Generator().manual_seed(1)
+    n, k, m = 40, 5, 4
+    ups = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    W = torch.randn(n, k, generator=g, dtype=torch.float64)
+    H = torch.randn(m, n, generator=g, dtype=torch.float64)
+    yhat = torch.softmax(torch.randn(2, 2, generator=g, dtype=torch.float64), 1)
+    mix = torch.block_diag(*(torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)))
+    R = mix + 1e-3 * torch.eye(m, dtype=torch.float64)
+    e = torch.randn(m, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(R)
+    ref = lofi.update(ups, W, mix @ H, L, e)
+    res = lofi.update(ups, W, H, L, e, mix=mix, rows_prior=True)
+    for a, b in [(res.delta, ref.delta), (res.upsilon, ref.upsilon), (res.W @ res.W.T, ref.W @ ref.W.T),
+                 (res.prior_hph, ref.prior_hph), (res.post_hph, ref.post_hph), (res.h_delta, ref.h_delta)]:
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert ref.rows_hph is None
+    prior = torch.linalg.inv(torch.diag(ups) + W @ W.T)
+    torch.testing.assert_close(res.rows_hph, H @ prior @ H.T, rtol=1e-9, atol=1e-11)
+
+
 # ---------------------------------------------------------------------------------------------------- behaviour
 def test_learns_a_separable_stream():
     """As the diagonal filter's test: at least 40 hits above the switched-off filter (31). rank=4 gets 73, the

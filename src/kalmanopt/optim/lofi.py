@@ -41,11 +41,15 @@ diagonal of the precision is therefore exact: :math:`\upsilon^+ + \operatorname{
 \upsilon^- + \operatorname{rowsum}(W^{-2}) + \operatorname{diag}(H^\top R^{-1} H)`. When the information gathered so
 far has rank at most k (or k >= n), nothing is dropped and the filter is the exact EKF.
 
-Cost: ``O(m^2 n)`` for ``G``, ``O(n (k + m)^2)`` for the two Gram products and the rotation, ``O((k + m)^3)`` for the
-small factorisations. The ``n``-dimensional work runs in the dtype of the inputs (float32 or float64); every
-``(k + m)``-dimensional matrix is float64. Everything the step needs besides (``H Sigma H^T`` before and after the
-update, ``H dtheta``) is read off the small matrix :math:`\tilde W^\top\Upsilon^{-1}\tilde W`, with no extra
-``n``-dimensional work.
+Cost: ``O(n (k + m)^2)`` for the two Gram products and the rotation, ``O((k + m)^3)`` for the small
+factorisations. ``G`` itself is never formed: with :math:`W_z = [W, H^\top]` and
+:math:`E = \operatorname{diag}(I_k, L_R^{-1})`, :math:`\tilde W = W_z E^\top`, so the Gram matrices are those of
+:math:`W_z` conjugated by ``E`` and the rotation is :math:`W_z (E^\top V)`. The same holds for any row mixing
+``mix @ H`` (LoKO's softmax rows from the logits' Jacobian), which then costs nothing in ``n`` dimensions and gives the
+prior quadratic form of the unmixed rows for free (``rows_prior``). The ``n``-dimensional work runs in the dtype
+of the inputs (float32 or float64); every ``(k + m)``-dimensional matrix is float64. Everything the step needs
+besides (``H Sigma H^T`` before and after the update, ``H dtheta``) is read off the small matrix
+:math:`\tilde W^\top\Upsilon^{-1}\tilde W`, with no extra ``n``-dimensional work.
 """
 
 from __future__ import annotations
@@ -70,11 +74,12 @@ def predict(upsilon: Tensor, W: Tensor, inflation: Tensor | float = 0.0,
         q: process noise ``>= 0`` added to the covariance diagonal, a number or ``(n,)``.
 
     Returns:
-        ``(upsilon, W)`` of the predicted precision (new tensors; the inputs are not modified).
+        ``(upsilon, W)`` of the predicted precision (the inputs are not modified; without inflation and process
+        noise they are returned as they are, uncopied).
     """
     no_q = isinstance(q, int | float) and q == 0
     if isinstance(inflation, int | float) and inflation == 0 and no_q:
-        return upsilon.clone(), W.clone()
+        return upsilon, W
     a = 1.0 + inflation
     D = upsilon / a
     U = W / (a.sqrt().unsqueeze(1) if isinstance(a, Tensor) else math.sqrt(a))
@@ -101,6 +106,7 @@ class LofiUpdate(NamedTuple):
         prior_hph: ``(m, m)`` float64 :math:`H \\Sigma^- H^\\top` (the predictive covariance of the outputs).
         post_hph: ``(m, m)`` float64 :math:`H \\Sigma^+ H^\\top` of the untruncated posterior.
         h_delta: ``(m,)`` float64 :math:`H\\,\\delta`, the linearised change of the outputs.
+        rows_hph: ``(m, m)`` float64 :math:`H \\Sigma^- H^\\top` of the unmixed rows (``rows_prior=True``).
     """
 
     delta: Tensor
@@ -109,6 +115,7 @@ class LofiUpdate(NamedTuple):
     prior_hph: Tensor | None
     post_hph: Tensor | None
     h_delta: Tensor | None
+    rows_hph: Tensor | None = None
 
 
 def _sym_solve(L: Tensor, b: Tensor) -> Tensor:
@@ -116,7 +123,7 @@ def _sym_solve(L: Tensor, b: Tensor) -> Tensor:
 
 
 def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, prior: bool = True,
-           posterior: bool = True) -> LofiUpdate | None:
+           posterior: bool = True, mix: Tensor | None = None, rows_prior: bool = False) -> LofiUpdate | None:
     r"""Measurement update of the precision ``diag(upsilon) + W W^T`` (see the module docs).
 
     Args:
@@ -126,6 +133,9 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
         chol_R: ``(m, m)`` float64 lower Cholesky factor of the observation noise ``R``.
         e: ``(m,)`` float64 innovation.
         prior, posterior: compute ``prior_hph`` / ``post_hph`` and ``h_delta`` (else they are None).
+        mix: ``(m, m)`` float64: the measurement's Jacobian is ``mix @ H`` (LoKO's softmax rows from the logits'
+            ``H``), applied to the small matrices only; None: ``H`` itself.
+        rows_prior: also return ``rows_hph``, :math:`H \Sigma^- H^\top` of the rows ``H`` as given (before ``mix``).
 
     Returns:
         A :class:`LofiUpdate`, or None when the small ``(k + m)`` system cannot be factorised (non-finite input).
@@ -133,14 +143,19 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     n, k = W.shape
     m = H.shape[0]
     f64 = torch.float64
-    eye_m = torch.eye(m, dtype=f64, device=H.device)
-    # G = L_R^{-1} H, so that H^T R^{-1} H = G^T G; the small inverse is applied in the state dtype
-    Linv = torch.linalg.solve_triangular(chol_R, eye_m, upper=False)
-    G = Linv.to(H.dtype) @ H  # (m, n)
-    e_w = Linv @ e  # whitened innovation, float64 (m,)
-    Wt = torch.cat([W, G.T], dim=1)  # (n, k + m): the untruncated factor
-    U = Wt / upsilon.unsqueeze(1)  # Upsilon^{-1} W~
-    T = (Wt.T @ U).to(f64)  # W~^T Upsilon^{-1} W~
+    # The whitened Jacobian G = L_R^{-1} mix H (H^T R^{-1} H = G^T G for the measured rows) is never formed in n
+    # dimensions: W~ = [W, G^T] = Wz E^T with Wz = [W, H^T] and E = diag(I_k, B), B = L_R^{-1} mix, so every
+    # (k + m)-dimensional matrix of W~ is that of Wz conjugated by the small E (float64), and the n-dimensional
+    # work is three products with Wz.
+    B = torch.linalg.solve_triangular(chol_R, torch.eye(m, dtype=f64, device=H.device) if mix is None else mix,
+                                      upper=False)
+    e_w = torch.linalg.solve_triangular(chol_R, e.unsqueeze(1), upper=False).squeeze(1)  # whitened innovation
+    Wz = torch.cat([W, H.T], dim=1)  # (n, k + m)
+    U = Wz / upsilon.unsqueeze(1)  # Upsilon^{-1} Wz
+    Tz = (Wz.T @ U).to(f64)  # Wz^T Upsilon^{-1} Wz
+    Tz = 0.5 * (Tz + Tz.T)
+    E = torch.block_diag(torch.eye(k, dtype=f64, device=H.device), B)
+    T = E @ Tz @ E.T  # W~^T Upsilon^{-1} W~ (its W-block is Tz's, exactly)
     T = 0.5 * (T + T.T)
     eye = torch.eye(k + m, dtype=f64, device=H.device)
     L_M, info = torch.linalg.cholesky_ex(eye + T)
@@ -150,28 +165,33 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     t_e = T[:, k:] @ e_w
     coef = -_sym_solve(L_M, t_e.unsqueeze(1)).squeeze(1)
     coef[k:] += e_w
-    delta = U @ coef.to(U.dtype)
+    delta = U @ (E.T @ coef).to(U.dtype)
     # quadratic forms in the outputs, read off T: H Upsilon^{-1} H^T = L_R T_gg L_R^T, H Upsilon^{-1} W = L_R T_gw
     T_gg = T[k:, k:]
-    prior_hph = post_hph = h_delta = None
-    if prior:
+    prior_hph = post_hph = h_delta = rows_hph = None
+    if prior or rows_prior:
         L_w = torch.linalg.cholesky(eye[:k, :k] + T[:k, :k])
+    if prior:
         Z = torch.linalg.solve_triangular(L_w, T[:k, k:], upper=False)  # (k, m)
         prior_hph = chol_R @ (T_gg - Z.T @ Z) @ chol_R.T
         prior_hph = 0.5 * (prior_hph + prior_hph.T)
+    if rows_prior:  # the same with the unmixed rows, from Tz
+        Z = torch.linalg.solve_triangular(L_w, Tz[:k, k:], upper=False)
+        rows_hph = Tz[k:, k:] - Z.T @ Z
+        rows_hph = 0.5 * (rows_hph + rows_hph.T)
     if posterior:
         Z2 = torch.linalg.solve_triangular(L_M, T[:, k:], upper=False)  # (k + m, m)
         post_hph = chol_R @ (T_gg - Z2.T @ Z2) @ chol_R.T
         post_hph = 0.5 * (post_hph + post_hph.T)
         h_delta = chol_R @ (T[k:, :] @ coef)
-    # truncation: rotate W~ onto the eigenvectors of its Gram matrix, keep the k largest
-    gram = (Wt.T @ Wt).to(f64)
+    # truncation: rotate W~ onto the eigenvectors of its Gram matrix, keep the k largest (one product: the kept
+    # columns and the dropped ones side by side)
+    gram = E @ (Wz.T @ Wz).to(f64) @ E.T
     _, V = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
-    V = V.flip(1).to(W.dtype)
-    W_new = Wt @ V[:, :k]
-    dropped = Wt @ V[:, k:]
-    ups_new = upsilon + dropped.square().sum(1)
-    return LofiUpdate(delta, ups_new, W_new, prior_hph, post_hph, h_delta)
+    rotated = Wz @ (E.T @ V.flip(1)).to(W.dtype)  # W~ V, columns by decreasing eigenvalue
+    W_new = rotated[:, :k]
+    ups_new = upsilon + rotated[:, k:].square().sum(1)
+    return LofiUpdate(delta, ups_new, W_new, prior_hph, post_hph, h_delta, rows_hph)
 
 
 def quadratic_form(upsilon: Tensor, W: Tensor | None, H: Tensor) -> Tensor:

@@ -187,6 +187,7 @@ class _Pending:
 
     moves: list[tuple[Tensor, Tensor]]
     state: Callable[[], None]
+    logit_cov: Tensor | None = None  # (b, c, c) prior H_z P^- H_z^T, where the step computed it on the way
 
     def commit(self) -> None:
         for p, d in self.moves:  # empty when the trust region already moved the parameters
@@ -278,6 +279,19 @@ def updated_noise_estimate(noise: str, estimate: Tensor, residual: Tensor, hph: 
     return 0.5 * (new + new.T)
 
 
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every entry of every tensor is finite (one host sync).
+
+    A sum is finite only if every term is (an inf or nan term makes it inf or nan), so the common case costs one
+    reduction per tensor instead of ``isfinite``'s four elementwise passes; only a non-finite sum (bad input, or a
+    sum of finite terms that overflows) pays for the exact check.
+    """
+    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])  # in the tensors' dtype: no upcast pass
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def cholesky_with_jitter(a: Tensor, retries: int = 2) -> Tensor | None:
     """Lower Cholesky factor of the symmetric ``a``; adds relative jitter up to ``retries`` times, else None."""
     a = 0.5 * (a + a.T)
@@ -359,6 +373,14 @@ def predictive_probs(mean: Tensor, cov: Tensor, method: str = "probit", *, sampl
     log_term = mu_c + torch.logsumexp(-mu_c, dim=1, keepdim=True) - 2.0 * math.log(c)
     alpha = (1.0 - 2.0 / c + torch.exp(log_term)) / var_c
     return alpha / alpha.sum(1, keepdim=True)
+
+
+def _diagonal_blocks(a: Tensor, b: int, c: int) -> Tensor:
+    """The per-sample ``(c, c)`` diagonal blocks of a ``(b c, b c)`` matrix, ``(b, c, c)``."""
+    if b == 1:  # the online protocol's case, without the gather
+        return a.unsqueeze(0)
+    idx = torch.arange(b, device=a.device)
+    return a.reshape(b, c, b, c)[idx, :, idx, :]
 
 
 def check_numbers(opt: Optimizer) -> None:
@@ -565,12 +587,16 @@ class LoKO(Optimizer):
             h, e, yhat = observe(outputs, target, observation)
             finite = bool(torch.isfinite(outputs).all())
             rows = logit_rows = None
+            # rank > 0 with the softmax observation and no "auto" prior: one LoFi pass does the update and the
+            # logit covariance (the softmax mapping applied to small matrices, see _update_lowrank)
+            fused = (observation == "softmax" and g0["rank"] > 0
+                     and all(not (isinstance(g["p0"], str) and g["p0"] == "auto") for g, _ in pairs))
             if finite and h.requires_grad:
                 if observation == "softmax":
                     # the logits' Jacobian, mapped through the softmax's (same number of VJPs): the rows of the
                     # measurement and, for free, the linearised predictive of the logits
                     logit_rows = jacobian_rows(outputs.reshape(-1), params, g0["jacobian"])
-                    rows = softmax_rows(logit_rows, yhat)
+                    rows = logit_rows if fused else softmax_rows(logit_rows, yhat)
                 else:
                     rows = jacobian_rows(h, params, g0["jacobian"])
         returned = outputs.detach()
@@ -581,10 +607,15 @@ class LoKO(Optimizer):
             gst["skipped_steps"] += 1
             return returned
         with torch.no_grad():
-            if logit_rows is not None:
-                prior_cov = self._logit_covariance(pairs, logit_rows, *returned.shape)
-            update = self._update_lowrank if g0["rank"] > 0 else self._update
-            pending = update(pairs, rows, e, yhat, gst, returned)
+            prior_cov = None
+            if fused:
+                pending = self._update_lowrank(pairs, rows, e, yhat, gst, returned, logit_rows=True)
+                prior_cov = None if pending is None else pending.logit_cov
+            else:
+                if logit_rows is not None:
+                    prior_cov = self._logit_covariance(pairs, logit_rows, *returned.shape)
+                update = self._update_lowrank if g0["rank"] > 0 else self._update
+                pending = update(pairs, rows, e, yhat, gst, returned)
             if pending is not None and g0["trust"] > 0:
                 pending = self._trust_region(pending, forward_fn, returned, g0["trust"])
             if pending is None:
@@ -592,30 +623,33 @@ class LoKO(Optimizer):
                 gst["skipped_steps"] += 1
                 return returned
             pending.commit()
-            if logit_rows is not None:
+            if prior_cov is not None and g0["calibrate"]:  # its batch of scales includes scale 1's probit
+                self.last_predictive = self._calibrated(returned, prior_cov, e, yhat, gst)
+            elif prior_cov is not None:
                 self.last_predictive = Predictive(returned, prior_cov,
                                                   predictive_probs(returned, prior_cov, "probit"))
-            if self.last_predictive is not None and g0["calibrate"]:
-                self.last_predictive = self._calibrated(self.last_predictive, e, yhat, gst)
+            elif self.last_predictive is not None and g0["calibrate"]:  # the logit observation's
+                pred = self.last_predictive
+                self.last_predictive = self._calibrated(pred.mean, pred.cov, e, yhat, gst)
         return returned
 
-    def _calibrated(self, pred: Predictive, e: Tensor, yhat: Tensor, gst: dict[str, Any]) -> Predictive:
+    def _calibrated(self, mean: Tensor, cov: Tensor, e: Tensor, yhat: Tensor, gst: dict[str, Any]) -> Predictive:
         """The step's predictive with its covariance scaled by the scale of :data:`PREDICTIVE_SCALES` whose
         predictive had the lowest cumulative NLL on the samples *before* this one (prequential: the choice never
         sees the sample it predicts); then this sample's NLL under every scale is added to the running sums."""
         nll = gst.get("predictive_nll")
         if nll is None:
             nll = gst["predictive_nll"] = torch.zeros(len(PREDICTIVE_SCALES), dtype=torch.float64,
-                                                      device=pred.mean.device)
-        scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=pred.mean.device)
-        b, c = pred.mean.shape
+                                                      device=mean.device)
+        scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=mean.device)
+        b, c = mean.shape
         # every scale at once, as a batch of len(scales) * b predictions: (scales, b, c)
-        probs = predictive_probs(pred.mean.repeat(len(PREDICTIVE_SCALES), 1),
-                                 (scales.view(-1, 1, 1, 1) * pred.cov).reshape(-1, c, c), "probit").view(-1, b, c)
+        probs = predictive_probs(mean.repeat(len(PREDICTIVE_SCALES), 1),
+                                 (scales.view(-1, 1, 1, 1) * cov).reshape(-1, c, c), "probit").view(-1, b, c)
         best = torch.argmin(nll)  # ties: the first, the filter's own covariance
         y = e.reshape(yhat.shape) + yhat  # the target (one-hot, or the given probabilities)
         nll += -(y * probs.clamp_min(1e-300).log()).sum(dim=(1, 2))
-        return Predictive(pred.mean, scales[best] * pred.cov, probs[best])
+        return Predictive(mean, scales[best] * cov, probs[best])
 
     @property
     def predictive_scale(self) -> float:
@@ -669,12 +703,7 @@ class LoKO(Optimizer):
         """``last_predictive`` from the prior ``H P^- H^T`` of this step (logit observation only)."""
         if self.param_groups[0]["observation"] != "logits":
             return
-        b, c = outputs.shape
-        if b == 1:  # the online protocol's case, without the gather
-            cov = hph.unsqueeze(0)
-        else:
-            idx = torch.arange(b, device=hph.device)
-            cov = hph.reshape(b, c, b, c)[idx, :, idx, :]  # the per-sample diagonal blocks, (b, c, c)
+        cov = _diagonal_blocks(hph, *outputs.shape)
         self.last_predictive = Predictive(outputs, cov, predictive_probs(outputs, cov, "probit"))
 
     def _initial_variances(self, pairs: list[tuple[dict[str, Any], Tensor]], H: list[Tensor], R: Tensor,
@@ -831,16 +860,25 @@ class LoKO(Optimizer):
 
     @torch.no_grad()
     def _update_lowrank(self, pairs: list[tuple[dict[str, Any], Tensor]], rows: list[Tensor], e: Tensor,
-                        yhat: Tensor, gst: dict[str, Any], outputs: Tensor) -> _Pending | None:
-        """One LoFi step over every trainable parameter jointly (see :mod:`kalmanopt.optim.lofi`)."""
+                        yhat: Tensor, gst: dict[str, Any], outputs: Tensor, logit_rows: bool = False
+                        ) -> _Pending | None:
+        """One LoFi step over every trainable parameter jointly (see :mod:`kalmanopt.optim.lofi`).
+
+        ``logit_rows``: ``rows`` are the logits' Jacobian of the softmax observation (no ``"auto"`` prior). The
+        measurement's rows, the softmax's ``Lambda H_z`` per sample, then enter LoFi as the small ``mix`` matrix
+        instead of ``n``-dimensional rows, and the same pass returns the prior logit covariance
+        ``H_z P^- H_z^T`` (``_Pending.logit_cov``) that :meth:`_logit_covariance` would compute: one pass over the
+        state instead of two, the same numbers up to rounding.
+        """
         g0 = self.param_groups[0]
         k = g0["rank"]
         m = e.numel()
-        if not bool(torch.isfinite(e).all()):
+        if not all_finite(e):
             return None
         dtype = torch.float64 if any(state_dtype(p) == torch.float64 for _, p in pairs) else torch.float32
         H = torch.cat([r.reshape(m, -1).to(dtype) for r in rows], dim=1)  # (m, n)
-        if not bool(torch.isfinite(H).all()):
+        # with logit rows: Lambda is finite, and a non-finite H_z makes Lambda H_z non-finite (0 * inf = nan)
+        if not all_finite(H):
             return None
         sizes = [p.numel() for _, p in pairs]
         R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
@@ -853,8 +891,12 @@ class LoKO(Optimizer):
         ups, W, infl, q, live = self._joint_prior(pairs, init, dtype)
         ups, W = lofi.predict(ups, W, infl, q)
         ema = g0["noise"] in ("ema", "ema_diag")
-        res = lofi.update(ups, W, H, L_R, e, prior=g0["observation"] == "logits", posterior=ema)
-        if res is None or not bool(torch.isfinite(torch.cat([res.delta, res.upsilon, res.W.reshape(-1)])).all()):
+        mix = None
+        if logit_rows:  # block-diagonal over the batch: Lambda_b = diag(yhat_b) - yhat_b yhat_b^T
+            mix = torch.block_diag(*(torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)))
+        res = lofi.update(ups, W, H, L_R, e, prior=g0["observation"] == "logits", posterior=ema, mix=mix,
+                          rows_prior=logit_rows)
+        if res is None or not all_finite(res.delta, res.upsilon, res.W):
             return None
         if res.prior_hph is not None:
             self._store_predictive(outputs, res.prior_hph)
@@ -884,7 +926,11 @@ class LoKO(Optimizer):
                 st["W"].copy_(w.view(*p.shape, k))
             self._commit_global(gst, pairs, init, new_r)
 
-        return _Pending(moves, commit)
+        logit_cov = None
+        if logit_rows:
+            b, c = outputs.shape
+            logit_cov = _diagonal_blocks(res.rows_hph, b, c)
+        return _Pending(moves, commit, logit_cov)
 
     def _commit_global(self, gst: dict[str, Any], pairs: list[tuple[dict[str, Any], Tensor]],
                        init: list[float | None], new_r: Tensor | None) -> None:
