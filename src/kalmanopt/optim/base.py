@@ -224,7 +224,9 @@ def check_group_numbers(group: dict[str, Any]) -> list[Tensor]:
     for key, value in group.items():
         if key == "params":
             continue
-        if isinstance(value, float) and not math.isfinite(value):
+        # -inf < x < inf, not math.isfinite: under torch.compile a float that changed between calls (a schedule) is
+        # symbolic, and a comparison is what dynamo can trace (as a guard) without specialising to the value.
+        if isinstance(value, float) and not -math.inf < value < math.inf:
             raise ValueError(f"Invalid {key}: {value!r} in a param group (must be a finite number)")
         if isinstance(value, Tensor) and value.is_floating_point():
             tensors.append(value)
@@ -449,9 +451,13 @@ class KalmanOptimizer(Optimizer):
         device = flags[0].device
         return torch.stack([f.to(device) for f in flags]).all()
 
+    def _distributed(self) -> bool:
+        """Whether the loss statistics are summed over more than one rank (see :meth:`_all_reduce`)."""
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self._process_group) > 1
+
     def _all_reduce(self, values: Tensor) -> Tensor:
         """Sum ``values`` over the data-parallel group when running distributed; identity otherwise."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self._process_group) == 1:
+        if not self._distributed():
             return values
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self._process_group)
@@ -470,9 +476,32 @@ class KalmanOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the filter
     def _ensure_predicted(self) -> None:
+        if torch.compiler.is_compiling():
+            self._init_group()
+        self._predict_pending()
+
+    def _predict_pending(self) -> None:
         gate = self._take_pending_gate()
         if not all(self._group_state(g)["predicted"] for g in self.param_groups):
             self._time_update(gate=_both(gate, self._hyperparameters_ok()), only_pending=True)
+
+    def _init_group(self) -> None:
+        """Create the missing state (groups, and tensors with a gradient) and make the pending prediction.
+
+        Under ``torch.compile`` dynamo runs a method of this name eagerly, while tracing, instead of tracing it (as
+        for ``torch.optim.Adam._init_group``; ``torch._dynamo.variables.optimizer``), and then guards on the state it
+        made. Traced instead, lazy state creation becomes part of the first graph, which guards on the state being
+        empty (``not opt.state``) and fails that guard at the second step: a second compilation. A fresh group's
+        pending prediction (``predicted`` False) is made here too, or the first graph would guard on that flag the
+        same way. Where dynamo cannot intercept the call it traces it: correct, only compiled twice.
+        """
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._group_state(group)
+                for p in group["params"]:
+                    if p.grad is not None and "step" not in self.state[p]:
+                        self._init_state(group, p)
+            self._predict_pending()
 
     def _time_update(self, gate: Tensor | None, only_pending: bool = False) -> None:
         for group in self.param_groups:

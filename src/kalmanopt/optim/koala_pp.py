@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _docs, _koala_pp_fused
+from . import _docs, _koala_pp_fused, _koala_pp_op
 from ._reductions import dots, squared_norms
 from ._sharding import reduce_if
 from .base import GradBucket, KalmanOptimizer, StateSpec, _check_number, _is_dtensor, state_dtype
@@ -256,6 +256,14 @@ class KOALAPlusPlus(KalmanOptimizer):
         recorded = self.__dict__.get("_diagnostics", {})
         return [_materialise(recorded.get(i, {})) for i in range(len(self.param_groups))]
 
+    def _init_group(self) -> None:
+        super()._init_group()
+        # What a compiled step records into (see _fused_step), with every group's key already there: the graph
+        # guards on the keys it saw, which then do not change.
+        recorded = self.__dict__.setdefault("_diagnostics", {})
+        for index in range(len(self.param_groups)):
+            recorded.setdefault(index, {})
+
     # ------------------------------------------------------------------ the fused path
     def _fused_group(self, group: dict[str, Any]) -> bool:
         """Whether this group's step may run on the fused kernel: ``fused=True``, or by default (``fused`` and
@@ -266,24 +274,27 @@ class KOALAPlusPlus(KalmanOptimizer):
             return False
         if fused is None and group["foreach"] is not None:
             return False
-        return _koala_pp_fused.load() is not None
+        return _koala_pp_op.available()
 
     def _measure(self, measured: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
         # The fused kernel takes the whole step when every group can (Python-number hyperparameters, CPU tensors);
-        # otherwise the multi-tensor path does, with the same semantics. Under torch.compile: the traceable path.
+        # otherwise the multi-tensor path does, with the same semantics. Under torch.compile the kernel runs as the
+        # custom operator kalmanopt::koala_pp_fused_step, one opaque node of the graph.
         moments = self._all_reduce(loss_moments(measured))
-        if hyper_ok is None and not torch.compiler.is_compiling() and self._fused_step(moments, given=False):
+        # Compiled and not distributed, the operator forms the moments itself, as this eager step does: inductor's
+        # sum of the losses would round differently (unused, the traced moments are then dropped from the graph).
+        loss = measured if torch.compiler.is_compiling() and not self._distributed() else None
+        if hyper_ok is None and self._fused_step(moments, given=False, loss=loss):
             return None
         return self._measurement_update(moments[0] / moments[2],
                                         lambda group: loss_statistic(moments, group["r_stat"]), hyper_ok)
 
     def _measure_given(self, loss_mean: Tensor, statistic: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
-        if hyper_ok is None and not torch.compiler.is_compiling() \
-                and self._fused_step(torch.stack([loss_mean, statistic.to(loss_mean)]), given=True):
+        if hyper_ok is None and self._fused_step(torch.stack([loss_mean, statistic.to(loss_mean)]), given=True):
             return None
         return super()._measure_given(loss_mean, statistic, hyper_ok)
 
-    def _fused_step(self, measurement: Tensor, given: bool) -> bool:
+    def _fused_step(self, measurement: Tensor, given: bool, loss: Tensor | None = None) -> bool:
         """The whole measurement update on the fused kernel; False (nothing done) where it cannot run.
 
         Same semantics as :meth:`KalmanOptimizer._measurement_update` followed by :func:`koala_pp`: every guard is
@@ -293,14 +304,12 @@ class KOALAPlusPlus(KalmanOptimizer):
         groups = self.param_groups
         if not all(self._fused_group(g) for g in groups):
             return False
-        library = _koala_pp_fused.load()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if not (_cpu_scalar(grad_scale) and _cpu_scalar(found_inf)):
             return False
         if measurement.dtype not in _KINDS or measurement.device.type != "cpu":
             return False
         measurement = measurement.contiguous()
-        kind = _KINDS[measurement.dtype] + (2 if given else 0)
         dtype, params, grads, numels, tensors, shared, first, hyper, members = None, [], [], [], [], [], [0], [], []
         storage = None  # the per-element state's dtype: one kernel variant per call
         for group in groups:
@@ -327,8 +336,8 @@ class KOALAPlusPlus(KalmanOptimizer):
                     storage = st["gain"].dtype
                 if st["gain"].dtype != storage:  # e.g. groups of different state_dtype: the multi-tensor path
                     return False
-                params.append(p.data_ptr())
-                grads.append(grad.data_ptr())
+                params.append(p)
+                grads.append(grad)
                 numels.append(p.numel())
                 tensors += [st.get(key) for key in _STATE_KEYS]
                 count += 1
@@ -343,30 +352,63 @@ class KOALAPlusPlus(KalmanOptimizer):
         if dtype is None:
             dtype = state_dtype(groups[0]["params"][0])
         storage = storage or dtype
-        suffix = _koala_pp_fused.SUFFIXES.get((str(dtype).removeprefix("torch."), str(storage).removeprefix("torch.")))
+        suffix = _koala_pp_op.SUFFIXES.get((dtype, storage))
         if suffix is None:
             return False
         n, n_groups = first[-1], len(groups)
-        state_arrays = self._fused_plan(dtype, storage, tensors + shared, numels, first)
-        if state_arrays is None:
-            return False
-        work = self.__dict__.get("_fused_work")
-        if work is None or len(work) < 5 * n + 2 * n_groups:
-            work = self.__dict__["_fused_work"] = (ctypes.c_double * (5 * n + 2 * n_groups))()
-        out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
-        step = getattr(library, f"koala_pp_step_{suffix}")
-        scale = None if grad_scale is None else grad_scale.data_ptr()
-        inf = None if found_inf is None else found_inf.data_ptr()
-        group_arrays, first_array, tensor_arrays, numel_array = state_arrays
-        step(n_groups, _array(hyper, ctypes.c_double), *group_arrays, first_array, _array(params), _array(grads),
-             *tensor_arrays, numel_array, measurement.data_ptr(), kind, scale, inf, work, out.data_ptr(),
-             torch.get_num_threads())
-        recorded = self.__dict__.setdefault("_diagnostics", {})
-        start = 0
-        for index, count in enumerate(members):
-            recorded[index] = (out, n, start, start + count, 4 * n + index) if count else {"loss": out[-1]}
-            start += count
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            kind = _koala_pp_op.GIVEN if given else _koala_pp_op.MOMENTS if loss is None else _koala_pp_op.LOSS
+            out = self._fused_op(tensors, shared, params, grads, first, hyper,
+                                 measurement if loss is None else loss, kind, grad_scale, found_inf, dtype)
+            if out is None:
+                return False
+        else:
+            state_arrays = self._fused_plan(dtype, storage, tensors + shared, numels, first)
+            if state_arrays is None:
+                return False
+            work = self.__dict__.get("_fused_work")
+            if work is None or len(work) < 5 * n + 2 * n_groups:
+                work = self.__dict__["_fused_work"] = (ctypes.c_double * (5 * n + 2 * n_groups))()
+            out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
+            step = getattr(_koala_pp_fused.load(), f"koala_pp_step_{suffix}")
+            scale = None if grad_scale is None else grad_scale.data_ptr()
+            inf = None if found_inf is None else found_inf.data_ptr()
+            group_arrays, first_array, tensor_arrays, numel_array = state_arrays
+            step(n_groups, _array(hyper, ctypes.c_double), *group_arrays, first_array,
+                 _array([p.data_ptr() for p in params]), _array([g.data_ptr() for g in grads]), *tensor_arrays,
+                 numel_array, measurement.data_ptr(), _KINDS[measurement.dtype] + (2 if given else 0), scale, inf,
+                 work, out.data_ptr(), torch.get_num_threads())
+        # Compiled: the dict _init_group made, changed in place (dynamo replays that after the graph; an attribute
+        # store on an optimizer it drops).
+        recorded = getattr(self, "_diagnostics", None) if compiling else self.__dict__.setdefault("_diagnostics", {})
+        if recorded is not None:
+            start = 0
+            for index, count in enumerate(members):
+                recorded[index] = (out, n, start, start + count, 4 * n + index) if count else {"loss": out[-1]}
+                start += count
         return True
+
+    @staticmethod
+    def _fused_op(tensors: list[Tensor | None], shared: list[Tensor], params: list[Tensor], grads: list[Tensor],
+                  first: list[int], hyper: list[float], measurement: Tensor, kind: int, grad_scale: Tensor | None,
+                  found_inf: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """The compiled step's call of the kernel: the custom operator, which dynamo and inductor do not trace.
+
+        The operator checks every tensor it writes through when it runs; here, while tracing, what the eager
+        path's plan declines without raising is declined too (R or a counter of another dtype: None).
+        """
+        n_groups, width = len(first) - 1, len(_STATE_KEYS)
+        if any(t.dtype != want for t, want in zip(shared, [dtype, torch.int64, torch.int64] * n_groups, strict=True)):
+            return None
+        state = []  # each tensor's state, the optional buffers only where its group uses them (the op's layout)
+        for j in range(n_groups):
+            flags = int(hyper[_koala_pp_op.NHP * j + _koala_pp_op.HP_FLAGS])
+            for i in range(first[j], first[j + 1]):
+                state += [t for t, key in zip(tensors[i * width:(i + 1) * width], _STATE_KEYS, strict=True)
+                          if _koala_pp_op.uses(key, flags)]
+        return _koala_pp_op.fused_step(params, grads, state + shared, first, hyper, measurement, kind, grad_scale,
+                                       found_inf)
 
     def _fused_plan(self, dtype: torch.dtype, storage: torch.dtype, tensors: list[Tensor | None], numels: list[int],
                     first: list[int]) -> tuple | None:
@@ -760,10 +802,9 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
 
 
 # ---------------------------------------------------------------------------------------------- fused-path helpers
-_KINDS = {torch.float32: 0, torch.float64: 1}  # the kernel's measurement kinds: moments (+2: mean, statistic)
+_KINDS = _koala_pp_op.KINDS  # the kernel's measurement kinds: moments (+2: mean, statistic)
 # per-tensor state, in the kernel's argument order; None where the option is off
-_STATE_KEYS = ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer", "prev_S", "prev_grad_sq", "prev_grad_v",
-               "prev_q", "step")
+_STATE_KEYS = _koala_pp_op.STATE_KEYS
 _FLAGS = {"symmetric": 1, "precondition": 2, "momentum": 4}
 _R_STATS = {name: code for code, name in enumerate(R_STATISTICS)}
 

@@ -1,0 +1,185 @@
+"""KOALA++ under torch.compile: the fused kernel as the custom operator kalmanopt::koala_pp_fused_step."""
+
+import pytest
+import torch
+from torch._inductor.compile_fx import compile_fx
+
+from kalmanopt import KOALAPlusPlus
+from kalmanopt.optim import _koala_pp_fused, _koala_pp_op
+
+from conftest import skipped_steps
+
+needs_kernel = pytest.mark.skipif(_koala_pp_fused.load() is None,
+                                  reason=f"no fused kernel here: {_koala_pp_fused.unavailable_reason()}")
+
+SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (16, 8), (3000,)]  # 3000: several of the kernel's blocks
+OP = torch.ops.kalmanopt.koala_pp_fused_step.default
+
+
+class Graphs:
+    """An inductor backend that keeps every graph dynamo hands it: one graph per compilation."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    def targets(self):
+        return [node.target for gm in self.graphs for node in gm.graph.nodes if node.op == "call_function"]
+
+
+def _params(gen, dtype):
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def _train(opt, params, gen, steps, step, *, first=0, scaler=False, dtype=torch.float32):
+    """Steps ``first .. steps - 1`` of a fixed sequence: a NaN loss at step 3 (skipped), with ``scaler``
+    GradScaler's scale and found-inf flag (an overflow at step 4)."""
+    for k in range(first, steps):
+        for p in params:
+            g = torch.randn(p.shape, generator=gen, dtype=dtype)
+            p.grad = (1024.0 * g if scaler else g) if p.grad is None else 0.6 * p.grad + 0.4 * g
+        losses = torch.rand(8, generator=gen, dtype=dtype) + 0.5
+        if k == 3:
+            losses[2] = float("nan")
+        if scaler:
+            opt.grad_scale = torch.tensor(1024.0)
+            opt.found_inf = torch.tensor(1.0 if k == 4 else 0.0)
+        step(losses)
+
+
+def _run(compiled, kwargs, *, steps=7, scaler=False, dtype=torch.float32, backend=None):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    params = _params(gen, dtype)
+    opt = KOALAPlusPlus(params, **kwargs)
+
+    def step(losses):
+        opt.step(loss=losses)
+
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend=backend or Graphs())
+    _train(opt, params, gen, steps, step, scaler=scaler, dtype=dtype)
+    return params, opt
+
+
+def _assert_identical(run_a, run_b):
+    """Parameters, every state tensor and the diagnostics, bit for bit."""
+    (pa, oa), (pb, ob) = run_a, run_b
+    for a, b in zip(pa, pb, strict=True):
+        assert torch.equal(a, b)
+        sa, sb = oa.state[a], ob.state[b]
+        assert sa.keys() == sb.keys()
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sb[key]), key
+    for da, db in zip(oa.diagnostics(), ob.diagnostics(), strict=True):
+        assert da.keys() == db.keys()
+        for key in da:
+            assert torch.equal(da[key], db[key]), key
+
+
+@needs_kernel
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad_scaler"])
+def test_compiled_step_is_one_fused_op_call_and_matches_eager_bit_for_bit(scaler):
+    eager = _run(False, {"lr": 0.5, "weight_decay": 1e-3}, scaler=scaler)
+    graphs = Graphs()
+    compiled = _run(True, {"lr": 0.5, "weight_decay": 1e-3}, scaler=scaler, backend=graphs)
+    # One compilation for all seven steps (the first one included: the state is made before tracing, see
+    # KalmanOptimizer._init_group), and the step in it is the kernel, not a traced multi-tensor graph.
+    assert len(graphs.graphs) == 1
+    targets = graphs.targets()
+    assert targets.count(OP) == 1
+    assert not any("foreach" in str(t) for t in targets)
+    _assert_identical(eager, compiled)
+    assert skipped_steps(compiled[1]) == (2 if scaler else 1)
+
+
+@needs_kernel
+def test_compiled_options_float64_and_bfloat16_state():
+    """The kernel's other variants and options (no metric, no momentum, a cap, fixed R) through the operator."""
+    for kwargs, dtype in (({"lr": 0.4, "momentum": 0.0, "precondition": False, "r": 0.2, "max_step": 0.05},
+                           torch.float64),
+                          ({"lr": 0.5, "preset": "paper", "weight_decay": 1e-2}, torch.float64),
+                          ({"lr": 0.5, "state_dtype": torch.bfloat16}, torch.float32)):
+        graphs = Graphs()
+        compiled = _run(True, kwargs, steps=5, dtype=dtype, backend=graphs)
+        assert graphs.targets().count(OP) == 1
+        _assert_identical(_run(False, kwargs, steps=5, dtype=dtype), compiled)
+
+
+@needs_kernel
+def test_state_dict_round_trip_after_compiled_steps():
+    kwargs = {"lr": 0.5}
+    whole = _run(False, kwargs, steps=6)
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    params = _params(gen, torch.float32)
+    opt = KOALAPlusPlus(params, **kwargs)
+    step = torch.compile(lambda losses: opt.step(loss=losses), fullgraph=True, backend=Graphs())
+    _train(opt, params, gen, 3, step)
+    saved = opt.state_dict()
+    # a fresh optimizer from the checkpoint, compiled afresh
+    resumed = KOALAPlusPlus(params, **kwargs)
+    resumed.load_state_dict(saved)
+    step = torch.compile(lambda losses: resumed.step(loss=losses), fullgraph=True, backend=Graphs())
+    _train(resumed, params, gen, 6, step, first=3)
+    _assert_identical(whole, (params, resumed))
+
+
+@needs_kernel
+def test_float_lr_schedule_matches_eager_and_tensor_lr_compiles_once():
+    """As with torch.optim: a float lr is a constant of the graph, so each new value compiles again (a scheduler's
+    patched ``step`` also breaks the graph, so no fullgraph); a tensor lr is an input of one graph (it takes the
+    multi-tensor path, with the same results up to rounding)."""
+    runs = {}
+    for name, compiled, lr in (("eager", False, 0.5), ("float", True, 0.5), ("tensor", True, torch.tensor(0.5))):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        gen = torch.Generator().manual_seed(1)
+        params = _params(gen, torch.float32)[:2]
+        opt = KOALAPlusPlus(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.8 ** k)
+
+        def step(losses, opt=opt):
+            opt.step(loss=losses)
+
+        if compiled:  # aot_eager: the graphs are what is tested here, not inductor's code
+            step = torch.compile(step, backend="aot_eager")
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            step(torch.rand(4, generator=gen) + 0.5)
+            schedule.step()
+        runs[name] = ([p.detach().clone() for p in params], torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert all(torch.equal(a, b) for a, b in zip(runs["eager"][0], runs["float"][0], strict=True))
+    assert runs["float"][1] >= 4  # one graph per lr value (behind the scheduler's graph break)
+    for a, b in zip(runs["eager"][0], runs["tensor"][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    tensor_graphs = runs["tensor"][1]
+    assert tensor_graphs <= 2  # the graph before and after the scheduler's break, whatever the lr
+
+
+@needs_kernel
+def test_operator_rejects_state_it_cannot_write_through():
+    gen = torch.Generator().manual_seed(0)
+    params = _params(gen, torch.float32)[:2]
+    opt = KOALAPlusPlus(params, lr=0.5)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step(loss=torch.tensor(1.0))
+    state = [opt.state[p][key] for p in params for key in _koala_pp_op.STATE_KEYS]  # metric and momentum on
+    group = opt.state[params[0]]
+    shared = [group["measurement_noise"], group["skipped_steps"], group["noise_updates"]]
+    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0]
+    grads = [p.grad for p in params]
+    measurement = torch.tensor([1.0, 1.0, 1.0])  # moments (kind 0)
+    bad = list(state)
+    bad[1] = torch.zeros(5)  # the gain, of the wrong size
+    with pytest.raises(ValueError, match="gain"):
+        _koala_pp_op.fused_step(params, grads, bad + shared, [0, 2], hyper, measurement, 0, None, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        _koala_pp_op.fused_step(params, grads, state + shared, [0, 1], hyper, measurement, 0, None, None)
+    _koala_pp_op.fused_step(params, grads, state + shared, [0, 2], hyper, measurement, 0, None, None)
