@@ -122,6 +122,12 @@ def _sym_solve(L: Tensor, b: Tensor) -> Tensor:
     return torch.cholesky_solve(b, L)
 
 
+def _conjugate(A: Tensor, B: Tensor, k: int) -> Tensor:
+    """``E A E^T`` with ``E = diag(I_k, B)``, by blocks (the ``k x k`` block is ``A``'s, exactly)."""
+    right = torch.cat([A[:, :k], A[:, k:] @ B.T], dim=1)  # A E^T
+    return torch.cat([right[:k], B @ right[k:]], dim=0)
+
+
 def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, prior: bool = True,
            posterior: bool = True, mix: Tensor | None = None, rows_prior: bool = False) -> LofiUpdate | None:
     r"""Measurement update of the precision ``diag(upsilon) + W W^T`` (see the module docs).
@@ -154,8 +160,7 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     U = Wz / upsilon.unsqueeze(1)  # Upsilon^{-1} Wz
     Tz = (Wz.T @ U).to(f64)  # Wz^T Upsilon^{-1} Wz
     Tz = 0.5 * (Tz + Tz.T)
-    E = torch.block_diag(torch.eye(k, dtype=f64, device=H.device), B)
-    T = E @ Tz @ E.T  # W~^T Upsilon^{-1} W~ (its W-block is Tz's, exactly)
+    T = _conjugate(Tz, B, k)  # W~^T Upsilon^{-1} W~
     T = 0.5 * (T + T.T)
     eye = torch.eye(k + m, dtype=f64, device=H.device)
     L_M, info = torch.linalg.cholesky_ex(eye + T)
@@ -165,7 +170,8 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     t_e = T[:, k:] @ e_w
     coef = -_sym_solve(L_M, t_e.unsqueeze(1)).squeeze(1)
     coef[k:] += e_w
-    delta = U @ (E.T @ coef).to(U.dtype)
+    coef_z = torch.cat([coef[:k], B.T @ coef[k:]])  # E^T coef
+    delta = U @ coef_z.to(U.dtype)
     # quadratic forms in the outputs, read off T: H Upsilon^{-1} H^T = L_R T_gg L_R^T, H Upsilon^{-1} W = L_R T_gw
     T_gg = T[k:, k:]
     prior_hph = post_hph = h_delta = rows_hph = None
@@ -186,9 +192,10 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
         h_delta = chol_R @ (T[k:, :] @ coef)
     # truncation: rotate W~ onto the eigenvectors of its Gram matrix, keep the k largest (one product: the kept
     # columns and the dropped ones side by side)
-    gram = E @ (Wz.T @ Wz).to(f64) @ E.T
+    gram = _conjugate((Wz.T @ Wz).to(f64), B, k)
     _, V = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
-    rotated = Wz @ (E.T @ V.flip(1)).to(W.dtype)  # W~ V, columns by decreasing eigenvalue
+    V = V.flip(1)  # by decreasing eigenvalue
+    rotated = Wz @ torch.cat([V[:k], B.T @ V[k:]]).to(W.dtype)  # W~ V = Wz (E^T V)
     W_new = rotated[:, :k]
     ups_new = upsilon + rotated[:, k:].square().sum(1)
     return LofiUpdate(delta, ups_new, W_new, prior_hph, post_hph, h_delta, rows_hph)

@@ -96,7 +96,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -135,7 +134,8 @@ def one_hot_target(target: Tensor, outputs: Tensor) -> Tensor:
         labels = target.to(device=outputs.device, dtype=torch.int64)
         if b and not bool(((labels >= 0) & (labels < c)).all()):  # LoKO synchronises anyway
             raise ValueError(f"target holds class indices outside [0, {c}) for outputs with {c} classes")
-        return F.one_hot(labels, c).to(torch.float64)
+        # = F.one_hot(labels, c) in float64, without its second range check (a host sync)
+        return torch.zeros((b, c), dtype=torch.float64, device=outputs.device).scatter_(1, labels.unsqueeze(1), 1.0)
     if target.dim() == 1 and target.shape != outputs.shape:
         raise ValueError(f"target of shape ({b},) must hold integer class indices, got dtype {target.dtype} "
                          f"(probabilities have shape ({b}, {c}))")
@@ -323,6 +323,12 @@ class Predictive(NamedTuple):
     probs: Tensor
 
 
+def probit(mu: Tensor, var: Tensor) -> Tensor:
+    """The multiclass probit of :func:`predictive_probs` from the logits' means and (clamped) variances
+    ``(..., c)``, softmax over the last dimension."""
+    return torch.softmax(mu / torch.sqrt(1.0 + (math.pi / 8.0) * var), dim=-1)
+
+
 def predictive_probs(mean: Tensor, cov: Tensor, method: str = "probit", *, samples: int = 1000,
                      generator: torch.Generator | None = None) -> Tensor:
     r"""Class probabilities of logits :math:`f \sim \mathcal{N}(\mu, \Sigma)`, per sample (float64).
@@ -354,7 +360,7 @@ def predictive_probs(mean: Tensor, cov: Tensor, method: str = "probit", *, sampl
     if method == "plugin":
         return torch.softmax(mu, dim=1)
     if method == "probit":
-        return torch.softmax(mu / torch.sqrt(1.0 + (math.pi / 8.0) * var), dim=1)
+        return probit(mu, var)
     if method == "mc":
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"Invalid samples: {samples!r} (a positive int)")
@@ -642,10 +648,10 @@ class LoKO(Optimizer):
             nll = gst["predictive_nll"] = torch.zeros(len(PREDICTIVE_SCALES), dtype=torch.float64,
                                                       device=mean.device)
         scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=mean.device)
-        b, c = mean.shape
-        # every scale at once, as a batch of len(scales) * b predictions: (scales, b, c)
-        probs = predictive_probs(mean.repeat(len(PREDICTIVE_SCALES), 1),
-                                 (scales.view(-1, 1, 1, 1) * cov).reshape(-1, c, c), "probit").view(-1, b, c)
+        # every scale at once, (scales, b, c): the probit reads only the diagonal of each scaled covariance, and
+        # the diagonal of s * cov is s * diag(cov), entry for entry
+        var = (scales.view(-1, 1, 1) * torch.diagonal(cov.to(torch.float64), dim1=1, dim2=2)).clamp_min(0.0)
+        probs = probit(mean.detach().to(torch.float64), var)
         best = torch.argmin(nll)  # ties: the first, the filter's own covariance
         y = e.reshape(yhat.shape) + yhat  # the target (one-hot, or the given probabilities)
         nll += -(y * probs.clamp_min(1e-300).log()).sum(dim=(1, 2))
@@ -669,8 +675,9 @@ class LoKO(Optimizer):
         parameters are restored from copies and no state is written): the sample counts as skipped.
         """
         saved = [p.detach().clone() for p, _ in pending.moves]
-        for p, d in pending.moves:
-            p.add_(d)
+        params, steps = [p for p, _ in pending.moves], [d for _, d in pending.moves]
+        if params:
+            torch._foreach_add_(params, steps)  # = p.add_(d) for each, in one dispatch
         after = forward_fn()
         if not isinstance(after, Tensor) or after.shape != before.shape:
             for (p, _), old in zip(pending.moves, saved, strict=True):
@@ -683,9 +690,9 @@ class LoKO(Optimizer):
                 p.copy_(old)
             return None
         if moved > trust:
-            scale = trust / moved
-            for (p, d), old in zip(pending.moves, saved, strict=True):
-                p.copy_(old).add_(d, alpha=scale)
+            if params:
+                torch._foreach_copy_(params, saved)
+                torch._foreach_add_(params, steps, alpha=trust / moved)  # = p.copy_(old).add_(d, alpha=...)
             self.trust_scaled_steps += 1
         pending.moves = []  # applied
         return pending
@@ -893,7 +900,8 @@ class LoKO(Optimizer):
         ema = g0["noise"] in ("ema", "ema_diag")
         mix = None
         if logit_rows:  # block-diagonal over the batch: Lambda_b = diag(yhat_b) - yhat_b yhat_b^T
-            mix = torch.block_diag(*(torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)))
+            lam = torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)
+            mix = lam[0] if lam.shape[0] == 1 else torch.block_diag(*lam)
         res = lofi.update(ups, W, H, L_R, e, prior=g0["observation"] == "logits", posterior=ema, mix=mix,
                           rows_prior=logit_rows)
         if res is None or not all_finite(res.delta, res.upsilon, res.W):
@@ -914,6 +922,7 @@ class LoKO(Optimizer):
                  for (_, p), d, ok in zip(pairs, res.delta.split(sizes), live, strict=True) if ok]
 
         def commit() -> None:
+            dst, src = [], []
             for (_, p), u, w, ok in zip(pairs, res.upsilon.split(sizes), res.W.split(sizes, dim=0), live,
                                         strict=True):
                 if not ok:
@@ -922,8 +931,10 @@ class LoKO(Optimizer):
                 if "upsilon" not in st:
                     st["upsilon"] = torch.empty(p.shape, dtype=state_dtype(p), device=p.device)
                     st["W"] = torch.empty((*p.shape, k), dtype=state_dtype(p), device=p.device)
-                st["upsilon"].copy_(u.view(p.shape))
-                st["W"].copy_(w.view(*p.shape, k))
+                dst += [st["upsilon"], st["W"]]
+                src += [u.view(p.shape), w.view(*p.shape, k)]
+            if dst:
+                torch._foreach_copy_(dst, src)  # = copy_ for each, in one dispatch
             self._commit_global(gst, pairs, init, new_r)
 
         logit_cov = None
