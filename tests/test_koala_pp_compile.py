@@ -183,3 +183,28 @@ def test_operator_rejects_state_it_cannot_write_through():
     with pytest.raises(ValueError, match="do not fit"):
         _koala_pp_op.fused_step(params, grads, state + shared, [0, 1], hyper, measurement, 0, None, None)
     _koala_pp_op.fused_step(params, grads, state + shared, [0, 2], hyper, measurement, 0, None, None)
+
+
+@needs_kernel
+def test_compiled_update_matches_eager_bit_for_bit():
+    """The predict/update interface: update(mean, statistic) runs the kernel on the given measurement."""
+    runs, graphs = [], Graphs()
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        gen = torch.Generator().manual_seed(4)
+        params = _params(gen, torch.float32)
+        opt = KOALAPlusPlus(params, lr=0.5)
+
+        def update(mean, statistic, opt=opt):
+            opt.update(mean, statistic)
+
+        if compiled:
+            update = torch.compile(update, fullgraph=True, backend=graphs)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            losses = torch.rand(8, generator=gen) + 0.5
+            update(losses.mean(), losses.square().mean())
+        runs.append((params, opt))
+    assert len(graphs.graphs) == 1 and graphs.targets().count(OP) == 1
+    _assert_identical(*runs)

@@ -381,7 +381,7 @@ class KalmanOptimizer(Optimizer):
             raise TypeError(_NO_LOSS_MESSAGE.format(name=type(self).__name__))
         hyper_ok = self._hyperparameters_ok()  # raises on a non-finite number before anything is written
         with torch.no_grad():
-            self._ensure_predicted()
+            self._ensure_predicted(ends_predicted=True)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -433,7 +433,7 @@ class KalmanOptimizer(Optimizer):
             raise ValueError(f"loss_var must be non-negative, got {loss_var}")
         hyper_ok = self._hyperparameters_ok()
         with torch.no_grad():
-            self._ensure_predicted()
+            self._ensure_predicted(ends_predicted=False)
             mean, var, ranks = self._all_reduce(torch.stack([mean, var.to(mean), torch.ones_like(mean)])).unbind(0)
             ok = self._measure_given(mean / ranks, var / ranks, hyper_ok)
         # The next prediction (explicit, or the one step()/update() make first) is gated by this outcome: after a
@@ -475,9 +475,11 @@ class KalmanOptimizer(Optimizer):
         return torch.tensor(float(value), dtype=torch.float64)
 
     # ------------------------------------------------------------------ the filter
-    def _ensure_predicted(self) -> None:
+    def _ensure_predicted(self, *, ends_predicted: bool) -> None:
+        """Make the pending prediction; ``ends_predicted``: whether the caller leaves the filter predicted (step()
+        does, update() does not), which is what the next call will find."""
         if torch.compiler.is_compiling():
-            self._init_group()
+            self._init_group(ends_predicted)
         self._predict_pending()
 
     def _predict_pending(self) -> None:
@@ -485,15 +487,18 @@ class KalmanOptimizer(Optimizer):
         if not all(self._group_state(g)["predicted"] for g in self.param_groups):
             self._time_update(gate=_both(gate, self._hyperparameters_ok()), only_pending=True)
 
-    def _init_group(self) -> None:
-        """Create the missing state (groups, and tensors with a gradient) and make the pending prediction.
+    def _init_group(self, predict: bool) -> None:
+        """Create the missing state (groups, and tensors with a gradient); with ``predict``, make the pending
+        prediction too.
 
         Under ``torch.compile`` dynamo runs a method of this name eagerly, while tracing, instead of tracing it (as
         for ``torch.optim.Adam._init_group``; ``torch._dynamo.variables.optimizer``), and then guards on the state it
         made. Traced instead, lazy state creation becomes part of the first graph, which guards on the state being
-        empty (``not opt.state``) and fails that guard at the second step: a second compilation. A fresh group's
-        pending prediction (``predicted`` False) is made here too, or the first graph would guard on that flag the
-        same way. Where dynamo cannot intercept the call it traces it: correct, only compiled twice.
+        empty (``not opt.state``) and fails that guard at the second step: a second compilation. The graph also
+        guards on each group's ``predicted`` flag, so the first call has to find it as every later call will:
+        ``step()`` ends predicted, so the pending prediction of a fresh state is made here (``predict``);
+        ``update()`` ends unpredicted, so its graph makes the prediction itself. Where dynamo cannot intercept the
+        call it traces it: correct, only compiled twice.
         """
         with torch.no_grad():
             for group in self.param_groups:
@@ -501,7 +506,8 @@ class KalmanOptimizer(Optimizer):
                 for p in group["params"]:
                     if p.grad is not None and "step" not in self.state[p]:
                         self._init_state(group, p)
-            self._predict_pending()
+            if predict:
+                self._predict_pending()
 
     def _time_update(self, gate: Tensor | None, only_pending: bool = False) -> None:
         for group in self.param_groups:

@@ -121,10 +121,13 @@ class KOALAPlusPlus(KalmanOptimizer):
         fused (bool, optional): the whole step in one compiled CPU kernel: one reduction pass and one element-wise
             pass per tensor (see :mod:`kalmanopt.optim._koala_pp_fused`). ``None`` (default): used when ``foreach``
             is also ``None``, ``block="tensor"``, the parameters are dense float32/float64 CPU tensors, every
-            hyperparameter is a Python number, the step is not being compiled, and a C compiler built the kernel
-            (about a second, once per machine, cached); otherwise the multi-tensor path runs, with the same results
-            up to rounding. ``True`` raises where the kernel cannot be used (CUDA, DTensors, ``block="group"``).
-            ``update()`` and ``step()`` both use it.
+            hyperparameter is a Python number, and a C compiler built the kernel (about a second, once per machine,
+            cached); otherwise the multi-tensor path runs, with the same results up to rounding. ``True`` raises
+            where the kernel cannot be used (CUDA, DTensors, ``block="group"``). ``update()`` and ``step()`` both
+            use it. Under ``torch.compile`` (``fullgraph=True`` too) the kernel runs as the custom operator
+            ``torch.ops.kalmanopt.koala_pp_fused_step``, one opaque node of the graph, with the eager step's results
+            bit for bit; as with ``torch.optim``, a float ``lr`` is a constant of the compiled graph (a scheduler's
+            new value compiles again) and a tensor ``lr`` takes the multi-tensor path.
         state_dtype (torch.dtype or None, optional): how the four per-element state tensors (previous gradient,
             gain numerator, second moment, momentum buffer) are stored. ``None`` (default): in the compute dtype
             (float32, or float64 for float64 parameters). ``torch.bfloat16``: half the state memory and less memory
@@ -256,8 +259,8 @@ class KOALAPlusPlus(KalmanOptimizer):
         recorded = self.__dict__.get("_diagnostics", {})
         return [_materialise(recorded.get(i, {})) for i in range(len(self.param_groups))]
 
-    def _init_group(self) -> None:
-        super()._init_group()
+    def _init_group(self, predict: bool) -> None:
+        super()._init_group(predict)
         # What a compiled step records into (see _fused_step), with every group's key already there: the graph
         # guards on the keys it saw, which then do not change.
         recorded = self.__dict__.setdefault("_diagnostics", {})
