@@ -208,3 +208,13 @@ def test_compiled_update_matches_eager_bit_for_bit():
         runs.append((params, opt))
     assert len(graphs.graphs) == 1 and graphs.targets().count(OP) == 1
     _assert_identical(*runs)
+
+
+@needs_kernel
+def test_a_process_whose_first_step_is_compiled_uses_the_kernel(monkeypatch):
+    """Whether the kernel is built is settled before tracing (the build cannot be traced), not only by an eager
+    step run earlier."""
+    monkeypatch.setattr(_koala_pp_op, "_built", None)
+    graphs = Graphs()
+    _run(True, {"lr": 0.5}, steps=2, backend=graphs)
+    assert graphs.targets().count(OP) == 1

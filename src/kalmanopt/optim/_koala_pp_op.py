@@ -24,7 +24,7 @@ from . import _koala_pp_fused
 from .noise import loss_moments
 
 __all__ = ["GIVEN", "HP_FLAGS", "KINDS", "LOSS", "MOMENTS", "NAME", "NHP", "STATE_KEYS", "SUFFIXES", "available",
-           "fused_step", "uses"]
+           "build", "fused_step", "uses"]
 
 NAME = "kalmanopt::koala_pp_fused_step"
 #: the kernel's measurement kinds by the measurement's dtype (+2: the mean and the statistic are given, ``update()``)
@@ -51,11 +51,24 @@ def uses(key: str, flags: int) -> bool:
     return bit is None or bool(flags & bit)
 
 
-@torch.compiler.assume_constant_result
+_built: bool | None = None  # what build() found (None: not asked yet)
+
+
+def build() -> bool:
+    """Whether the kernel is built, building it at the first call in a process (cached per machine)."""
+    global _built
+    _built = _koala_pp_fused.load() is not None
+    return _built
+
+
 def available() -> bool:
-    """Whether the kernel is built (building it at the first call). Under torch.compile it is evaluated once, while
-    tracing, and the graph holds its answer: the build (a subprocess, a lock) is nothing dynamo can trace."""
-    return _koala_pp_fused.load() is not None
+    """:func:`build`, except while dynamo traces: then what it last found (not asked yet: False). The build, a
+    subprocess under a lock, is nothing dynamo can trace; :meth:`KOALAPlusPlus._init_group`, which dynamo runs
+    before tracing, calls :func:`build`. (Not ``torch.compiler.assume_constant_result``: that imports dynamo, a second
+    at every ``import kalmanopt``.)"""
+    if torch.compiler.is_compiling():
+        return bool(_built)
+    return build()
 
 
 def _array(values: list, ctype: Any = ctypes.c_void_p) -> Any:

@@ -261,6 +261,7 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     def _init_group(self, predict: bool) -> None:
         super()._init_group(predict)
+        _koala_pp_op.build()  # the kernel built (or not) before tracing: the build cannot be traced
         # What a compiled step records into (see _fused_step), with every group's key already there: the graph
         # guards on the keys it saw, which then do not change.
         recorded = self.__dict__.setdefault("_diagnostics", {})
