@@ -196,6 +196,22 @@ def test_lofi_update_with_mix_equals_the_mixed_rows():
     torch.testing.assert_close(res.rows_hph, H @ prior @ H.T, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_directions_without_information_are_exact_zeros(dtype):
+    """While the information gathered has rank < k, the unfilled columns of W are exactly zero (their exact value),
+    not rounding noise: noise whose products underflow to subnormals made the first steps 5-10x slower."""
+    from kalmanopt import LoKO as DefaultLoKO
+
+    model = tiny(dtype=dtype)
+    opt = DefaultLoKO(model.parameters(), rank=8)
+    x, y = data(0, n=1, dtype=dtype)
+    opt.step(lambda: model(x), y)  # one sample, 3 classes: the softmax information has rank 2
+    _, W = lowrank_state(opt, model)
+    nonzero = (W != 0).any(0)
+    assert int(nonzero.sum()) == 2 and bool(nonzero[:2].all())
+    assert torch.isfinite(W).all()
+
+
 # ---------------------------------------------------------------------------------------------------- behaviour
 def test_learns_a_separable_stream():
     """As the diagonal filter's test: at least 40 hits above the switched-off filter (31). rank=4 gets 73, the

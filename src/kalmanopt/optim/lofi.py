@@ -193,8 +193,14 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     # truncation: rotate W~ onto the eigenvectors of its Gram matrix, keep the k largest (one product: the kept
     # columns and the dropped ones side by side)
     gram = _conjugate((Wz.T @ Wz).to(f64), B, k)
-    _, V = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
-    V = V.flip(1)  # by decreasing eigenvalue
+    evals, V = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
+    evals, V = evals.flip(0), V.flip(1)  # by decreasing eigenvalue
+    # Directions whose eigenvalue is within the Gram matrix's own rounding of zero (while the information has
+    # rank < k + m: the first steps, or n < k + m) are exactly zero columns of W~ V in exact arithmetic; computed,
+    # they are rounding noise whose products underflow to subnormal numbers, which the CPU multiplies ~100x more
+    # slowly (the Gram products of the next steps took 5-10x their usual time). They are set to their exact value.
+    null = evals <= evals[0].clamp_min(0.0) * ((k + m) * torch.finfo(f64).eps)
+    V = V.masked_fill(null, 0.0)
     rotated = Wz @ torch.cat([V[:k], B.T @ V[k:]]).to(W.dtype)  # W~ V = Wz (E^T V)
     W_new = rotated[:, :k]
     ups_new = upsilon + rotated[:, k:].square().sum(1)
