@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -86,9 +87,9 @@ def _check(t: Tensor | None, name: str, dtype: torch.dtype, numel: int) -> None:
 
 
 # Pointer arrays of the state, checked once and reused while the same tensors come back (the eager path keeps the
-# equivalent cache on the optimizer). Keyed by the pointers, sizes and dtypes only, so that no tensor is kept alive;
-# a few entries, for a few optimizers compiled side by side.
-_plans: dict[tuple, tuple] = {}
+# equivalent cache on the optimizer). Found by the pointers, then confirmed through weak references: the very same
+# tensor objects, and none is kept alive by the cache. A few entries, for a few optimizers compiled side by side.
+_plans: dict[tuple, tuple[list[weakref.ref], tuple]] = {}
 _plans_lock = threading.Lock()
 _MAX_PLANS = 8
 
@@ -99,9 +100,38 @@ def _state_arrays(dtype: torch.dtype, storage: torch.dtype, numels: list[int], s
     does not use it), and the sizes."""
     pointers = tuple(t.data_ptr() for t in state)
     key = (dtype, storage, tuple(numels), tuple(first), tuple(flags), pointers)
-    plan = _plans.get(key)
-    if plan is not None:
-        return plan
+    cached = _plans.get(key)
+    if cached is not None and all(ref() is t for ref, t in zip(cached[0], state, strict=True)):
+        return cached[1]
+    columns: list[list[int | None]] = [[] for _ in STATE_KEYS]
+    position = 0
+    for j, group_flags in enumerate(flags):
+        for i in range(first[j], first[j + 1]):
+            for k, name in enumerate(STATE_KEYS):
+                if not uses(name, group_flags):
+                    columns[k].append(None)
+                    continue
+                if position >= len(state):
+                    raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
+                want = torch.float32 if name == "step" else storage if k < _PER_ELEMENT else dtype
+                _check(state[position], f"state {name!r} of tensor {i}", want,
+                       numels[i] if k < _PER_ELEMENT else 1)
+                columns[k].append(pointers[position])
+                position += 1
+    if len(state) != position + 3 * len(flags):
+        raise ValueError(f"{NAME}: {len(state)} state entries, the groups' options ask for {position} + "
+                         f"{3 * len(flags)}")
+    for j in range(position, len(state), 3):
+        for t, name, want in zip(state[j:j + 3], _GROUP_KEYS, (dtype, torch.int64, torch.int64), strict=True):
+            _check(t, f"group state {name!r}", want, 1)
+    groups = [list(pointers[position + k::3]) for k in range(3)]
+    plan = ([_array(c) for c in groups], [_array(c) for c in columns], _array(numels, ctypes.c_int64))
+    with _plans_lock:
+        _plans.pop(key, None)
+        if len(_plans) >= _MAX_PLANS:
+            _plans.pop(next(iter(_plans)))
+        _plans[key] = ([weakref.ref(t) for t in state], plan)
+    return plan
     columns: list[list[int | None]] = [[] for _ in STATE_KEYS]
     position = 0
     for j, group_flags in enumerate(flags):
