@@ -180,6 +180,8 @@ def test_operator_rejects_state_it_cannot_write_through():
     bad[1] = torch.zeros(5)  # the gain, of the wrong size
     with pytest.raises(ValueError, match="gain"):
         _koala_pp_op.fused_step(params, grads, bad + shared, [0, 2], hyper, measurement, 0, None, None)
+    with pytest.raises(ValueError, match="measurement"):  # moments are three numbers
+        _koala_pp_op.fused_step(params, grads, state + shared, [0, 2], hyper, measurement[:2], 0, None, None)
     with pytest.raises(ValueError, match="do not fit"):
         _koala_pp_op.fused_step(params, grads, state + shared, [0, 1], hyper, measurement, 0, None, None)
     _koala_pp_op.fused_step(params, grads, state + shared, [0, 2], hyper, measurement, 0, None, None)

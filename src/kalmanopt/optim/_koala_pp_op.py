@@ -8,7 +8,7 @@ schema (which tensors it writes) and its fake implementation (the shape of what 
 
 The eager step (:meth:`KOALAPlusPlus._fused_step` outside compilation) calls the kernel directly, with pointer
 arrays cached across steps; the operator is what the compiled step calls. Both run the same C function with the
-same arguments, so the two are bit for bit the same.
+same arguments (the operator forms the loss moments with the eager code too), so the two are bit for bit the same.
 """
 
 from __future__ import annotations
@@ -206,8 +206,10 @@ def fused_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], f
             _check(t, "grad_scale/found_inf", torch.float32, 1)
     if kind == LOSS:
         measurement, kind = loss_moments(measurement), MOMENTS
-    if kind not in (MOMENTS, GIVEN) or measurement.dtype not in KINDS or measurement.device.type != "cpu":
-        raise ValueError(f"{NAME}: measurement kind {kind} of {measurement.dtype} on {measurement.device}")
+    if kind not in (MOMENTS, GIVEN) or measurement.dtype not in KINDS or measurement.device.type != "cpu" \
+            or measurement.numel() != (3 if kind == MOMENTS else 2):
+        raise ValueError(f"{NAME}: measurement kind {kind}, {measurement.numel()} elements of {measurement.dtype} on "
+                         f"{measurement.device}")
     measurement = measurement.contiguous()
     group_arrays, tensor_arrays, numel_array = _state_arrays(dtype, storage, numels, state, first, flags)
     out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
