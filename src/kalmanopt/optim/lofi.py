@@ -158,8 +158,7 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     e_w = torch.linalg.solve_triangular(chol_R, e.unsqueeze(1), upper=False).squeeze(1)  # whitened innovation
     Wz = torch.cat([W, H.T], dim=1)  # (n, k + m)
     U = Wz / upsilon.unsqueeze(1)  # Upsilon^{-1} Wz
-    Tz = (Wz.T @ U).to(f64)  # Wz^T Upsilon^{-1} Wz
-    Tz = 0.5 * (Tz + Tz.T)
+    Tz = (Wz.T @ U).to(f64)  # Wz^T Upsilon^{-1} Wz (symmetric up to rounding: T and rows_hph are symmetrised)
     T = _conjugate(Tz, B, k)  # W~^T Upsilon^{-1} W~
     T = 0.5 * (T + T.T)
     eye = torch.eye(k + m, dtype=f64, device=H.device)
@@ -175,8 +174,8 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     # quadratic forms in the outputs, read off T: H Upsilon^{-1} H^T = L_R T_gg L_R^T, H Upsilon^{-1} W = L_R T_gw
     T_gg = T[k:, k:]
     prior_hph = post_hph = h_delta = rows_hph = None
-    if prior or rows_prior:
-        L_w = torch.linalg.cholesky(eye[:k, :k] + T[:k, :k])
+    if prior or rows_prior:  # chol(I + T_ww): the leading block of chol(I + T)
+        L_w = L_M[:k, :k]
     if prior:
         Z = torch.linalg.solve_triangular(L_w, T[:k, k:], upper=False)  # (k, m)
         prior_hph = chol_R @ (T_gg - Z.T @ Z) @ chol_R.T
