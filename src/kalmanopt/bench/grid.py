@@ -31,7 +31,10 @@ def _per_optimizer(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     key, scale, higher, _ = METRIC[result["suite"]]
     out: dict[str, dict[str, Any]] = {}
     for run in result["runs"]:
-        finals = out.setdefault(run["optimizer"], {"label": run["label"], "lr": run["lr"], "final": [], "drop": []})
+        finals = out.setdefault(run["optimizer"], {"label": run["label"], "lr": run["lr"], "final": [], "drop": [],
+                                                   "unscheduled": False})
+        # Schedule-Free and MoMo set their own step size: their runs record "none (...)" as the schedule
+        finals["unscheduled"] |= str(run.get("schedule", "")).startswith("none")
         values = [h[key] * scale for h in run["history"][1:] if key in h]
         final = run["final"][key] * scale if not run["diverged"] else math.nan
         finals["final"].append(final)
@@ -59,19 +62,28 @@ def task_table(constant: dict[str, Any] | None, cosine: dict[str, Any] | None) -
         cells = []
         for schedule in ("constant", "cosine"):
             row = by_schedule[schedule].get(name)
-            if row is None:
-                missing = "not run" if not by_schedule[schedule] else "(takes no schedule)"
+            other = by_schedule["cosine" if schedule == "constant" else "constant"].get(name)
+            finite = [] if row is None else [v for v in row["final"] if math.isfinite(v)]
+            if row is None or not finite:
+                if row is not None:
+                    missing = f"diverged ({len(row['final'])}/{len(row['final'])})"
+                elif other is not None and other["unscheduled"]:
+                    missing = "(takes no schedule)"
+                else:
+                    missing = "not run"
                 cells += [missing, ""]
                 if schedule == "constant":
                     cells.append("")
                 continue
-            mean, std = _mean_std(row["final"])
+            mean, std = _mean_std(finite)
+            diverged = len(row["final"]) - len(finite)
             ref = reference[schedule]
             if suite == "vision":
                 gap = f"{mean - ref:+.2f} pt"
             else:
                 gap = f"{mean / ref:.3f}x"
-            cells += [f"{fmt.format(mean)} ± {fmt.format(std)} (n={len(row['final'])})", gap]
+            note = f", {diverged} diverged" if diverged else ""
+            cells += [f"{fmt.format(mean)} ± {fmt.format(std)} (n={len(finite)}{note})", gap]
             if schedule == "constant":
                 worst = max(row["drop"]) if row["drop"] else math.nan
                 cells.append(f"{worst:.2f}" + (" pt" if suite == "vision" else ""))
