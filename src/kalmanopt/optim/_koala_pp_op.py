@@ -132,32 +132,6 @@ def _state_arrays(dtype: torch.dtype, storage: torch.dtype, numels: list[int], s
             _plans.pop(next(iter(_plans)))
         _plans[key] = ([weakref.ref(t) for t in state], plan)
     return plan
-    columns: list[list[int | None]] = [[] for _ in STATE_KEYS]
-    position = 0
-    for j, group_flags in enumerate(flags):
-        for i in range(first[j], first[j + 1]):
-            for k, name in enumerate(STATE_KEYS):
-                if not uses(name, group_flags):
-                    columns[k].append(None)
-                    continue
-                want = torch.float32 if name == "step" else storage if k < _PER_ELEMENT else dtype
-                _check(state[position], f"state {name!r} of tensor {i}", want,
-                       numels[i] if k < _PER_ELEMENT else 1)
-                columns[k].append(pointers[position])
-                position += 1
-    if len(state) != position + 3 * len(flags):
-        raise ValueError(f"{NAME}: {len(state)} state entries, the groups' options ask for {position} + "
-                         f"{3 * len(flags)}")
-    for j in range(position, len(state), 3):
-        for t, name, want in zip(state[j:j + 3], _GROUP_KEYS, (dtype, torch.int64, torch.int64), strict=True):
-            _check(t, f"group state {name!r}", want, 1)
-    groups = [list(pointers[position + k::3]) for k in range(3)]
-    plan = ([_array(c) for c in groups], [_array(c) for c in columns], _array(numels, ctypes.c_int64))
-    with _plans_lock:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.pop(next(iter(_plans)))
-        _plans[key] = plan
-    return plan
 
 
 # Few schema arguments on purpose: torch.library's Python wrappers around the implementation (autograd, version
