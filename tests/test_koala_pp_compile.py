@@ -220,3 +220,74 @@ def test_a_process_whose_first_step_is_compiled_uses_the_kernel(monkeypatch):
     graphs = Graphs()
     _run(True, {"lr": 0.5}, steps=2, backend=graphs)
     assert graphs.targets().count(OP) == 1
+
+
+@needs_kernel
+def test_operator_cache_of_pointer_arrays_rechecks_other_tensors_at_the_same_address():
+    """The operator's pointer arrays are cached by the state's addresses; another tensor at an address the cache
+    knows (here a view, which shares it) or another parameter size must be checked again, not written through."""
+    gen = torch.Generator().manual_seed(0)
+    params = _params(gen, torch.float32)[:2]
+    opt = KOALAPlusPlus(params, lr=0.5)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step(loss=torch.tensor(1.0))
+    state = [opt.state[p][key] for p in params for key in _koala_pp_op.STATE_KEYS]
+    group = opt.state[params[0]]
+    shared = [group["measurement_noise"], group["skipped_steps"], group["noise_updates"]]
+    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0]
+    grads = [p.grad for p in params]
+    measurement = torch.tensor([1.0, 1.0, 1.0])
+    _koala_pp_op.fused_step(params, grads, state + shared, [0, 2], hyper, measurement, 0, None, None)  # cached now
+    # views at the same addresses as cached entries: the gain too small, prev_grad of another dtype
+    for index, view, name in ((1, state[1][:1], "gain"), (0, state[0].view(torch.int32), "prev_grad")):
+        bad = list(state)
+        bad[index] = view
+        with pytest.raises(ValueError, match=name):
+            _koala_pp_op.fused_step(params, grads, bad + shared, [0, 2], hyper, measurement, 0, None, None)
+    # group state of another size or dtype, and more entries than the groups' options ask for
+    for index, wrong, name in ((0, torch.zeros(2), "measurement_noise"), (1, shared[1].float(), "skipped_steps"),
+                              (2, shared[2].int(), "noise_updates")):
+        bad = list(shared)
+        bad[index] = wrong
+        with pytest.raises(ValueError, match=name):
+            _koala_pp_op.fused_step(params, grads, state + bad, [0, 2], hyper, measurement, 0, None, None)
+    with pytest.raises(ValueError, match="state entries"):
+        _koala_pp_op.fused_step(params, grads, state + shared + shared, [0, 2], hyper, measurement, 0, None, None)
+    # the same state tensors with a parameter of another size: its state no longer fits
+    bigger = [torch.zeros(7), params[1].detach()]
+    with pytest.raises(ValueError, match="prev_grad"):
+        _koala_pp_op.fused_step(bigger, [torch.zeros(7), grads[1]], state + shared, [0, 2], hyper, measurement, 0,
+                                None, None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["moments", "given"])
+def test_operator_schema_and_fake_implementation_agree_with_the_kernel(kind):
+    """torch.library.opcheck: the operator writes only what its schema declares mutable (params and state), and its
+    fake implementation gives the real output's shape and dtype (two groups: the diagnostics hold one R per group)."""
+    gen = torch.Generator().manual_seed(0)
+    params = _params(gen, torch.float32)[:3]
+    opt = KOALAPlusPlus([{"params": params[:2]}, {"params": params[2:], "momentum": 0.0}], lr=0.5)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step(loss=torch.tensor(1.0))
+    hyper, state, shared = [], [], []
+    for j, group in enumerate(opt.param_groups):
+        hyper += [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9 if j == 0 else 0.0, 0.01, 0.0, 0.9, 2.0, 7.0 if j == 0 else 3.0,
+                  0.0]
+        flags = int(hyper[-2])
+        state += [opt.state[p][key] for p in group["params"] for key in _koala_pp_op.STATE_KEYS
+                  if _koala_pp_op.uses(key, flags)]
+        lead = opt.state[group["params"][0]]
+        shared += [lead["measurement_noise"], lead["skipped_steps"], lead["noise_updates"]]
+    measurement = torch.tensor([3.0, 5.0, 2.0]) if kind == "moments" else torch.tensor([1.5, 2.5])
+    args = ([p.detach().clone() for p in params], [p.grad.clone() for p in params],
+            [t.clone() for t in state + shared], [0, 2, 3], hyper, measurement,
+            _koala_pp_op.MOMENTS if kind == "moments" else _koala_pp_op.GIVEN, None, None)
+    before = [t.clone() for t in args[0] + args[2]]
+    out = _koala_pp_op.fused_step(*args)
+    assert out.shape == (4 * 3 + 2 + 1,)
+    assert any(not torch.equal(a, b) for a, b in zip(before, args[0] + args[2], strict=True))  # the step was taken
+    result = torch.library.opcheck(OP, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}
