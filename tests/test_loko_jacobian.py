@@ -81,3 +81,18 @@ def test_loop_mode_needs_no_batching_rule():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*batching rule.*")
         opt.step(lambda: model(x), torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("mode", JACOBIAN_MODES)
+def test_rows_of_parameters_some_outputs_do_not_use_are_zero(mode):
+    """A parameter that only some rows depend on gets exact zeros in the other rows; one no row uses, zeros."""
+    a = torch.tensor([1.5, -2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.5, 1.0, -3.0], dtype=torch.float64, requires_grad=True)
+    unused = torch.ones(2, 2, dtype=torch.float64, requires_grad=True)
+    h = torch.cat([3.0 * a, b.square().sum(0, keepdim=True)])  # rows 0, 1: a only; row 2: b only
+    rows = jacobian_rows(h, [a, unused, b], mode)
+    expected_a = torch.tensor([[3.0, 0.0], [0.0, 3.0], [0.0, 0.0]], dtype=torch.float64)
+    expected_b = torch.cat([torch.zeros(2, 3, dtype=torch.float64), 2.0 * b.detach().unsqueeze(0)])
+    assert torch.equal(rows[0], expected_a)
+    assert torch.equal(rows[1], torch.zeros(3, 2, 2, dtype=torch.float64))
+    assert torch.equal(rows[2], expected_b)
