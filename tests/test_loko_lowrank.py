@@ -341,3 +341,19 @@ def test_loading_state_of_another_rank_or_shape_raises():
     with pytest.raises(ValueError, match="rank"):
         target.load_state_dict(diag.state_dict())
     assert not target.state
+
+
+def test_all_finite_by_sums_is_exact():
+    """The finite check by sums: a sum of finite terms that overflows still passes (the exact check), a single inf
+    or nan anywhere fails, whatever the other tensors."""
+    from kalmanopt.optim.loko import all_finite
+
+    big = torch.full((4,), 3e38)  # finite float32, their sum overflows to inf
+    assert not bool(torch.isfinite(big.sum()))
+    assert all_finite(big) and all_finite(torch.ones(3), big.double(), big)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.ones(5, dtype=torch.float64)
+        t[3] = bad
+        assert not all_finite(t) and not all_finite(torch.ones(2), t)
+    pair = torch.tensor([float("inf"), float("-inf")])  # sums to nan, as one nan would
+    assert not all_finite(pair)
