@@ -357,3 +357,39 @@ def test_all_finite_by_sums_is_exact():
         assert not all_finite(t) and not all_finite(torch.ones(2), t)
     pair = torch.tensor([float("inf"), float("-inf")])  # sums to nan, as one nan would
     assert not all_finite(pair)
+
+
+def test_auto_p0_with_rank_uses_the_softmax_rows():
+    """rank > 0, softmax observation: the "auto" prior's trace rule reads the measured (softmax) rows, not the
+    logits' Jacobian that the fused LoFi pass takes otherwise (so p0="auto" keeps the unfused path)."""
+    model = tiny()
+    x, y = data(n=1)
+    opt = LoKO(model.parameters(), p0="auto", p0_scale=2.0, observation="softmax", noise="fixed", r0=0.1, r_min=0.0,
+               rank=2)
+    probs = torch.softmax(model(x), 1).reshape(-1)
+    tr = 0.0
+    for j in range(3):
+        gs = torch.autograd.grad(probs[j], list(model.parameters()), retain_graph=True)
+        tr += sum(float(g.square().sum()) for g in gs)
+    opt.step(lambda: model(x), y)
+    leader = next(iter(model.parameters()))
+    assert float(opt.state[leader]["p0_auto"]) == pytest.approx(2.0 * 0.3 / tr, rel=1e-10)
+
+
+def test_lofi_quadratic_forms_are_exactly_symmetric():
+    """prior_hph, post_hph and rows_hph are covariances the step factorises or samples from: symmetric bit for bit,
+    not only up to rounding (Tz itself is left unsymmetrised since the fused pass)."""
+    g = torch.Generator().manual_seed(1)
+    n, k, m = 50, 4, 6
+    for dtype in (torch.float64, torch.float32):
+        ups = (torch.rand(n, generator=g, dtype=torch.float64) + 0.2).to(dtype)
+        W = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype)
+        H = torch.randn(m, n, generator=g, dtype=torch.float64).to(dtype)
+        A = torch.randn(m, m, generator=g, dtype=torch.float64)
+        R = A @ A.T + 0.5 * torch.eye(m, dtype=torch.float64)
+        mix = torch.randn(m, m, generator=g, dtype=torch.float64)
+        e = torch.randn(m, generator=g, dtype=torch.float64)
+        res = lofi.update(ups, W, H, torch.linalg.cholesky(R), e, mix=mix, rows_prior=True)
+        for name in ("prior_hph", "post_hph", "rows_hph"):
+            value = getattr(res, name)
+            assert torch.equal(value, value.T), (dtype, name)
