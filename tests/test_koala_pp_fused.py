@@ -234,3 +234,35 @@ def test_replaced_state_is_seen_and_checked_before_the_kernel_writes_through_it(
     opt.state[params[2]]["gain"] = torch.zeros(5, dtype=torch.float64)  # of another size: never written through
     with pytest.raises(ValueError, match="'gain'"):
         opt.step(loss=torch.tensor(1.0, dtype=torch.float64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("precondition", [True, False], ids=["metric", "no_metric"])
+def test_without_weight_decay_the_parameter_does_not_enter_the_reduction(precondition):
+    """Without weight decay h = g: the reduction pass does not read the parameter (it is bound by the bytes it
+    reads), so a non-finite entry of a parameter guards nothing and the step is the multi-tensor path's, as with
+    finite parameters; with weight decay the same entry skips the step, in both paths."""
+    for wd in (0.0, 1e-2):
+        runs = []
+        for fused in (True, False):
+            gen = torch.Generator().manual_seed(5)
+            params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES[:3]]
+            with torch.no_grad():
+                params[1][2, 3] = float("inf")
+            opt = KOALAPlusPlus(params, lr=0.5, weight_decay=wd, precondition=precondition, fused=fused,
+                                foreach=None if fused else True)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                opt.step(loss=torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
+            runs.append((params, opt))
+        (pa, oa), (pb, ob) = runs
+        assert skipped_steps(oa) == skipped_steps(ob) == (3 if wd else 0)
+        for a, b in zip(pa, pb, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+            for key, value in oa.state[a].items():
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(value, ob.state[b][key], rtol=1e-12, atol=1e-12, msg=key)
+        moved = not torch.equal(pa[0], torch.randn(SHAPES[0], generator=torch.Generator().manual_seed(5),
+                                                   dtype=torch.float64))
+        assert moved == (wd == 0) and bool(torch.isfinite(pa[0]).all())
