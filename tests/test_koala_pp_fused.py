@@ -266,3 +266,16 @@ def test_without_weight_decay_the_parameter_does_not_enter_the_reduction(precond
         moved = not torch.equal(pa[0], torch.randn(SHAPES[0], generator=torch.Generator().manual_seed(5),
                                                    dtype=torch.float64))
         assert moved == (wd == 0) and bool(torch.isfinite(pa[0]).all())
+
+
+@needs_kernel
+def test_replaced_state_at_a_cached_address_is_checked_again():
+    """The eager step's pointer arrays are confirmed by the very tensors, not by their addresses: a state entry
+    replaced by another tensor at the same address (a view of it, too small) is checked and refused."""
+    params, opt = _run({"lr": 0.5, "fused": True}, steps=2)
+    gain = opt.state[params[1]]["gain"]
+    opt.state[params[1]]["gain"] = gain.view(-1)[:3]  # the same data pointer, 3 of 20 elements
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="'gain'"):
+        opt.step(loss=torch.tensor(1.0, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
