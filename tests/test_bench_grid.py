@@ -63,3 +63,10 @@ def test_each_schedule_against_its_own_adamw_worst_drop_and_merged_lrs():
     assert koala[3] == "15.000 ± 0.000 (n=1)" and koala[4] == "1.500x"  # cosine: against AdamW's 10
     assert "| KOALA (lr 0.1, 0.3) |" in table and "| ADAMW (lr 0.1) |" in table
     assert rows["LION"][0] == "diverged (1/1)" and rows["LION"][3] == "diverged (3/3)"
+
+
+def test_without_a_finite_adamw_run_the_gap_cells_stay_empty():
+    cosine = _result([_run("adamw", 0.0, diverged=True), _run("koala", 12.0)])
+    rows = _rows(task_table(None, cosine))
+    assert rows["ADAMW"][3] == "diverged (1/1)"
+    assert rows["KOALA"][3].startswith("12.000") and rows["KOALA"][4] == ""

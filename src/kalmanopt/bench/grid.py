@@ -52,7 +52,9 @@ def task_table(constant: dict[str, Any] | None, cosine: dict[str, Any] | None) -
     _, _, higher, label = METRIC[suite]
     by_schedule = {"constant": _per_optimizer(constant) if constant else {},
                    "cosine": _per_optimizer(cosine) if cosine else {}}
-    reference = {s: _mean_std(rows["adamw"]["final"])[0] if "adamw" in rows else math.nan
+    # AdamW's mean over its finite runs; without any (diverged or not run) the "vs AdamW" cells stay empty
+    reference = {s: _mean_std([v for v in rows["adamw"]["final"] if math.isfinite(v)])[0]
+                 if "adamw" in rows and any(math.isfinite(v) for v in rows["adamw"]["final"]) else math.nan
                  for s, rows in by_schedule.items()}
     fmt = "{:.2f}" if suite == "vision" else "{:.3f}"
     lines = [f"| optimizer | constant: {label} | vs AdamW | drop from best epoch | cosine: {label} | vs AdamW |",
@@ -78,7 +80,9 @@ def task_table(constant: dict[str, Any] | None, cosine: dict[str, Any] | None) -
             mean, std = _mean_std(finite)
             diverged = len(row["final"]) - len(finite)
             ref = reference[schedule]
-            if suite == "vision":
+            if not math.isfinite(ref):
+                gap = ""
+            elif suite == "vision":
                 gap = f"{mean - ref:+.2f} pt"
             else:
                 gap = f"{mean / ref:.3f}x"
