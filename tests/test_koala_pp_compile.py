@@ -162,17 +162,24 @@ def test_float_lr_schedule_matches_eager_and_tensor_lr_compiles_once():
     assert tensor_graphs <= 2  # the graph before and after the scheduler's break, whatever the lr
 
 
-@needs_kernel
-def test_operator_rejects_state_it_cannot_write_through():
+def _stepped_pair():
+    """Two float32 parameters after one default KOALA++ step (metric and momentum on): their per-tensor state in the
+    operator's order and the group's R and counters."""
     gen = torch.Generator().manual_seed(0)
     params = _params(gen, torch.float32)[:2]
     opt = KOALAPlusPlus(params, lr=0.5)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     opt.step(loss=torch.tensor(1.0))
-    state = [opt.state[p][key] for p in params for key in _koala_pp_op.STATE_KEYS]  # metric and momentum on
+    state = [opt.state[p][key] for p in params for key in _koala_pp_op.STATE_KEYS]
     group = opt.state[params[0]]
     shared = [group["measurement_noise"], group["skipped_steps"], group["noise_updates"]]
+    return gen, params, opt, state, shared
+
+
+@needs_kernel
+def test_operator_rejects_state_it_cannot_write_through():
+    gen, params, opt, state, shared = _stepped_pair()
     hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0]
     grads = [p.grad for p in params]
     measurement = torch.tensor([1.0, 1.0, 1.0])  # moments (kind 0)
@@ -226,15 +233,7 @@ def test_a_process_whose_first_step_is_compiled_uses_the_kernel(monkeypatch):
 def test_operator_cache_of_pointer_arrays_rechecks_other_tensors_at_the_same_address():
     """The operator's pointer arrays are cached by the state's addresses; another tensor at an address the cache
     knows (here a view, which shares it) or another parameter size must be checked again, not written through."""
-    gen = torch.Generator().manual_seed(0)
-    params = _params(gen, torch.float32)[:2]
-    opt = KOALAPlusPlus(params, lr=0.5)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    opt.step(loss=torch.tensor(1.0))
-    state = [opt.state[p][key] for p in params for key in _koala_pp_op.STATE_KEYS]
-    group = opt.state[params[0]]
-    shared = [group["measurement_noise"], group["skipped_steps"], group["noise_updates"]]
+    gen, params, opt, state, shared = _stepped_pair()
     hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0]
     grads = [p.grad for p in params]
     measurement = torch.tensor([1.0, 1.0, 1.0])

@@ -164,11 +164,14 @@ def test_vmap_jacobian_of_an_unused_parameter_is_zero():
         assert torch.equal(r, ref)
 
 
-def test_auto_p0_matches_trace_rule():
+@pytest.mark.parametrize("options", [{"variance_update": "fd"}, {"rank": 2}], ids=["diagonal", "rank2"])
+def test_auto_p0_matches_trace_rule(options):
+    """The "auto" prior's trace rule reads the measured (softmax) rows; with rank > 0 too, where the fused LoFi pass
+    would otherwise take the logits' Jacobian (so p0="auto" keeps the unfused path)."""
     model = tiny()
     x, y = data(n=1)
     opt = LoKO(model.parameters(), p0="auto", p0_scale=2.0, observation="softmax", noise="fixed", r0=0.1, r_min=0.0,
-               variance_update="fd")
+               **options)
     logits = model(x)
     probs = torch.softmax(logits, 1).reshape(-1)
     tr = 0.0

@@ -359,23 +359,6 @@ def test_all_finite_by_sums_is_exact():
     assert not all_finite(pair)
 
 
-def test_auto_p0_with_rank_uses_the_softmax_rows():
-    """rank > 0, softmax observation: the "auto" prior's trace rule reads the measured (softmax) rows, not the
-    logits' Jacobian that the fused LoFi pass takes otherwise (so p0="auto" keeps the unfused path)."""
-    model = tiny()
-    x, y = data(n=1)
-    opt = LoKO(model.parameters(), p0="auto", p0_scale=2.0, observation="softmax", noise="fixed", r0=0.1, r_min=0.0,
-               rank=2)
-    probs = torch.softmax(model(x), 1).reshape(-1)
-    tr = 0.0
-    for j in range(3):
-        gs = torch.autograd.grad(probs[j], list(model.parameters()), retain_graph=True)
-        tr += sum(float(g.square().sum()) for g in gs)
-    opt.step(lambda: model(x), y)
-    leader = next(iter(model.parameters()))
-    assert float(opt.state[leader]["p0_auto"]) == pytest.approx(2.0 * 0.3 / tr, rel=1e-10)
-
-
 def test_lofi_quadratic_forms_are_exactly_symmetric():
     """prior_hph, post_hph and rows_hph are covariances the step factorises or samples from: symmetric bit for bit,
     not only up to rounding (Tz itself is left unsymmetrised since the fused pass)."""
