@@ -31,6 +31,22 @@ def _run(kwargs, *, steps=8, none_schedule=None, dtype=torch.float64, seed=0, gr
                         groups=groups)
 
 
+def _run_interrupted(*, steps, seed, at, interrupt):
+    """The run of ``_run({"lr": 0.5, "fused": True}, steps=steps, seed=seed)`` (same gradients and losses, float64),
+    with ``opt = interrupt(opt, params)`` before step ``at``."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
+    opt = KOALAPlusPlus(params, lr=0.5, fused=True)
+    for k in range(steps):
+        if k == at:
+            opt = interrupt(opt, params)
+        for p in params:
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
+        opt.step(loss=torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    return params, opt
+
+
 def _assert_same(run_a, run_b, tol=1e-12):
     (pa, oa), (pb, ob) = run_a, run_b
     for a, b in zip(pa, pb, strict=True):
@@ -146,20 +162,13 @@ def test_grad_scaler_protocol_matches_multi_tensor_path():
 
 @needs_kernel
 def test_state_dict_round_trip_continues_identically():
+    def from_checkpoint(opt, params):  # a fresh optimizer from the checkpoint
+        fresh = KOALAPlusPlus(params, lr=0.5, fused=True)
+        fresh.load_state_dict(opt.state_dict())
+        return fresh
+
     whole = _run({"lr": 0.5, "fused": True}, steps=6, seed=2)
-    gen = torch.Generator().manual_seed(2)
-    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
-    first = KOALAPlusPlus(params, lr=0.5, fused=True)
-    for k in range(6):
-        if k == 3:  # a fresh optimizer from the checkpoint
-            saved = first.state_dict()
-            first = KOALAPlusPlus(params, lr=0.5, fused=True)
-            first.load_state_dict(saved)
-        for p in params:
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
-        first.step(loss=torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
-    _assert_same(whole, (params, first), tol=0.0)
+    _assert_same(whole, _run_interrupted(steps=6, seed=2, at=3, interrupt=from_checkpoint), tol=0.0)
 
 
 def test_invalid_fused_options():
@@ -219,17 +228,12 @@ def test_result_does_not_depend_on_the_thread_count():
 @needs_kernel
 def test_replaced_state_is_seen_and_checked_before_the_kernel_writes_through_it():
     """The kernel's pointer arrays are reused between steps; a replaced state tensor must invalidate them."""
+    def new_state_tensors(opt, params):
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # every state tensor is a new one now
+        return opt
+
     whole = _run({"lr": 0.5, "fused": True}, steps=5, seed=3)
-    gen = torch.Generator().manual_seed(3)
-    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
-    opt = KOALAPlusPlus(params, lr=0.5, fused=True)
-    for k in range(5):
-        if k == 3:
-            opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # every state tensor is a new one now
-        for p in params:
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
-        opt.step(loss=torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    params, opt = _run_interrupted(steps=5, seed=3, at=3, interrupt=new_state_tensors)
     _assert_same(whole, (params, opt), tol=0.0)
     opt.state[params[2]]["gain"] = torch.zeros(5, dtype=torch.float64)  # of another size: never written through
     with pytest.raises(ValueError, match="'gain'"):
