@@ -25,7 +25,7 @@ from . import _koala_pp_fused
 from .noise import loss_moments
 
 __all__ = ["GIVEN", "HP_FLAGS", "KINDS", "LOSS", "MOMENTS", "NAME", "NHP", "STATE_KEYS", "SUFFIXES", "available",
-           "build", "fused_step", "uses"]
+           "build", "call_kernel", "fused_step", "uses"]
 
 NAME = "kalmanopt::koala_pp_fused_step"
 #: the kernel's measurement kinds by the measurement's dtype (+2: the mean and the statistic are given, ``update()``)
@@ -188,13 +188,23 @@ def fused_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], f
     group_arrays, tensor_arrays, numel_array = _state_arrays(dtype, storage, numels, state, first, flags)
     out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
     work = (ctypes.c_double * (5 * n + 2 * n_groups))()
-    kernel = getattr(library, f"koala_pp_step_{suffix}")
-    kernel(n_groups, _array(hyper, ctypes.c_double), *group_arrays, _array(first, ctypes.c_int32),
+    call_kernel(suffix, hyper, group_arrays, _array(first, ctypes.c_int32), params, grads, tensor_arrays, numel_array,
+                measurement, kind == GIVEN, grad_scale, found_inf, work, out)
+    return out
+
+
+def call_kernel(suffix: str, hyper: list[float], group_arrays: list, first_array: Any, params: list[Tensor],
+                grads: list[Tensor], tensor_arrays: list, numel_array: Any, measurement: Tensor, given: bool,
+                grad_scale: Tensor | None, found_inf: Tensor | None, work: Any, out: Tensor) -> None:
+    """The C call itself, shared by the operator and the eager step (which keeps its own checked, cached pointer
+    arrays: see :meth:`KOALAPlusPlus._fused_plan`). Every tensor must have been checked: the kernel writes through
+    the pointers. ``measurement``: contiguous loss moments, or [mean, statistic] when ``given``."""
+    kernel = getattr(_koala_pp_fused.load(), f"koala_pp_step_{suffix}")
+    kernel(len(group_arrays[0]), _array(hyper, ctypes.c_double), *group_arrays, first_array,
            _array([p.data_ptr() for p in params]), _array([g.data_ptr() for g in grads]), *tensor_arrays,
-           numel_array, measurement.data_ptr(), KINDS[measurement.dtype] + (2 if kind == GIVEN else 0),
+           numel_array, measurement.data_ptr(), KINDS[measurement.dtype] + (2 if given else 0),
            None if grad_scale is None else grad_scale.data_ptr(), None if found_inf is None else found_inf.data_ptr(),
            work, out.data_ptr(), torch.get_num_threads())
-    return out
 
 
 @fused_step.register_fake

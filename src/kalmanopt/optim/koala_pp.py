@@ -375,14 +375,9 @@ class KOALAPlusPlus(KalmanOptimizer):
             if work is None or len(work) < 5 * n + 2 * n_groups:
                 work = self.__dict__["_fused_work"] = (ctypes.c_double * (5 * n + 2 * n_groups))()
             out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
-            step = getattr(_koala_pp_fused.load(), f"koala_pp_step_{suffix}")
-            scale = None if grad_scale is None else grad_scale.data_ptr()
-            inf = None if found_inf is None else found_inf.data_ptr()
             group_arrays, first_array, tensor_arrays, numel_array = state_arrays
-            step(n_groups, _array(hyper, ctypes.c_double), *group_arrays, first_array,
-                 _array([p.data_ptr() for p in params]), _array([g.data_ptr() for g in grads]), *tensor_arrays,
-                 numel_array, measurement.data_ptr(), _KINDS[measurement.dtype] + (2 if given else 0), scale, inf,
-                 work, out.data_ptr(), torch.get_num_threads())
+            _koala_pp_op.call_kernel(suffix, hyper, group_arrays, first_array, params, grads, tensor_arrays,
+                                     numel_array, measurement, given, grad_scale, found_inf, work, out)
         # Compiled: the dict _init_group made, changed in place (dynamo replays that after the graph; an attribute
         # store on an optimizer it drops).
         recorded = getattr(self, "_diagnostics", None) if compiling else self.__dict__.setdefault("_diagnostics", {})
@@ -443,8 +438,9 @@ class KOALAPlusPlus(KalmanOptimizer):
                     return None
         columns = [[pointers[i * width + k] for i in range(n)] for k in range(width)]
         groups = [[pointers[n * width + 3 * j + k] for j in range(len(first) - 1)] for k in range(3)]
-        arrays = ([_array(c) for c in groups], _array(first, ctypes.c_int32), [_array(c) for c in columns],
-                  _array(numels, ctypes.c_int64))
+        array = _koala_pp_op._array
+        arrays = ([array(c) for c in groups], array(first, ctypes.c_int32), [array(c) for c in columns],
+                  array(numels, ctypes.c_int64))
         self.__dict__["_fused_cache"] = ((dtype, storage), tensors, pointers, list(numels), list(first), arrays)
         return arrays
 
@@ -843,10 +839,6 @@ def _hyper(group: dict[str, Any]) -> list[float]:
             float(group["beta2"]), float(group["eps"]), float(group["momentum"]), float(max_step or 0.0),
             float(r or 0.0), float(group["alpha_r"]), float(r_clip or 0.0), float(flags),
             float(_R_STATS[group["r_stat"]])]
-
-
-def _array(values: list, ctype: Any = ctypes.c_void_p) -> Any:
-    return (ctype * len(values))(*values)
 
 
 def _materialise(recorded: Any) -> dict[str, Tensor]:
