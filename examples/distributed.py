@@ -39,7 +39,7 @@ def main() -> None:
         fully_shard(model)
     else:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+    opt = KOALAPlusPlus(model.parameters(), lr=1e-3)  # AdamW's lr
 
     data = torch.Generator().manual_seed(1 + rank)  # each rank draws its own shard of the data
     teacher = torch.Generator().manual_seed(123)

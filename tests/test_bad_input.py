@@ -368,6 +368,47 @@ def test_outlier_loss_does_not_linger_in_r():
     assert max(clipped) < 11.0 * clipped[9]
 
 
+# Every implementation of the clip: noise.measurement_noise (KOALA-V, KOALA-M, KOALA++'s Python paths) and KOALA++'s
+# fused kernel (the default path on CPU), each with R averaged at alpha_r = 0.5 and the default r_clip.
+R_CLIP_PATHS = {
+    "koala_v": lambda params: KOALAV(params, alpha_r=0.5),
+    "koala_m": lambda params: KOALAM(params, alpha_r=0.5),
+    **{f"koala_pp_{path}": (lambda params, kw=kw: KOALAPlusPlus(params, preset="paper", alpha_r=0.5, r_clip=R_CLIP,
+                                                                  **kw))
+       for path, kw in {"reference": {"foreach": False}, "foreach": {"foreach": True}, "default": {}}.items()},
+}
+
+
+def _noise_history(make, scale, outlier_at=None, steps=45):
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = make([p])
+    history = []
+    for k in range(steps):
+        p.grad = torch.full((3,), 0.1, dtype=torch.float64)
+        loss = scale * (1e10 if k == outlier_at else 1.0)
+        opt.step(loss=torch.tensor([loss, 2 * loss], dtype=torch.float64))  # the statistic: 2.5 * loss^2
+        history.append(float(opt.state[p]["measurement_noise"]))
+    return history
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+@pytest.mark.parametrize("name", sorted(R_CLIP_PATHS))
+def test_r_clip_bounds_the_outlier_relative_to_the_current_r(name, scale):
+    """At loss scales where R has moved far from its initial 1 (to 2.5e-6 and 2.5e6): without an outlier R is the
+    papers' average (nothing clipped), and an outlier's statistic is stored clipped at r_clip times the *current* R.
+    A clip against the initial R would clip every statistic at 1e3 and none at 1e-3."""
+    make, alpha, outlier_at = R_CLIP_PATHS[name], 0.5, 40
+    clean, hit = _noise_history(make, scale), _noise_history(make, scale, outlier_at)
+    R, statistic = 1.0, 2.5 * scale**2
+    for k in range(len(clean)):
+        R = R * alpha + statistic * (1 - alpha)
+        assert clean[k] == pytest.approx(R, rel=1e-12), k
+    assert hit[:outlier_at] == clean[:outlier_at]
+    before = hit[outlier_at - 1]
+    assert before == pytest.approx(statistic, rel=1e-6)  # far from the initial R = 1
+    assert hit[outlier_at] == pytest.approx(before * alpha + R_CLIP * before * (1 - alpha), rel=1e-12)
+
+
 def test_r_clip_none_is_the_papers_average_bit_for_bit():
     p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
     opt = KOALAV([p], r_clip=None)

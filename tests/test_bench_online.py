@@ -131,7 +131,11 @@ def test_bad_options_fail_in_one_line_before_anything_is_written(tmp_path, capsy
     out = tmp_path / "results"
     for argv, match in ((["--ablations", "nope=1"], "has no option 'nope'"), (["--orders", "0"], "--orders"),
                         (["--adapters", "LoRA,VeRA"], "unknown adapter 'VeRA'"), (["--samples", "-3"], "--samples")):
-        assert main(["bench", "online", "--task", "digits_shift", "--quick", "--out", str(out), *argv]) == 2
+        try:
+            status = main(["bench", "online", "--task", "digits_shift", "--quick", "--out", str(out), *argv])
+        except SystemExit as e:  # numbers are refused by the parser's types
+            status = e.code
+        assert status == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and match in err
     assert not out.exists()
@@ -193,3 +197,28 @@ def test_cost_only_measures_every_row_against_adamw(cache, tmp_path, capsys):
         assert row["full_run_minutes"] == pytest.approx(row["ms_per_sample"] * per_row / 6e4)
     assert cost["rows"]["LoRA/AdamW"]["ratio_to_lora_adamw"] == 1.0
     assert "| LoRA/LoKO [observation=loss] |" in capsys.readouterr().out
+
+
+def test_a_run_without_out_leaves_the_recorded_results_and_page_alone(cache, tmp_path, monkeypatch, capsys):
+    """``kalmanopt bench online`` (not quick: it writes a page too) without --out/--docs, in a checkout: the results
+    file and the page go to ./kalmanopt-results/online/, the recorded ones are left as they were; naming them takes
+    --overwrite."""
+    from kalmanopt.cli import main
+
+    recorded = {tmp_path / "results" / "online" / "cost_digits_shift.json": "recorded\n",
+                tmp_path / "docs" / "benchmarks" / "online.md": "recorded page\n"}
+    for path, text in recorded.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "online", "--task", "digits_shift", "--cost-only", "2", "--adapters", "LoRA", "--ablations",
+            "none", "--no-progress"]
+    assert main(argv) == 0
+    assert all(path.read_text() == text for path, text in recorded.items())
+    scratch = tmp_path / "kalmanopt-results" / "online"
+    assert (scratch / "cost_digits_shift.json").is_file()
+    assert "## Cost per sample" in (scratch / "online.md").read_text()
+    assert f"page {scratch / 'online.md'}" in capsys.readouterr().out
+    assert main([*argv, "--out", "results/online", "--docs", "docs/benchmarks/online.md"]) == 2
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert all(path.read_text() == text for path, text in recorded.items())

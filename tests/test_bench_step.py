@@ -10,6 +10,7 @@ import torch
 from kalmanopt import KOALAPlusPlus
 from kalmanopt.bench import step as step_bench
 from kalmanopt.cli import main
+from kalmanopt.errors import UsageError
 from kalmanopt.optim import _koala_pp_fused
 
 
@@ -110,5 +111,48 @@ def test_preset_comma_list_and_unknown_names():
     settings, name = step_bench._settings(parse("--preset", "mlp,resnet18-tiny"))
     assert settings.presets == ["mlp", "resnet18-tiny"] and name == "mlp+resnet18-tiny"
     assert step_bench._settings(parse("--preset", "all"))[0].presets == list(step_bench.ALL_PRESETS)
-    with pytest.raises(SystemExit, match="unknown preset"):
+    with pytest.raises(UsageError, match="unknown preset"):
         step_bench._settings(parse("--preset", "mlp,resnet99"))
+
+
+def test_quick_run_leaves_the_recorded_results_alone(tmp_path, monkeypatch, capsys):
+    """``kalmanopt bench step --quick`` in a checkout writes to ./kalmanopt-results/, not over results/step/; naming
+    the recorded file takes --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    recorded = tmp_path / "results" / "step" / f"step-{step_bench.QUICK_PRESET}.json"
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text("recorded\n")
+    argv = ["bench", "step", "--quick", "--threads", "1", "--optimizers", "adamw", "--rounds", "1",
+            "--steps-per-round", "1"]
+    assert main(argv) == 0
+    assert recorded.read_text() == "recorded\n"
+    scratch = tmp_path / "kalmanopt-results" / "step" / f"step-{step_bench.QUICK_PRESET}.json"
+    assert json.loads(scratch.read_text())["results"][0]["preset"] == step_bench.QUICK_PRESET
+    assert f"kalmanopt-results/step/step-{step_bench.QUICK_PRESET}.json" in capsys.readouterr().err
+    assert main([*argv, "--out", str(recorded)]) == 2  # refused before anything runs
+    assert "exists: pass --overwrite" in capsys.readouterr().err and recorded.read_text() == "recorded\n"
+    assert main([*argv, "--out", str(recorded), "--overwrite"]) == 0
+    assert json.loads(recorded.read_text())["settings"]["optimizers"] == ["adamw"]
+
+
+def test_cuda_steps_are_timed_with_cuda_events(monkeypatch):
+    """On CUDA a timing is the device's: the elapsed time between two CUDA events recorded around the steps (the
+    host may queue steps faster than the device runs them). Fakes stand in for CUDA here."""
+    recorded = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            recorded.append(self)
+
+        def elapsed_time(self, end):
+            assert recorded == [self, end]
+            return 30.0  # milliseconds between the two events, for 3 steps
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    wall, cpu = step_bench._time_steps(lambda: None, 3, torch.device("cuda"))
+    assert len(recorded) == 2 and wall == pytest.approx(0.010) and cpu >= 0

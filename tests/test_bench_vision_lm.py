@@ -336,3 +336,41 @@ def test_report_into_keeps_the_hand_written_part(tmp_path):
     report.splice(page, "tables v3")
     text = page.read_text()
     assert text == "# Title\n\nProse.\n\n" + report.MARKER + "\n\ntables v3\n"
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_a_run_without_out_leaves_the_recorded_results_alone(fashion_dir, tmp_path, monkeypatch, capsys, quick):
+    """In a checkout, ``kalmanopt bench vision [--quick]`` without --out writes to ./kalmanopt-results/: the recorded
+    results/vision/fashion_mnist-cnn-epochs.json (the file a quick run used to replace) is left as it was."""
+    need("tqdm")
+    need_optimizers("sgd")
+    checkout = tmp_path / "checkout"
+    recorded = checkout / "results" / "vision" / "fashion_mnist-cnn-epochs.json"
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text("recorded\n")
+    monkeypatch.chdir(checkout)
+    assert cli_main(["bench", "vision", *(["--quick"] if quick else []), "--data-root", str(fashion_dir),
+                     "--train-size", "100", "--valid-size", "50", "--test-size", "50", "--epochs", "1", "--seeds",
+                     "0", "--optimizers", "sgd", "--no-progress"]) == 0
+    assert recorded.read_text() == "recorded\n"
+    assert [p for p in (checkout / "results").rglob("*") if p.is_file()] == [recorded]
+    name = f"fashion_mnist-cnn-epochs{'-quick' if quick else ''}.json"
+    scratch = checkout / "kalmanopt-results" / "vision" / name
+    assert json.loads(scratch.read_text())["config"]["quick"] is quick
+    assert f"results: {scratch}" in capsys.readouterr().out  # where the results went
+
+
+def test_quick_lm_run_leaves_the_recorded_results_alone(moby_dir, tmp_path, monkeypatch):
+    need("tqdm")
+    need_optimizers("sgd")
+    checkout = tmp_path / "checkout"
+    recorded = checkout / "results" / "lm" / "moby_dick-gpt1-d16-epochs.json"  # what this run wrote before
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text("recorded\n")
+    monkeypatch.chdir(checkout)
+    assert cli_main(["bench", "lm", "--quick", "--data-root", str(moby_dir), "--train-chars", "3000", "--eval-chars",
+                     "600", "--d-model", "16", "--context", "16", "--n-layers", "1", "--optimizers", "sgd",
+                     "--no-progress"]) == 0
+    assert recorded.read_text() == "recorded\n"
+    scratch = checkout / "kalmanopt-results" / "lm" / "moby_dick-gpt1-d16-epochs-quick.json"
+    assert json.loads(scratch.read_text())["config"]["quick"]

@@ -1,5 +1,7 @@
-"""The command line's expected failures: one line on stderr, exit status 2, no traceback; and every ``kalmanopt
-bench`` fetches the data it needs first.
+"""The command line's expected failures: one line on stderr, exit status 2, no traceback; every ``kalmanopt
+bench`` fetches the data it needs first; a bad option value (:data:`BAD_OPTIONS`: counts, seeds, sizes, NaN floats,
+paths that do not exist or cannot be written, results that exist) is refused before anything is fetched or written;
+and one variable, ``KALMANOPT_HOME``, moves the caches.
 
 The subprocess tests start ``kalmanopt`` on an empty cache (``KALMANOPT_DATA`` in tmp_path) with every dataset's
 sources replaced by directories that do not exist, so nothing is found and nothing touches the network."""
@@ -13,6 +15,8 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import types
+from pathlib import Path
 
 import pytest
 
@@ -169,12 +173,204 @@ def test_ensure_and_auto_fetch(tmp_path, monkeypatch):
         D.load("toy", root=tmp_path / "empty")
 
 
-def test_required_datasets():
+def test_required_datasets(tmp_path):
     from kalmanopt.cli import build_parser, required_datasets
 
     parse = build_parser().parse_args
     assert required_datasets(parse(["bench", "vision", "--dataset", "mnist_subset"])) == ["mnist_subset"]
-    assert required_datasets(parse(["bench", "vision", "--data-root", "/x"])) == []
+    assert required_datasets(parse(["bench", "vision", "--data-root", str(tmp_path)])) == []
     assert required_datasets(parse(["bench", "lm", "--corpus", "brown"])) == ["brown"]
     assert required_datasets(parse(["bench", "online", "--suite", "nlp"])) == ["bbc_news", "spam_assassin"]
     assert required_datasets(parse(["bench", "online", "--task", "cv_mnist"])) == ["fashion_mnist", "mnist_subset"]
+
+
+# ------------------------------------------------------------------------------------------------ bad option values
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A 200/50-image Fashion-MNIST look-alike (IDX gzip), a 60,000-character corpus in the npm layout, a recorded
+    vision results file, and 40 MNIST-subset digits for the covariance suite: enough for every suite to run far
+    enough to show a bad value that is not refused."""
+    import numpy as np
+    import torch
+
+    from kalmanopt.data import write_idx
+    from kalmanopt.data.idx import IDX_FILES
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    fm = root / "fm"
+    fm.mkdir()
+    arrays = (rng.integers(0, 255, (200, 28, 28)).astype(np.uint8), rng.integers(0, 10, 200).astype(np.uint8),
+              rng.integers(0, 255, (50, 28, 28)).astype(np.uint8), rng.integers(0, 10, 50).astype(np.uint8))
+    for name, array in zip(IDX_FILES.values(), arrays, strict=True):
+        write_idx(fm / name, array)
+    text = root / "md" / "package" / "data"
+    text.mkdir(parents=True)
+    (text / "data.txt").write_text("".join(f"call me ishmael {i}\n" for i in range(3000)))
+    recorded = root / "fashion_mnist-cnn-epochs.json"
+    recorded.write_bytes((ROOT / "results" / "vision" / "fashion_mnist-cnn-epochs.json").read_bytes())
+    digits = types.SimpleNamespace(
+        x_train=torch.randint(0, 255, (30, 28, 28), dtype=torch.uint8), y_train=torch.randint(0, 10, (30,)),
+        x_test=torch.randint(0, 255, (10, 28, 28), dtype=torch.uint8), y_test=torch.randint(0, 10, (10,)))
+    return {"fm": str(fm), "moby": str(root / "md"), "recorded": str(recorded), "digits": digits}
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch, tiny_data):
+    """The current directory (empty), no dataset source that works (nothing is fetched, nothing leaves the machine),
+    and ``mnist_subset`` served from memory."""
+    import dataclasses
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name, ds in list(F.DATASETS.items()):
+        monkeypatch.setitem(F.DATASETS, name, dataclasses.replace(
+            ds, sources=[F.SystemPath(str(tmp_path / "nonexistent"))], fallback_dirs=()))
+    load = D.load
+    monkeypatch.setattr(D, "load", lambda name, root=None: tiny_data["digits"] if name == "mnist_subset"
+                        and root is None else load(name, root))
+    (work / "a_file").write_text("not a directory\n")
+    (work / "existing.json").write_text("recorded\n")
+    (work / "existing.md").write_text("recorded\n")
+    (work / "online").mkdir()
+    (work / "online" / "cost_digits_shift_quick.json").write_text("recorded\n")
+    (work / "covariance").mkdir()
+    (work / "covariance" / "covariance.json").write_text("recorded\n")
+    (work / "not.json").write_text("{not json")
+    return work
+
+
+VISION = ["bench", "vision", "--data-root", "{fm}", "--train-size", "100", "--valid-size", "20", "--test-size", "20",
+          "--epochs", "1", "--seeds", "0", "--optimizers", "sgd", "--no-progress"]
+LM = ["bench", "lm", "--data-root", "{moby}", "--train-chars", "2000", "--eval-chars", "400", "--d-model", "8",
+      "--context", "8", "--n-layers", "1", "--n-heads", "2", "--epochs", "1", "--seeds", "0", "--optimizers", "sgd",
+      "--no-progress"]
+STEP = ["bench", "step", "--preset", "mlp", "--rounds", "1", "--steps-per-round", "1", "--warmup", "1",
+        "--optimizers", "adamw", "--threads", "1"]
+COVARIANCE = ["bench", "covariance", "--samples", "2", "--save-at", "0", "1", "2", "--no-progress"]
+ONLINE = ["bench", "online", "--task", "digits_shift", "--quick", "--adapters", "LoRA", "--ablations", "none",
+          "--cost-only", "2", "--no-progress"]
+REPORT = ["report", "{recorded}", "--no-plots"]
+
+BAD_OPTIONS = [  # (argv, what the one line must name); each was accepted (or ended in a traceback) before
+    (LM + ["--quick", "--epochs", "-1"], "--epochs"),
+    (VISION + ["--epochs", "0"], "--epochs"),
+    (VISION + ["--seeds", "0", "-3"], "--seeds"),
+    (VISION + ["--seconds", "nan"], "--seconds"),
+    (VISION + ["--seconds", "inf"], "--seconds"),
+    (VISION + ["--seconds", "0"], "--seconds"),
+    (VISION + ["--batch-size", "0"], "--batch-size"),
+    (VISION + ["--train-size", "-5"], "--train-size"),
+    (VISION + ["--valid-size", "-1"], "--valid-size"),
+    (VISION + ["--test-size", "0"], "--test-size"),
+    (VISION + ["--threads", "0"], "--threads"),
+    (VISION + ["--sweep-epochs", "0"], "--sweep-epochs"),
+    (VISION + ["--sweep-seed", "-1"], "--sweep-seed"),
+    (VISION + ["--warmup-steps", "-1"], "--warmup-steps"),
+    (VISION + ["--sweep", "--valid-size", "0"], "--valid-size"),
+    (VISION + ["--valid-size", "200"], "--valid-size 200 leaves no training images"),
+    (VISION + ["--out", "a_file/results.json"], "is not a directory"),
+    (VISION + ["--out", "existing.json"], "existing.json exists: pass --overwrite"),
+    (LM + ["--dropout", "1.5"], "--dropout"),
+    (LM + ["--dropout", "nan"], "--dropout"),
+    (LM + ["--n-heads", "3"], "--n-heads 3"),
+    (LM + ["--context", "0"], "--context"),
+    (LM + ["--context", "5000"], "shorter than one window of --context 5000"),
+    (LM + ["--train-chars", "0"], "--train-chars"),
+    (LM + ["--eval-chars", "-1"], "--eval-chars"),
+    (LM + ["--out", "existing.json"], "existing.json exists: pass --overwrite"),
+    (STEP + ["--threads", "-1"], "--threads"),
+    (STEP + ["--device", "nosuch"], "--device"),
+    (STEP + ["--weight-decay", "nan"], "--weight-decay"),
+    (STEP + ["--weight-decay", "-1"], "--weight-decay"),
+    (STEP + ["--seed", "-1"], "--seed"),
+    (STEP + ["--max-memory-gb", "0"], "--max-memory-gb"),
+    (STEP + ["--profile", "-1"], "--profile"),
+    (STEP + ["--optimizers", "nosuch"], "unknown optimizer(s) nosuch"),
+    (STEP + ["--preset", "nosuch"], "unknown preset(s) ['nosuch']"),
+    (STEP + ["--out", "existing.json"], "existing.json exists: pass --overwrite"),
+    (["demo", "--epochs", "0"], "--epochs"),
+    (["demo", "--epochs", "1", "--seed", "-1"], "--seed"),
+    (["demo", "--epochs", "1", "--threads", "-1"], "--threads"),
+    (["demo", "--epochs", "1", "--profile", "-1"], "--profile"),
+    (COVARIANCE + ["--samples", "-1"], "--samples"),
+    (COVARIANCE + ["--every", "0"], "--every"),
+    (COVARIANCE + ["--p0", "nan"], "--p0"),
+    (COVARIANCE + ["--r0", "-1"], "--r0"),
+    (COVARIANCE + ["--r-min", "nan"], "--r-min"),
+    (COVARIANCE + ["--seed", "-1"], "--seed"),
+    (COVARIANCE + ["--threads", "0"], "--threads"),
+    (COVARIANCE + ["--save-at", "-1"], "--save-at"),
+    (COVARIANCE + ["--out", "covariance"], "covariance.json exists: pass --overwrite"),
+    (COVARIANCE + ["--save-full-p", "a_file/P"], "a_file is not a directory"),
+    (ONLINE + ["--max-length", "0"], "--max-length"),
+    (ONLINE + ["--out", "online"], "cost_digits_shift_quick.json exists: pass --overwrite"),
+    (ONLINE + ["--out", "a_file"], "is a file, expected a directory"),
+    (["report", "/nonexistent/results.json"], "does not exist"),
+    (["report", "not.json"], "not.json is not a JSON results file"),
+    (REPORT + ["--out", "existing.md"], "existing.md exists: pass --overwrite"),
+    (REPORT + ["--into"], "--into needs --out"),
+    (["data", "fetch", "moby_dick", "--from", "/nonexistent/downloads"], "--from"),
+]
+
+
+def _status(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # the parser's own errors
+        return e.code
+
+
+def _files(folder) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("argv, names", BAD_OPTIONS,
+                         ids=[" ".join([a[1] if a[0] in ("bench", "data") else a[0], *a[-2:]]) for a, _ in BAD_OPTIONS])
+def test_bad_values_are_refused_in_one_line_before_anything_is_written(work, tiny_data, tmp_path, capsys, argv,
+                                                                       names):
+    if "online" in argv:
+        pytest.importorskip("peft")
+        pytest.importorskip("sklearn")
+    if "demo" in argv:
+        pytest.importorskip("sklearn")
+    before = _files(work)
+    status = _status([a.format(**tiny_data) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and "Traceback" not in err, err
+    assert names in lines[0]
+    assert _files(work) == before  # nothing written, replaced or created in the current directory
+    assert not (tmp_path / "cache").exists()  # nothing fetched
+
+
+def test_one_variable_moves_both_caches_and_the_old_ones_still_win(tmp_path, monkeypatch):
+    from kalmanopt import paths
+    from kalmanopt.optim import _koala_pp_fused
+
+    for name in ("KALMANOPT_DATA", "KALMANOPT_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KALMANOPT_HOME", str(tmp_path / "home"))
+    assert D.cache_dir() == paths.data_dir() == tmp_path / "home" / "data"
+    assert _koala_pp_fused._cache_dir() == paths.kernel_dir() == tmp_path / "home" / "kernels"
+    monkeypatch.setenv("KALMANOPT_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("KALMANOPT_CACHE_DIR", str(tmp_path / "kernels"))
+    assert D.cache_dir() == tmp_path / "data" and _koala_pp_fused._cache_dir() == tmp_path / "kernels"
+    monkeypatch.delenv("KALMANOPT_HOME")
+    monkeypatch.delenv("KALMANOPT_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert D.cache_dir() == tmp_path / "xdg" / "kalmanopt" / "data"  # the default: ~/.cache/kalmanopt/data
+
+
+def test_report_passes_over_other_suites_results_in_a_folder(tmp_path, capsys):
+    # results/ holds the online suite's files too: a report of the whole folder used to end in a KeyError
+    (tmp_path / "vision.json").write_bytes((ROOT / "results" / "vision" / "fashion_mnist-cnn-epochs.json").read_bytes())
+    (tmp_path / "online_digits_shift.json").write_bytes(
+        (ROOT / "results" / "online" / "online_digits_shift.json").read_bytes())
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    assert "fashion_mnist" in capsys.readouterr().out

@@ -42,7 +42,7 @@ def separable(n=64, length=8, seed=0):
     return [{"input_ids": ids[i], "attention_mask": mask, "labels": y[i]} for i in range(n)]
 
 
-def arguments(tmp_path, *, batch=16, accumulate=1, epochs=1, lr=0.5, **kw):
+def arguments(tmp_path, *, batch=16, accumulate=1, epochs=1, lr=1e-3, **kw):
     kw = {"max_grad_norm": 0.0, "lr_scheduler_type": "constant", **kw}
     return TrainingArguments(str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
                              num_train_epochs=epochs, learning_rate=lr, report_to=[], save_strategy="no",
@@ -85,11 +85,11 @@ def inner(trainer):
 
 
 def test_trainer_trains_bert_with_koala_pp(tmp_path):
-    # lr 1: the library's default (the default preset caps a step at lr * max_step, so lr also scales the cap)
-    trainer = KalmanTrainer(model=tiny_bert(), args=arguments(tmp_path, epochs=20, lr=1.0), train_dataset=separable())
+    # lr 1e-3: the library's default, AdamW's (from scratch)
+    trainer = KalmanTrainer(model=tiny_bert(), args=arguments(tmp_path, epochs=20, lr=1e-3), train_dataset=separable())
     trainer.train()
     opt = inner(trainer)
-    assert type(opt) is KOALAPlusPlus and opt.param_groups[0]["lr"] == 1.0
+    assert type(opt) is KOALAPlusPlus and opt.param_groups[0]["lr"] == 1e-3
     # the Trainer's two groups: weight decay from TrainingArguments, none on biases and LayerNorm
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["weight_decay"] == 0.0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -245,8 +245,41 @@ def test_configuration_errors_and_warnings(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         KalmanTrainer(model=model, args=arguments(tmp_path), train_dataset=data, kalman_kwargs={"q": 0.1},
                       optimizers=(KOALAPlusPlus(model.parameters()), None))
-    with pytest.warns(UserWarning, match="max_grad_norm"):
-        KalmanTrainer(model=model, args=arguments(tmp_path, max_grad_norm=1.0), train_dataset=data)
-    with pytest.warns(UserWarning, match="AdamW learning rate"):
-        KalmanTrainer(model=model, args=arguments(tmp_path, lr=5e-5), train_dataset=data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # KOALA++ takes the Trainer's defaults as they are: AdamW's lr, clipping
+        KalmanTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                      train_dataset=data)
+    with pytest.warns(UserWarning, match="AdamW learning rate"):  # KOALA-V's lr is still the paper's
+        KalmanTrainer(model=model, args=arguments(tmp_path, lr=5e-5), train_dataset=data, kalman_optimizer=KOALAV)
+
+
+class ClipRecordingTrainer(RecordingTrainer):
+    """Records the total gradient norm the Trainer's clipping saw before it clipped."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norms = []
+
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        self.norms.append(norm.detach().clone())
+        return norm
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3], ids=["clipping", "not_clipping"])
+def test_gradient_clipping_scales_the_measured_loss_like_the_gradient(tmp_path, max_grad_norm):
+    # Clipping multiplies the gradient by c = min(1, max_norm / norm): the filter must measure c times the loss
+    # (the loss whose gradient it receives), and exactly the loss where clipping does not bind.
+    model = tiny_bert(dropout=0.0)
+    model.accepts_loss_kwargs = False
+    trainer = ClipRecordingTrainer(model=model, train_dataset=separable(), kalman_optimizer=Spy,
+                                   args=arguments(tmp_path, batch=8, accumulate=2, max_grad_norm=max_grad_norm))
+    trainer.train()
+    opt = inner(trainer)
+    assert len(opt.measured) == len(trainer.norms) == 4
+    for k, (loss, norm) in enumerate(zip(opt.measured, trainer.norms, strict=True)):
+        factor = torch.clamp(max_grad_norm / (norm.float() + 1e-6), max=1.0)
+        assert (factor < 0.1) if max_grad_norm < 1 else (factor == 1)
+        expected = torch.stack(trainer.micro[2 * k:2 * k + 2]).mean() * factor
+        torch.testing.assert_close(loss, expected.to(loss.dtype))
 

@@ -1,4 +1,4 @@
-"""KOALA++ against Algorithm 1 written out by hand in plain Python floats."""
+"""KOALA++ against Algorithm 1 written out by hand in plain Python floats, on every path a step can take."""
 
 import math
 
@@ -6,6 +6,28 @@ import pytest
 import torch
 
 from kalmanopt import KOALAPlusPlus
+from kalmanopt.optim import _koala_pp_fused, _koala_pp_triton
+
+# The paths of a KOALA++ step on CPU: the single-tensor reference, the multi-tensor path, the default (fused=None with
+# foreach=None: the C kernel where it is built) and the Triton kernels (CUDA's default), through Triton's interpreter.
+PATHS = ["reference", "foreach", "default", "triton"]
+PATH_KWARGS = {"reference": {"foreach": False}, "foreach": {"foreach": True}, "default": {}, "triton": {}}
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    if request.param == "triton":
+        pytest.importorskip("triton", reason="the Triton path needs triton")
+        monkeypatch.setattr(_koala_pp_triton, "ON_CPU", True)  # the CPU tensors take the interpreted kernels
+    return request.param
+
+
+def assert_took(opt, path):
+    """The step ran on ``path``'s kernel: a default that fell back to the multi-tensor path would test that again."""
+    if path == "default" and _koala_pp_fused.load() is not None:
+        assert "_fused_work" in opt.__dict__
+    if path == "triton":
+        assert "_triton_cache" in opt.__dict__
 
 
 def dot(a, b):
@@ -43,20 +65,20 @@ LOSSES = [2.0, 1.5, 1.2]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("foreach", [False, True])
-def test_matches_algorithm_by_hand(symmetric, foreach):
+def test_matches_algorithm_by_hand(symmetric, path):
     theta0 = [0.1, -0.2, 0.3]
     p = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
-    opt = KOALAPlusPlus([p], lr=0.7, sigma=0.2, q=0.05, r=0.4, symmetric=symmetric, foreach=foreach, preset="paper")
+    opt = KOALAPlusPlus([p], lr=0.7, sigma=0.2, q=0.05, r=0.4, symmetric=symmetric, preset="paper", **PATH_KWARGS[path])
     for step, (g, L) in enumerate(zip(GRADS, LOSSES, strict=True)):
         p.grad = torch.tensor(g, dtype=torch.float64)
         opt.step(loss=torch.tensor(L, dtype=torch.float64))
         expected = koala_pp_by_hand(theta0, GRADS[: step + 1], LOSSES[: step + 1], lr=0.7, sigma=0.2, q=0.05,
                                     R=0.4, symmetric=symmetric)
         torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=1e-13)
+    assert_took(opt, path)
 
 
-def test_two_steps_worked_numerically():
+def test_two_steps_worked_numerically(path):
     """Step 1 from the prior, step 2 from the stored v and H, each line of the algorithm spelled out."""
     sigma, q, R, lr = 0.1, 0.1, 1.0, 1.0
     H1, H2, L1, L2 = [1.0, 2.0], [2.0, 0.0], 3.0, 2.0
@@ -72,7 +94,7 @@ def test_two_steps_worked_numerically():
     # theta2 = theta1 - 2/1.8*(v2 + q H2) = theta1 - (10/9)*[0.4, 0] = theta1 - [4/9, 0]
     theta0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
     p = theta0.clone().requires_grad_()
-    opt = KOALAPlusPlus([p], lr=lr, sigma=sigma, q=q, r=R, preset="paper")
+    opt = KOALAPlusPlus([p], lr=lr, sigma=sigma, q=q, r=R, preset="paper", **PATH_KWARGS[path])
     p.grad = torch.tensor(H1, dtype=torch.float64)
     opt.step(loss=torch.tensor(L1, dtype=torch.float64))
     torch.testing.assert_close(p.detach(), theta0 - torch.tensor([0.3, 0.6], dtype=torch.float64))
@@ -86,16 +108,18 @@ def test_two_steps_worked_numerically():
     torch.testing.assert_close(st["gain"], torch.tensor([0.2, 0.0], dtype=torch.float64) + 0.1 * torch.tensor(H2))
     assert math.isclose(st["prev_S"].item(), 1.8)
     assert st["step"].item() == 2
+    assert_took(opt, path)
 
 
-def test_estimated_R_follows_the_ema():
+def test_estimated_R_follows_the_ema(path):
     p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    opt = KOALAPlusPlus([p], alpha_r=0.9, preset="paper")
+    opt = KOALAPlusPlus([p], alpha_r=0.9, preset="paper", **PATH_KWARGS[path])
     p.grad = torch.ones(2, dtype=torch.float64)
     losses = torch.tensor([1.0, 3.0], dtype=torch.float64)
     opt.step(loss=losses)
     # R = 0.9 * 1.0 + 0.1 * mean(loss_i^2) = 0.9 + 0.1 * 5
     assert math.isclose(opt.state[p]["measurement_noise"].item(), 1.4)
+    assert_took(opt, path)
 
 
 # ------------------------------------------------------------------------------------ the default ("adaptive") preset
@@ -141,18 +165,17 @@ ADAPTIVE_GRADS = [[[0.5, -1.0, 2.0], [0.1, 0.4]], [[0.3, -0.8, 2.5], [-0.2, 0.5]
 ADAPTIVE_LOSSES = [2.0, 1.5, 1.2, 1.1]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize(("lr", "max_step", "wd"),
                          [(1.0, 0.03, 0.0), (0.5, 10.0, 0.0), (1.0, 0.2, 0.1), (0.3, 0.05, 0.0)])
-def test_default_preset_matches_its_equations_by_hand(foreach, lr, max_step, wd):
+def test_default_preset_matches_its_equations_by_hand(path, lr, max_step, wd):
     """Both cap regimes (the cap binds / never binds; it scales with lr), with and without weight decay."""
     start = [[0.2, -0.1, 0.4], [0.3, -0.5]]
     hyper = dict(lr=lr, sigma=0.2, q=0.05, max_step=max_step, momentum=0.9, beta2=0.999, eps=1e-8, wd=wd)
     for block in ("tensor", "group"):
         params = [torch.tensor(t, dtype=torch.float64, requires_grad=True) for t in start]
         kwargs = {} if block == "tensor" else {"block": "group"}  # the default is per-tensor blocks
-        opt = KOALAPlusPlus(params, lr=lr, sigma=0.2, q=0.05, max_step=max_step, weight_decay=wd, foreach=foreach,
-                            **kwargs)
+        opt = KOALAPlusPlus(params, lr=lr, sigma=0.2, q=0.05, max_step=max_step, weight_decay=wd,
+                            **PATH_KWARGS[path], **kwargs)
         assert opt.param_groups[0]["block"] == block and opt.param_groups[0]["precondition"]
         for step, (gs, L) in enumerate(zip(ADAPTIVE_GRADS, ADAPTIVE_LOSSES, strict=True)):
             for p, g in zip(params, gs, strict=True):
@@ -166,6 +189,8 @@ def test_default_preset_matches_its_equations_by_hand(foreach, lr, max_step, wd)
                                              **hyper)[0] for i in range(len(start))]
             for p, e in zip(params, expected, strict=True):
                 torch.testing.assert_close(p.detach(), torch.tensor(e, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        if block == "tensor":  # the kernels take per-tensor blocks only (a group block is the multi-tensor path's)
+            assert_took(opt, path)
 
 
 def test_group_block_is_the_paper_filter_on_the_concatenated_vector():
@@ -175,7 +200,7 @@ def test_group_block_is_the_paper_filter_on_the_concatenated_vector():
     start = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
     grads = [[torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes] for _ in range(5)]
     kw = dict(lr=0.6, sigma=0.3, q=0.07, r=0.2, preset="paper", weight_decay=0.01)
-    for foreach in (False, True):
+    for foreach in (False, True, None):  # None: the flat tensor's default path (the C kernel where it is built)
         split = [t.clone().requires_grad_(True) for t in start]
         flat = torch.cat([t.reshape(-1) for t in start]).requires_grad_(True)
         opt_split = KOALAPlusPlus(split, block="group", foreach=foreach, **kw)
@@ -211,8 +236,13 @@ def test_paper_preset_is_todays_algorithm_and_explicit_arguments_win():
     g = opt.param_groups[0]
     assert (g["block"], g["precondition"], g["momentum"], g["max_step"], g["r"], g["r_clip"]) == \
         ("tensor", False, 0.0, None, None, None)
+    assert (g["lr"], g["loss_fraction"], g["loss_floor"]) == (1.0, None, None)
     g = KOALAPlusPlus([torch.zeros(2, requires_grad=True)]).param_groups[0]
-    assert (g["block"], g["precondition"], g["momentum"], g["max_step"], g["r"]) == ("tensor", True, 0.9, 0.01, 0.0)
+    assert (g["block"], g["precondition"], g["momentum"], g["max_step"], g["r"]) == ("tensor", True, 0.9, None, 0.0)
+    assert (g["lr"], g["loss_fraction"], g["loss_floor"]) == (1e-3, 1.0, 0.0)
+    # an explicit max_step alone asks for the paper's step rule, where lr is the paper's eta
+    g = KOALAPlusPlus([torch.zeros(2, requires_grad=True)], max_step=0.02).param_groups[0]
+    assert (g["lr"], g["loss_fraction"], g["max_step"], g["precondition"]) == (1.0, None, 0.02, True)
     opt = KOALAPlusPlus([torch.zeros(2, requires_grad=True)], preset="paper", momentum=0.5, r=0.3)
     assert opt.param_groups[0]["momentum"] == 0.5 and opt.param_groups[0]["r"] == 0.3
     with pytest.raises(ValueError, match="preset"):

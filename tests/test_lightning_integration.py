@@ -56,7 +56,9 @@ class Classifier(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-        self.optimizer, self.kwargs, self.per_sample_losses = optimizer, {"lr": 0.5, **kwargs}, per_sample_losses
+        # KOALA++'s default preset takes AdamW's lr; KOALA-V/M (and KOALA++'s paper preset) the fraction of the loss
+        lr = 1e-3 if issubclass(optimizer, KOALAPlusPlus) and kwargs.get("preset") != "paper" else 0.5
+        self.optimizer, self.kwargs, self.per_sample_losses = optimizer, {"lr": lr, **kwargs}, per_sample_losses
         self.micro = []  # every training micro-batch's mean loss
 
     def training_step(self, batch, batch_idx):
@@ -116,6 +118,36 @@ def test_callback_measures_the_loss_of_the_accumulated_gradient(accumulate):
         start += size
     assert int(leader_state(opt)["step"]) == len(windows)
     assert "step" not in opt.__dict__  # unbound after the fit
+
+
+class NormRecorder(Classifier):
+    """Records the total gradient norm before Lightning clips (its hook runs right before the clipping)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norms = []
+
+    def on_before_optimizer_step(self, optimizer):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).detach())
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3], ids=["clipping", "not_clipping"])
+def test_callback_measures_the_clipped_loss(clip):
+    # clipping by norm multiplies the gradient by c = min(1, clip / norm): the filter measures c times the loss
+    module = NormRecorder()
+    trainer = fit(module, callbacks=[KalmanLossCallback()], accumulate_grad_batches=2, gradient_clip_val=clip)
+    opt = trainer.optimizers[0]
+    assert len(opt.measured) == len(module.norms) == 4
+    for k, (loss, norm) in enumerate(zip(opt.measured, module.norms, strict=True)):
+        factor = torch.clamp(clip / (norm + 1e-6), max=1.0)
+        assert (factor < 0.1) if clip < 1 else (factor == 1)
+        torch.testing.assert_close(loss, (module.micro[2 * k] + module.micro[2 * k + 1]) / 2 * factor)
+
+
+def test_callback_warns_that_value_clipping_cannot_be_matched():
+    with pytest.warns(UserWarning, match="clipping by value"):
+        fit(Classifier(), callbacks=[KalmanLossCallback()], gradient_clip_val=1e-3, gradient_clip_algorithm="value")
 
 
 def test_callback_with_a_grad_scaler():

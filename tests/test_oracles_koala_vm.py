@@ -185,7 +185,7 @@ def check_koala_v(case, foreach, seed=0, cls=KOALAV):
         assert_scalar(leader["measurement_noise"], e_R, "R", step)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize("foreach", [False, True, None], ids=["reference", "foreach", "default"])
 @pytest.mark.parametrize("case", sorted(KOALA_V_CASES))
 def test_koala_v_matches_the_paper_by_hand(case, foreach):
     check_koala_v(case, foreach)
@@ -239,7 +239,7 @@ def check_koala_m(case, foreach, seed=0, cls=KOALAM):
         assert_scalar(leader["measurement_noise"], e_R, "R", step)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize("foreach", [False, True, None], ids=["reference", "foreach", "default"])
 @pytest.mark.parametrize("case", sorted(KOALA_M_CASES))
 def test_koala_m_matches_the_paper_by_hand(case, foreach):
     check_koala_m(case, foreach)
@@ -271,13 +271,13 @@ class KOALAMPosteriorIsPrior(KOALAM):
         group_state["P"].copy_(group_state["P_prior"])
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize("foreach", [False, True, None], ids=["reference", "foreach", "default"])
 def test_oracle_catches_a_koala_v_whose_covariance_never_shrinks(foreach):
     with pytest.raises(AssertionError):
         check_koala_v("small_q_fixed_r", foreach, cls=KOALAVNoShrink)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize("foreach", [False, True, None], ids=["reference", "foreach", "default"])
 def test_oracle_catches_a_koala_m_whose_posterior_is_its_prior(foreach):
     with pytest.raises(AssertionError):
         check_koala_m("cross_term_fixed_r", foreach, cls=KOALAMPosteriorIsPrior)

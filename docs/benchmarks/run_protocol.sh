@@ -4,6 +4,8 @@
 # preset ('adaptive') as "KOALA++ (default)" and the paper's algorithm as "KOALA++ (paper)", one torch thread per run,
 # training time counted as the training thread's CPU time (--clock cpu, the default with one thread).
 # Usage: bash docs/benchmarks/run_protocol.sh fm60k-epochs|fm60k-time|fm60k-constant|vision5k|lm|report
+# Every command names its recorded file with --out and replaces it with --overwrite (without them a run writes to
+# ./kalmanopt-results/ and leaves results/ alone).
 set -euo pipefail
 # Learning rates, vision: the Fashion-MNIST/CNN sweep of docs/benchmarks/vision_lm.md (default x {1/3, 1, 3}, one
 # epoch, validation split; its "KOALA++" was the paper's algorithm, so its 0.333 goes to koala++-paper); the entries
@@ -23,7 +25,7 @@ case "${1:-}" in
   fm60k-epochs)
     # every optimizer of the registry's default list, all 60,000 training images (--valid-size 0), 2 epochs, 3 seeds
     # shellcheck disable=SC2086
-    kalmanopt bench vision --valid-size 0 --epochs 2 $VISION_LR --no-progress --out "$FM60K"
+    kalmanopt bench vision --valid-size 0 --epochs 2 $VISION_LR --no-progress --out "$FM60K" --overwrite
     ;;
   fm60k-time)
     # equal training time: every run gets AdamW's mean training time (thread CPU seconds) of the 2-epoch runs above
@@ -31,13 +33,13 @@ case "${1:-}" in
 print(f\"{statistics.fmean(r['train_seconds'] for r in d['runs'] if r['optimizer']=='adamw'):.1f}\")" "$FM60K")
     # shellcheck disable=SC2086
     kalmanopt bench vision --valid-size 0 --epochs 20 --seconds "$budget" $VISION_LR --no-progress \
-      --out results/fm60k/fashion_mnist-60k-cnn-cosine-time.json
+      --out results/fm60k/fashion_mnist-60k-cnn-cosine-time.json --overwrite
     ;;
   fm60k-constant)
     # the same 60k images and 2 epochs at a constant lr (no schedule) for the vision5k set: the defaults' setting
     # shellcheck disable=SC2086
     kalmanopt bench vision --valid-size 0 --epochs 2 --schedule constant --optimizers "$SHORT,$NOSCHED" $VISION_LR \
-      --no-progress --out results/fm60k/fashion_mnist-60k-cnn-constant-epochs.json
+      --no-progress --out results/fm60k/fashion_mnist-60k-cnn-constant-epochs.json --overwrite
     ;;
   vision5k)
     # the older 5k-image table (docs/benchmarks/vision_lm.md) under the protocol: cosine, then constant lr
@@ -45,7 +47,8 @@ print(f\"{statistics.fmean(r['train_seconds'] for r in d['runs'] if r['optimizer
       opts=$SHORT; [ "$schedule" = constant ] && opts=$SHORT,$NOSCHED
       # shellcheck disable=SC2086
       kalmanopt bench vision --train-size 5000 --test-size 5000 --epochs 3 --schedule "$schedule" \
-        --optimizers "$opts" $VISION_LR --no-progress --out "results/vision/protocol/fashion_mnist-5k-$schedule.json"
+        --optimizers "$opts" $VISION_LR --no-progress --overwrite \
+        --out "results/vision/protocol/fashion_mnist-5k-$schedule.json"
     done
     ;;
   lm)
@@ -56,7 +59,7 @@ print(f\"{statistics.fmean(r['train_seconds'] for r in d['runs'] if r['optimizer
       opts=$LM_ALL; [ "$schedule" = constant ] && opts=$SHORT,$NOSCHED
       # shellcheck disable=SC2086
       kalmanopt bench lm --train-chars 250000 --eval-chars 20000 --epochs 2 --schedule "$schedule" \
-        --optimizers "$opts" $LM_LR --no-progress --out "results/lm/protocol/moby_dick-250k-$schedule.json"
+        --optimizers "$opts" $LM_LR --no-progress --out "results/lm/protocol/moby_dick-250k-$schedule.json" --overwrite
     done
     ;;
   report)
@@ -64,9 +67,9 @@ print(f\"{statistics.fmean(r['train_seconds'] for r in d['runs'] if r['optimizer
     kalmanopt report results/fm60k --out docs/benchmarks/fm60k.md --into
     tmp=$(mktemp -p docs/benchmarks tables.XXXXXX)   # in the page's folder: the figures' relative links hold
     python -m kalmanopt.bench.grid results/vision/protocol "$tmp.grid"
-    kalmanopt report results/vision/protocol --no-summary --out "$tmp"
+    kalmanopt report results/vision/protocol --no-summary --out "$tmp" --overwrite
     python -m kalmanopt.bench.grid results/lm/protocol "$tmp.lmgrid"
-    kalmanopt report results/lm/protocol --no-summary --out "$tmp.lm"
+    kalmanopt report results/lm/protocol --no-summary --out "$tmp.lm" --overwrite
     cat "$tmp.grid" "$tmp" "$tmp.lmgrid" "$tmp.lm" > "$tmp.all"
     python -c "import sys, pathlib; from kalmanopt.bench.report import splice; \
 splice(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]).read_text())" docs/benchmarks/vision_lm_protocol.md "$tmp.all"

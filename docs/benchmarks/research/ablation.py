@@ -64,6 +64,7 @@ def parse(spec):
         try: v = float(v) if "." in v or "e" in v else int(v)
         except ValueError: pass
         if v == "None": v = None
+        if v in ("True", "False"): v = v == "True"
         kw[k] = v
     return name, kw
 
@@ -76,6 +77,8 @@ def build(name, kw, params):
         import schedulefree; return schedulefree.AdamWScheduleFree(params, **kw), "sf"
     if name == "momoadam":
         import momo; return momo.MomoAdam(params, **kw), "momo"
+    if name == "prodigy":
+        import prodigyopt; return prodigyopt.Prodigy(params, **kw), "plain"
     if name == "kpp_lib": return kalmanopt.KOALAPlusPlus(params, **kw), "kalman"
     if name == "kpp": return KPP(params, **kw), "kpp"
     raise ValueError(name)

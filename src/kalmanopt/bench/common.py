@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kalmanopt import paths
+
 from . import registry
 
 __all__ = ["CLOCKS", "Budget", "RunSpec", "add_common_arguments", "provenance", "resolve_clock", "resolve_defaults",
@@ -183,6 +185,7 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
     history: list[dict[str, float]] = [{"epoch": 0.0, "seconds": 0.0, "train_loss": math.nan,
                                         **evaluate(model)}]
     train_seconds, steps, diverged, out_of_time = 0.0, 0, False, False
+    both_clocks = {"wall": 0.0, "cpu": 0.0}  # the training time on both clocks, whichever one ``clock`` names
     total = budget.epochs * steps_per_epoch
     bar = tqdm(total=total, desc=desc or f"{spec.optimizer} lr={spec.lr:g} seed={spec.seed}", leave=False,
                disable=not progress, mininterval=2.0, dynamic_ncols=True)
@@ -195,7 +198,7 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
         for epoch in range(budget.epochs):
             model.train()
             loss_sum, n_steps = 0.0, 0
-            start = now()
+            start, start_wall, start_cpu = now(), time.perf_counter(), time.thread_time()
             for x, y in epoch_batches(order):
                 opt.zero_grad(set_to_none=True)
                 loss = registry.backward_and_step(entry, opt, per_sample_loss(model, x, y)).item()
@@ -217,6 +220,8 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
                 if n_steps % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}", refresh=False)
             train_seconds += now() - start
+            both_clocks["wall"] += time.perf_counter() - start_wall
+            both_clocks["cpu"] += time.thread_time() - start_cpu
             opt.zero_grad(set_to_none=True)  # frees create_graph graphs
             history.append({"epoch": epoch + n_steps / steps_per_epoch, "seconds": train_seconds,
                             "train_loss": loss_sum / max(n_steps, 1), **evaluate(model)})
@@ -232,6 +237,7 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
         "optimizer": spec.optimizer, "label": entry.label, "lr": spec.lr, "seed": spec.seed,
         "weight_decay": entry.weight_decay.get(task, 0.0), "budget": budget.kind,
         "epochs": final["epoch"], "steps": steps, "train_seconds": train_seconds, "clock": clock,
+        "train_seconds_wall": both_clocks["wall"], "train_seconds_cpu": both_clocks["cpu"],
         "seconds_per_epoch": train_seconds / final["epoch"] if final["epoch"] > 0 else math.nan,
         "optimizer_state_bytes": registry.state_bytes(opt), "parameters": sum(p.numel() for p in model.parameters()),
         "skipped_steps": skipped, "diverged": diverged, "final": final, "history": history,
@@ -240,15 +246,16 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
 
 
 DIAGNOSTICS_PER_EPOCH = 25
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0,
                  fraction: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """The same schedule for every optimizer: a linear warm-up over ``warmup_steps``, then ``constant`` or
+    """The same schedule for every optimizer: a linear warm-up over ``warmup_steps``, then ``constant``,
     ``cosine`` annealing to 0 at ``total_steps`` (the reference configurations' CosineAnnealingLR, stepped per
-    batch). ``fraction(step)``, if given, says how much of the run is done (in [0, 1]; an equal-time budget counts
-    seconds) in place of ``step / total_steps``; the warm-up still counts steps."""
+    batch) or ``linear`` decay to 0 there (the Hugging Face Trainer's default). ``fraction(step)``, if given, says
+    how much of the run is done (in [0, 1]; an equal-time budget counts seconds) in place of ``step / total_steps``;
+    the warm-up still counts steps."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
 
@@ -258,9 +265,13 @@ def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int, wa
         if schedule == "constant":
             return 1.0
         if fraction is not None:
-            return 0.5 * (1 + math.cos(math.pi * min(max(fraction(step), 0.0), 1.0)))
-        span = max(total_steps - warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+            done = min(max(fraction(step), 0.0), 1.0)
+        else:
+            span = max(total_steps - warmup_steps, 1)
+            done = min(step - warmup_steps, span) / span
+        if schedule == "linear":  # the Hugging Face Trainer's default: straight down to 0 at the end
+            return 1.0 - done
+        return 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -384,12 +395,14 @@ def resolve_clock(args: argparse.Namespace) -> str:
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iterable[str]) -> None:
+    from kalmanopt.cli import COUNT, NONNEGATIVE, POSITIVE, SEED, THREADS, existing_dir
+
     p.add_argument("--optimizers", default=None,
                    help=f"comma-separated registry names (default: {','.join(default_optimizers)}; known: "
                         f"{', '.join(registry.REGISTRY)})")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (the upper bound with --seconds)")
-    p.add_argument("--seconds", type=float, default=None,
+    p.add_argument("--seeds", type=SEED, nargs="+", default=None, help="default: 0 1 2")
+    p.add_argument("--epochs", type=COUNT, default=None, help="epochs per run (the upper bound with --seconds)")
+    p.add_argument("--seconds", type=POSITIVE, default=None,
                    help="equal-time budget: training seconds per run on --clock (evaluation not counted)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default=None,
                    help="what a training second is: 'cpu', the training thread's CPU time (time.thread_time; the "
@@ -399,14 +412,27 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iter
     p.add_argument("--sweep", action="store_true",
                    help="first sweep each optimizer's lr over default x (1/3, 1, 3) on one seed, select on the "
                         "validation split, then run the seeds with the chosen values")
-    p.add_argument("--sweep-epochs", type=int, default=1, help="epochs per sweep run (the same for every optimizer)")
-    p.add_argument("--sweep-seed", type=int, default=100)
+    p.add_argument("--sweep-epochs", type=COUNT, default=1, help="epochs per sweep run (the same for every optimizer)")
+    p.add_argument("--sweep-seed", type=SEED, default=100)
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning-rate schedule, the same for every optimizer that takes one: cosine annealing to 0 "
                         "over the epoch budget (default, the reference configurations' protocol) or constant")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the schedule")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    p.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
+    p.add_argument("--warmup-steps", type=NONNEGATIVE, default=0, help="linear warm-up steps before the schedule")
+    p.add_argument("--threads", type=THREADS, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="a smoke run of about two minutes (its default results "
+                   "file is named *-quick.json)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    p.add_argument("--data-root", default=None, help="read the dataset from this directory instead of the cache")
-    p.add_argument("--out", default=None, help="results file (JSON)")
+    p.add_argument("--data-root", type=existing_dir, default=None,
+                   help="read the dataset from this directory instead of the cache")
+    p.add_argument("--out", default=None, help=f"results file (JSON; default: {paths.SCRATCH}/<suite>/<name>.json "
+                   "in the current directory, replaced by the next run of the same name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the --out file if it exists (without it an existing file is refused: recorded "
+                        "results are replaced only when asked)")
+
+
+def results_file(args: argparse.Namespace, suite: str, name: str) -> Path:
+    """The results file of a vision or language-model run, checked before anything runs: ``--out``, else
+    ``kalmanopt-results/<suite>/<name>[-quick].json`` (see :func:`kalmanopt.paths.output_file`)."""
+    default = Path(suite) / f"{name}{'-quick' if args.quick else ''}.json"
+    return paths.output_file(args.out, default, overwrite=args.overwrite)

@@ -11,9 +11,12 @@ and track which share of ``||P||_F^2`` lies
 * inside the per-tensor diagonal blocks (weight and bias separately),
 * inside the per-layer diagonal blocks (weight and bias of one layer together).
 
-Outputs: ``results/covariance/covariance.json`` (provenance, shares over time, online accuracy) and PNG
-heatmaps/curves (``--save-full-p DIR`` also saves every saved P, 84 MB each); a markdown section written to
-``docs/benchmarks/covariance.md`` and appended to ``docs/benchmarks/online.md`` by ``kalmanopt bench online``.
+Outputs, in the ``--out`` folder (default ``./kalmanopt-results/covariance/``, ``covariance-quick/`` with
+``--quick``): ``covariance.json`` (provenance, shares over time, online accuracy) and PNG heatmaps/curves
+(``--save-full-p DIR`` also saves every saved P, 84 MB each); a markdown section, ``--docs`` (default
+``covariance.md`` in the ``--out`` folder), which ``kalmanopt bench online`` appends to its page. An existing
+``covariance.json`` or ``--docs`` file named by ``--out``/``--docs`` is replaced only with ``--overwrite``; the
+recorded ones come from ``--out results/covariance --docs docs/benchmarks/covariance.md --overwrite``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NarrowLeNet5", "add_parser", "block_shares", "main"]
+from kalmanopt import paths
+
+__all__ = ["NarrowLeNet5", "add_parser", "block_shares", "check_args", "main"]
 
 
 class NarrowLeNet5(nn.Module):
@@ -84,7 +89,8 @@ def _heatmaps(saved: dict[int, torch.Tensor], layers: list[slice], names: list[s
     import matplotlib.pyplot as plt
 
     steps = sorted(saved)
-    fig, axes = plt.subplots(1, len(steps), figsize=(3.4 * len(steps), 3.6))
+    fig, axes = plt.subplots(1, len(steps), figsize=(3.4 * len(steps), 3.6), squeeze=False)
+    axes = axes[0]  # one row, also when a short run saved P only once
     n = saved[steps[0]].shape[0]
     bins = min(n, 460)
     for ax, k in zip(axes, steps, strict=True):
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      r_min=args.r_min, max_params=n)
     tensor_slices, tensor_names, layers, layer_names = _layer_slices(model)
     save_at = sorted({s for s in args.save_at if s <= args.samples} | {0})
-    out = Path(args.out)
+    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     saved: dict[int, torch.Tensor] = {}
     history: list[dict[str, Any]] = []
@@ -201,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": seconds,
     }
     (out / "covariance.json").write_text(json.dumps(result, indent=1))
-    write_markdown(result, out, Path(args.docs))
+    write_markdown(result, out, args.docs_path)
     return result
 
 
@@ -238,37 +244,62 @@ def write_markdown(result: dict[str, Any], results_dir: Path, docs_path: Path) -
     docs_path.write_text(markdown(result, results_dir, docs_path.parent) + "\n")
 
 
-def main(args: argparse.Namespace) -> int:
+def check_args(args: argparse.Namespace) -> None:
+    """``--quick``'s settings and the output paths: called by the CLI before anything runs or is written
+    (:class:`UsageError`, one line)."""
     if args.quick:
         args.samples = min(args.samples, 40)
         args.save_at = [0, 10, 40]
         args.every = 10
+    given = args.out is not None
+    args.out_dir = paths.output_dir(args.out, "covariance-quick" if args.quick else "covariance")
+    if given:
+        paths.refuse_existing(args.out_dir / "covariance.json", overwrite=args.overwrite)
+    args.docs_path = Path(args.docs).expanduser() if args.docs else args.out_dir / "covariance.md"
+    if args.docs:
+        paths.refuse_existing(args.docs_path, overwrite=args.overwrite, option="--docs")
+    paths.check_writable_dir(args.docs_path.parent, "--docs")
+    if args.save_full_p:
+        paths.check_writable_dir(args.save_full_p, "--save-full-p")
+
+
+def main(args: argparse.Namespace) -> int:
+    if getattr(args, "out_dir", None) is None:  # called directly, not through the CLI
+        check_args(args)
+    print(f"kalmanopt bench covariance: {args.samples} samples; results: {args.out_dir}, {args.docs_path}",
+          flush=True)
     result = run(args)
     last = result["history"][-1]
     print(f"after {args.samples} samples: diagonal {last['diagonal']:.3f}, per-tensor blocks "
           f"{last['tensor_blocks']:.3f}, per-layer blocks {last['layer_blocks']:.3f} of ||P||_F^2; online accuracy "
-          f"{result['online_accuracy']:.4f}; wrote {args.out} and {args.docs}")
+          f"{result['online_accuracy']:.4f}; wrote {args.out_dir} and {args.docs_path}")
     return 0
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = bench_subparsers.add_parser("covariance", help="full-covariance EKF on a narrow LeNet-5: how P evolves",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--save-at", type=int, nargs="+", default=[0, 10, 100, 300, 1000])
-    p.add_argument("--every", type=int, default=10, help="block shares every N samples")
-    p.add_argument("--p0", type=float, default=0.3)
-    p.add_argument("--r0", type=float, default=1.0)
+    from kalmanopt.cli import COUNT, NONNEGATIVE, POSITIVE, SEED, THREADS, number
+
+    p.add_argument("--samples", type=COUNT, default=1000)
+    p.add_argument("--save-at", type=NONNEGATIVE, nargs="+", default=[0, 10, 100, 300, 1000])
+    p.add_argument("--every", type=COUNT, default=10, help="block shares every N samples")
+    p.add_argument("--p0", type=POSITIVE, default=0.3)
+    p.add_argument("--r0", type=POSITIVE, default=1.0)
     p.add_argument("--observation", choices=("logits", "softmax", "loss"), default="logits")
     p.add_argument("--noise", choices=("fixed", "moment", "ema", "ema_diag"), default="fixed")
-    p.add_argument("--r-min", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--r-min", type=number(0.0), default=1e-3)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--threads", type=THREADS, default=1)
     p.add_argument("--save-full-p", default=None, metavar="DIR",
                    help="also save the full P at each --save-at step under DIR (n^2 floats each; not for results/)")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="40 samples (default folder covariance-quick/)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default="results/covariance")
-    p.add_argument("--docs", default="docs/benchmarks/covariance.md")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"results folder (default: {paths.SCRATCH}/covariance in the current directory)")
+    p.add_argument("--docs", default=None, metavar="FILE",
+                   help="the markdown section (default: covariance.md in the --out folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace covariance.json in --out and the --docs file if they exist (else refused)")
     p.set_defaults(func=main)
     return p

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kalmanopt.errors import UsageError
+
 from . import common, models
 
-__all__ = ["add_parser", "main", "windows"]
+__all__ = ["add_parser", "check_args", "main", "windows"]
 
 CORPORA = ("moby_dick", "shakespeare", "brown", "wikitext2")
 NORMAL = dict(epochs=3, seeds=[0, 1, 2], d_model=64, context=64, n_layers=4, n_heads=4, eval_chars=50_000)
@@ -62,23 +63,42 @@ def _evaluate(model: nn.Module, w: Tensor, split: str, batch: int = 64) -> dict[
     return {f"{split}_loss": loss, f"{split}_ppl": math.exp(min(loss, 50.0)), f"{split}_bpc": loss / math.log(2)}
 
 
-def main(args: argparse.Namespace) -> int:
-    args._command = common.command_line(args)
-    from kalmanopt import data
-
+def check_args(args: argparse.Namespace) -> None:
+    """The defaults (``--full``, ``--quick``), what depends on several options, and the results file: called by the
+    CLI before anything is fetched, run or written (:class:`UsageError`, one line)."""
+    args._command = common.command_line(args)  # before the defaults are filled in: the options the user gave
     from . import registry
 
     if args.full:
         common.resolve_defaults(args, FULL, {})
     common.resolve_defaults(args, {**NORMAL, "optimizers": ",".join(registry.DEFAULT)}, QUICK)
+    if args.d_model % args.n_heads:
+        raise UsageError(f"--d-model {args.d_model} is not a multiple of --n-heads {args.n_heads}")
+    budget = "time" if args.seconds is not None else "epochs"
+    args.out_path = common.results_file(args, "lm", f"{args.corpus}-gpt{args.n_layers}-d{args.d_model}-{budget}")
+
+
+def _windows(text: str, tok: models.CharTokenizer, context: int, what: str) -> Tensor:
+    try:
+        return windows(tok.encode(text), context)
+    except ValueError:
+        raise UsageError(f"the {what} text ({len(text):,} characters) is shorter than one window of --context "
+                         f"{context} + 1") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    from kalmanopt import data
+
+    if getattr(args, "out_path", None) is None:  # called directly, not through the CLI
+        check_args(args)
     torch.set_num_threads(args.threads)
     clock = common.resolve_clock(args)
     corpus = data.load(args.corpus, root=args.data_root)
     train_text = corpus.train[: args.train_chars] if args.train_chars else corpus.train
     tok = models.CharTokenizer(train_text)
-    evals = {s: windows(tok.encode(getattr(corpus, s)[: args.eval_chars] if args.eval_chars else getattr(corpus, s)),
-                        args.context) for s in ("valid", "test")}
-    train_w = windows(tok.encode(train_text), args.context)
+    evals = {s: _windows(getattr(corpus, s)[: args.eval_chars] if args.eval_chars else getattr(corpus, s), tok,
+                         args.context, s) for s in ("valid", "test")}
+    train_w = _windows(train_text, tok, args.context, "training")
     n, bs = len(train_w), args.batch_size
     steps = (n + bs - 1) // bs
 
@@ -103,8 +123,7 @@ def main(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress, schedule=args.schedule,
                                 warmup_steps=args.warmup_steps, clock=clock)
 
-    budget = "time" if args.seconds is not None else "epochs"
-    out = Path(args.out or f"results/lm/{args.corpus}-gpt{args.n_layers}-d{args.d_model}-{budget}.json")
+    out = args.out_path
     config = {"corpus": args.corpus, "model": f"GPT {args.n_layers} layers, d={args.d_model}, {args.n_heads} heads, "
                                               f"context {args.context}, tied head, char tokenizer",
               "parameters": models.n_parameters(make_model()), "vocab_size": tok.vocab_size,
@@ -115,26 +134,28 @@ def main(args: argparse.Namespace) -> int:
     per_run = f"{args.seconds:g} s ({common.CLOCK_LABELS[clock]})" if args.seconds else f"{args.epochs} epochs"
     print(f"kalmanopt bench lm: {args.corpus}, {config['model']} ({config['parameters']:,} parameters), "
           f"{config['train_chars']:,} train chars ({n} windows, batch {bs}), {per_run} per run, seeds {args.seeds}, "
-          f"{torch.get_num_threads()} thread(s)", flush=True)
+          f"{torch.get_num_threads()} thread(s); results: {out}", flush=True)
     common.run_suite(args, task="lm", config=config, run=run, select_key="valid_loss", higher_is_better=False,
                      out_path=out)
     return 0
 
 
 def add_parser(bench_subparsers) -> argparse.ArgumentParser:
+    from kalmanopt.cli import COUNT, number
+
     from . import registry
 
     p = bench_subparsers.add_parser("lm", help="character-level GPT on Moby-Dick / Shakespeare / Brown / WikiText-2",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", choices=CORPORA, default="moby_dick")
-    p.add_argument("--train-chars", type=int, default=None, help="keep the first N characters of the train split")
-    p.add_argument("--eval-chars", type=int, default=None, help="first N characters of valid/test (default 50,000)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--d-model", type=int, default=None, help="default 64 (256 with --full)")
-    p.add_argument("--context", type=int, default=None, help="default 64 (256 with --full)")
-    p.add_argument("--n-layers", type=int, default=None, help="default 4")
-    p.add_argument("--n-heads", type=int, default=None, help="default 4")
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--train-chars", type=COUNT, default=None, help="keep the first N characters of the train split")
+    p.add_argument("--eval-chars", type=COUNT, default=None, help="first N characters of valid/test (default 50,000)")
+    p.add_argument("--batch-size", type=COUNT, default=32)
+    p.add_argument("--d-model", type=COUNT, default=None, help="default 64 (256 with --full)")
+    p.add_argument("--context", type=COUNT, default=None, help="default 64 (256 with --full)")
+    p.add_argument("--n-layers", type=COUNT, default=None, help="default 4")
+    p.add_argument("--n-heads", type=COUNT, default=None, help="default 4")
+    p.add_argument("--dropout", type=number(0.0, below=1.0), default=0.0)
     p.add_argument("--full", action="store_true", help="the reference shape: d = 256, context 256")
     common.add_common_arguments(p, default_optimizers=registry.DEFAULT)
     p.set_defaults(func=main, _parser=p, _prog="bench lm")

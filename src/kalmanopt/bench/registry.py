@@ -73,7 +73,8 @@ class OptimizerEntry:
                 raise TypeError(f"{self.name} hooks the model's layers: pass the nn.Module, not its parameters")
             target: Any = model
         else:
-            target = model.parameters() if isinstance(model, nn.Module) else model
+            # frozen parameters (a LoRA base model, a frozen backbone) are not the optimizer's, as in the Trainer
+            target = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else model
         return self.build(target, self.lr[task] if lr is None else lr,
                           self.weight_decay.get(task, 0.0) if weight_decay is None else weight_decay,
                           **self.options.get(task, {}))
@@ -101,6 +102,10 @@ def _momo(name: str):
     return getattr(require("momo", "MoMo"), name)
 
 
+def _prodigy():
+    return require("prodigyopt", "Prodigy").Prodigy
+
+
 def _baseline(name: str):
     from . import baselines
 
@@ -118,9 +123,9 @@ def _entries() -> list[OptimizerEntry]:
     return [
         OptimizerEntry("koala++", "KOALA++ (default)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd, **kw),
-                       "kalman", {"vision": 1.0, "lm": 1.0}, family="kalman",
+                       "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
                        note="the library's default preset ('adaptive'): per-tensor blocks, diagonal metric, R = 0, "
-                            "step cap 0.01, momentum 0.9"),
+                            "step min(loss/S, lr/q) with lr in AdamW's units, momentum 0.9"),
         OptimizerEntry("koala++-paper", "KOALA++ (paper)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, sigma=0.1, q=0.1, weight_decay=wd,
                                                                        preset="paper", **kw),
@@ -217,6 +222,13 @@ def _entries() -> list[OptimizerEntry]:
                        "value", {"vision": 1e-2, "lm": 1e-2}, weight_decay=no_wd, requires=("momo",), scheduled=False,
                        note="momo-opt 0.1 defaults (betas 0.9/0.999, loss lower bound 0); step(loss=batch-mean "
                             "loss); no lr schedule"),
+        # Learning-rate free Adam (issue 19's anchor for "no tuning"): it estimates the distance to the solution and
+        # scales lr = 1 by it; the schedule still multiplies the step, as its authors recommend.
+        OptimizerEntry("prodigy", "Prodigy",
+                       lambda p, lr, wd: _prodigy()(p, lr=lr, weight_decay=wd),
+                       "plain", {"vision": 1.0, "lm": 1.0}, weight_decay=no_wd, requires=("prodigyopt",),
+                       note="prodigyopt 1.1 defaults (lr 1, betas 0.9/0.999, d0 1e-6, no bias correction, no "
+                            "safeguard warm-up); takes the lr schedule"),
     ]
 
 

@@ -18,7 +18,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "load_results", "markdown", "plot", "summarise"]
+from kalmanopt import paths
+from kalmanopt.errors import UsageError
+
+__all__ = ["add_parser", "check_args", "load_results", "markdown", "plot", "summarise"]
 
 METRICS = {  # suite -> (main key, label, higher is better, scale, format)
     "vision": ("test_accuracy", "test acc. (%)", True, 100.0, "{:.2f}"),
@@ -27,15 +30,26 @@ METRICS = {  # suite -> (main key, label, higher is better, scale, format)
 
 
 def load_results(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
-    """Every ``*.json`` results file under the given files or directories, in name order."""
-    files: list[Path] = []
+    """Every ``*.json`` results file of ``kalmanopt bench vision|lm`` under the given files or directories, in name
+    order (other JSON files found in a directory, such as the online suite's, are passed over). A path that does not
+    exist, or a file named on the command line that is not such a results file, is a :class:`UsageError`."""
+    files: list[tuple[Path, bool]] = []
     for p in map(Path, paths):
-        files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
+        if not p.exists():
+            raise UsageError(f"{p} does not exist")
+        files += [(f, False) for f in sorted(p.rglob("*.json"))] if p.is_dir() else [(p, True)]
     out = []
-    for f in files:
-        data = json.loads(f.read_text())
-        if isinstance(data, dict) and "runs" in data and "suite" in data:
+    for f, named in files:
+        try:
+            data = json.loads(f.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if named:
+                raise UsageError(f"{f} is not a JSON results file ({e})") from None
+            continue
+        if isinstance(data, dict) and "runs" in data and data.get("suite") in METRICS:
             out.append((f, data))
+        elif named:
+            raise UsageError(f"{f} is not a results file of kalmanopt bench {' or '.join(METRICS)}")
     return out
 
 
@@ -276,6 +290,17 @@ def splice(path: Path, text: str) -> None:
     path.write_text((head + "\n\n" if head else "") + MARKER + "\n\n" + text.rstrip("\n") + "\n")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The output file, before anything is read or written (:class:`UsageError`, one line): an existing ``--out`` is
+    replaced only with ``--overwrite`` (``--into`` keeps its hand-written part and replaces the rest: asked for)."""
+    if args.into and not args.out:
+        raise UsageError("--into needs --out, the page whose generated part it replaces")
+    if args.out:
+        path = Path(args.out).expanduser()
+        paths.refuse_existing(path, overwrite=args.overwrite or args.into)
+        paths.check_writable_dir(path.parent)
+
+
 def main(args: argparse.Namespace) -> int:
     results = load_results(args.paths)
     if not results:
@@ -305,8 +330,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the top-level ``report`` command."""
     p = subparsers.add_parser("report", help="results JSON files -> markdown tables and PNG plots",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="results files or directories (searched for *.json)")
+    from kalmanopt.cli import existing_path
+
+    p.add_argument("paths", nargs="+", type=existing_path, help="results files or directories (searched for *.json)")
     p.add_argument("--out", default=None, help="markdown file (default: print to stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists (else refused)")
     p.add_argument("--title", default=None, help="a heading line put first")
     p.add_argument("--into", action="store_true",
                    help="keep the hand-written text of --out above its marker line and replace only what follows")

@@ -41,10 +41,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 import kalmanopt
+from kalmanopt import paths
+from kalmanopt.errors import UsageError
 
 __all__ = [
-    "PRESETS", "Preset", "Settings", "add_parser", "gpt2_shapes", "gpt4_shapes", "main", "mlp_shapes", "n_params",
-    "resnet18_shapes", "resnet50_shapes", "run",
+    "PRESETS", "Preset", "Settings", "add_parser", "check_args", "gpt2_shapes", "gpt4_shapes", "main", "mlp_shapes",
+    "n_params", "resnet18_shapes", "resnet50_shapes", "run",
 ]
 
 Shape = tuple[int, ...]
@@ -293,7 +295,8 @@ def _select(requested: Sequence[str] | None) -> tuple[list[Contender], list[str]
     keys = list(requested) if requested else list(CONTENDER_KEYS)
     unknown = [k for k in keys if k not in CONTENDER_KEYS]
     if unknown:
-        raise SystemExit(f"unknown optimizer(s) {unknown}; choose from {', '.join(CONTENDER_KEYS)}")
+        raise UsageError(f"--optimizers: unknown optimizer(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(CONTENDER_KEYS)}")
     notes = [_loko_note()] if "loko" in keys else []
     return [c for c in available if c.key in keys], notes
 
@@ -365,7 +368,8 @@ def _prepare(contender: Contender, params: Sequence[Tensor], grads: Sequence[Ten
         step()
     name = contender.name
     if contender.key in ("koala++", "koala++-paper", "koala++-paper-bf16"):  # the default path: say which one ran
-        kernel = "fused kernel" if "_fused_work" in optimizer.__dict__ else "multi-tensor path"
+        kernel = "fused kernel" if "_fused_work" in optimizer.__dict__ else \
+            "Triton kernels" if "_triton_cache" in optimizer.__dict__ else "multi-tensor path"
         name = f"{name[:-1]}; {kernel})"
     return Prepared(contender, optimizer, step, n_params(p.shape for p in own), name)
 
@@ -396,16 +400,26 @@ def _prepare_all(contenders: Sequence[Contender], shapes: Sequence[Shape], setti
 
 def _time_steps(step: Callable[[], Any], n_steps: int, device: torch.device) -> tuple[float, float]:
     """Wall and thread-CPU seconds per step over ``n_steps`` consecutive steps (garbage collection paused, as
-    timeit does). The CPU time is the calling thread's: with one torch thread, all of the step's work."""
+    timeit does). The CPU time is the calling thread's: with one torch thread, all of the step's work. On CUDA the
+    wall time is the device's, between two CUDA events around the steps (the host may run ahead of the device, whose
+    time the step is)."""
     _synchronize(device)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
+        events = None
+        if device.type == "cuda":
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record(torch.cuda.current_stream(device))
         start, cpu_start = time.perf_counter(), time.thread_time()
         for _ in range(n_steps):
             step()
+        if events is not None:
+            events[1].record(torch.cuda.current_stream(device))
         _synchronize(device)
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+        if events is not None:
+            elapsed = events[0].elapsed_time(events[1]) / 1e3
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -481,7 +495,7 @@ def _check_memory(preset: Preset, contenders: Sequence[Contender], count: int, l
     """Estimated peak bytes (shared gradients plus each contender's share); refuse to start above limit."""
     estimate = 4 * count * (1 + sum(c.floats_per_param for c in contenders))
     if estimate > limit_gb * 2**30:
-        raise SystemExit(
+        raise UsageError(
             f"{preset.name}: the selected optimizers need about {estimate / 2**30:.1f} GiB at once, over "
             f"--max-memory-gb {limit_gb:g}; run fewer at a time with --optimizers"
         )
@@ -502,7 +516,7 @@ def run_preset(preset: Preset, settings: Settings) -> dict[str, Any]:
 
     prepared = _prepare_all(contenders, shapes, settings, warmup, notes)
     if not prepared:
-        raise SystemExit(f"{preset.name}: no optimizer could be run ({'; '.join(notes)})")
+        raise UsageError(f"{preset.name}: no optimizer could be run ({'; '.join(notes)})")
     seconds: dict[str, list[tuple[float, float]]] = {p.contender.key: [] for p in prepared}
     for r in _progress(rounds, preset.name):
         for item in _rotation(prepared, r):
@@ -613,48 +627,76 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- command line
-def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
-    """Resolve the command line into :class:`Settings` and the preset name that names the output file."""
+def _presets(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The preset names a command line asks for, and the name of its results file (:class:`UsageError` if bad)."""
     if args.quick and args.preset is not None:
-        raise SystemExit(f"--quick is the preset {QUICK_PRESET} on a small budget: give --quick or --preset")
+        raise UsageError(f"--quick is the preset {QUICK_PRESET} on a small budget: give --quick or --preset")
     preset = QUICK_PRESET if args.quick else (args.preset or "resnet18")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available in this PyTorch build or on this machine")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    optimizers = [k.strip() for k in args.optimizers.split(",") if k.strip()] if args.optimizers else None
     names = list(ALL_PRESETS) if preset == "all" else [n.strip() for n in preset.split(",") if n.strip()]
     unknown = [n for n in names if n not in PRESETS]
     if unknown or not names:
-        raise SystemExit(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)} or all (or a comma list)")
+        raise UsageError(f"--preset: unknown preset(s) {unknown}; choose from {', '.join(PRESETS)} or all (or a "
+                         "comma list)")
+    return names, preset.replace(",", "+")
+
+
+def _optimizers(args: argparse.Namespace) -> list[str] | None:
+    return [k.strip() for k in args.optimizers.split(",") if k.strip()] if args.optimizers else None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Presets, optimizers, device, the memory estimate of every preset, and the results file: called by the CLI
+    before anything runs or is written (:class:`UsageError`, one line)."""
+    names, preset = _presets(args)
+    contenders, _ = _select(_optimizers(args))
+    for name in names:
+        _check_memory(PRESETS[name], contenders, n_params(PRESETS[name].shapes()), args.max_memory_gb)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available in this PyTorch build or on this machine")
+    args.out_path = paths.output_file(args.out, Path("step") / f"step-{preset}.json", overwrite=args.overwrite)
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
+    """Resolve the command line into :class:`Settings` and the preset name that names the output file."""
+    names, preset = _presets(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available in this PyTorch build or on this machine")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = Settings(
         presets=names, rounds=args.rounds,
-        steps_per_round=args.steps_per_round, warmup=args.warmup, optimizers=optimizers, device=device,
+        steps_per_round=args.steps_per_round, warmup=args.warmup, optimizers=_optimizers(args), device=device,
         weight_decay=args.weight_decay, seed=args.seed, max_memory_gb=args.max_memory_gb,
         profile=args.profile,
     )
-    return settings, preset.replace(",", "+")
+    return settings, preset
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``kalmanopt bench step`` (the ``func`` of its parser)."""
-    settings, preset = _settings(args)
-    out = Path(args.out) if args.out else Path("results") / "step" / f"step-{preset}.json"
-    run(settings, out)
+    if getattr(args, "out_path", None) is None:  # called directly, not through the CLI
+        check_args(args)
+    settings, _ = _settings(args)
+    run(settings, args.out_path)
     return 0
 
 
-def _positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _device(text: str) -> str:
+    """An argparse type: a torch device string of type cpu or cuda (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``step`` sub-command to the subparsers of ``kalmanopt bench``."""
+    from kalmanopt.cli import COUNT, NONNEGATIVE, POSITIVE, SEED, integer, number
+
     parser = subparsers.add_parser(
         "step", help="time one optimizer step: KOALA++ against AdamW and its reference",
         description=(__doc__ or "").split("\n\n", 1)[0],
@@ -664,24 +706,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         + " (default: resnet18; all: " + ", ".join(ALL_PRESETS) + ")")
     parser.add_argument("--quick", action="store_true",
                         help=f"a few seconds: preset {QUICK_PRESET}, 3 rounds x 2 steps, 1 warm-up step")
-    parser.add_argument("--rounds", type=_positive, help="timing rounds (default: per preset)")
-    parser.add_argument("--steps-per-round", type=_positive,
+    parser.add_argument("--rounds", type=COUNT, help="timing rounds (default: per preset)")
+    parser.add_argument("--steps-per-round", type=COUNT,
                         help="consecutive steps in one timing (default: per preset)")
-    parser.add_argument("--warmup", type=_positive,
+    parser.add_argument("--warmup", type=COUNT,
                         help="untimed steps per optimizer first (default: per preset)")
     parser.add_argument("--optimizers", help="comma list of optimizers to include (default: all), from: "
                         + ",".join(CONTENDER_KEYS))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: PyTorch's choice)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4,
+    parser.add_argument("--threads", type=integer(0, 4096), default=0,
+                        help="torch threads (default 0: PyTorch's choice)")
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--weight-decay", type=number(0.0), default=5e-4,
                         help="weight decay for all: KOALA coupled, AdamW decoupled (default: 5e-4)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=SEED, default=0,
                         help="seed of the parameters and gradients (default: 0)")
-    parser.add_argument("--max-memory-gb", type=float, default=16.0,
+    parser.add_argument("--max-memory-gb", type=POSITIVE, default=16.0,
                         help="refuse a preset whose estimated peak memory is above this (default: 16)")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    parser.add_argument("--profile", type=NONNEGATIVE, default=0, metavar="STEPS",
                         help="after timing, run STEPS steps of each optimizer under torch.profiler and print the "
                         "operators they spend their time in (default: 0, no profile)")
-    parser.add_argument("--out", help="JSON results file (default: results/step/step-<preset>.json)")
+    parser.add_argument("--out", help=f"JSON results file (default: {paths.SCRATCH}/step/step-<preset>.json in the "
+                        "current directory, replaced by the next run of the same preset)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the --out file if it exists (without it an existing file is refused)")
     parser.set_defaults(func=main)
     return parser

@@ -15,16 +15,17 @@ random crops (padding 4) and horizontal flips, drawn from the run's data-order g
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kalmanopt.errors import UsageError
+
 from . import common, models
 
-__all__ = ["add_parser", "main", "prepare"]
+__all__ = ["add_parser", "check_args", "main", "prepare"]
 
 DATASETS = ("fashion_mnist", "mnist_subset", "mnist", "cifar10", "cifar100")
 NORMAL = dict(valid_size=5000, epochs=5, seeds=[0, 1, 2], optimizers=None)
@@ -47,6 +48,8 @@ def prepare(dataset: str, root: str | None, *, train_size: int | None, valid_siz
     g = torch.Generator().manual_seed(SPLIT_SEED)
     perm = torch.randperm(len(x_tr), generator=g)
     valid_idx, train_idx = perm[:valid_size], perm[valid_size:]
+    if len(train_idx) == 0:
+        raise UsageError(f"--valid-size {valid_size} leaves no training images ({dataset} has {len(x_tr)})")
     if train_size is not None:
         train_idx = train_idx[:train_size]
     test_idx = torch.randperm(len(x_te), generator=g)[:test_size] if test_size else torch.arange(len(x_te))
@@ -82,11 +85,23 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, split: str, batch: int = 1
     return {f"{split}_loss": loss / len(x), f"{split}_accuracy": correct / len(x)}
 
 
-def main(args: argparse.Namespace) -> int:
-    args._command = common.command_line(args)
+def check_args(args: argparse.Namespace) -> None:
+    """The defaults (``--quick`` or not), what depends on several options, and the results file: called by the CLI
+    before anything is fetched, run or written (:class:`UsageError`, one line)."""
+    args._command = common.command_line(args)  # before the defaults are filled in: the options the user gave
     from . import registry
 
     common.resolve_defaults(args, {**NORMAL, "optimizers": ",".join(registry.DEFAULT)}, QUICK)
+    if args.sweep and args.valid_size < 1:
+        raise UsageError("--sweep selects each learning rate on the validation split: give --valid-size of at "
+                         "least 1")
+    budget = "time" if args.seconds is not None else "epochs"
+    args.out_path = common.results_file(args, "vision", f"{args.dataset}-{args.model}-{budget}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if getattr(args, "out_path", None) is None:  # called directly, not through the CLI
+        check_args(args)
     torch.set_num_threads(args.threads)
     clock = common.resolve_clock(args)
     data = prepare(args.dataset, args.data_root, train_size=args.train_size, valid_size=args.valid_size,
@@ -116,8 +131,7 @@ def main(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress, schedule=args.schedule,
                                 warmup_steps=args.warmup_steps, clock=clock)
 
-    budget = "time" if args.seconds is not None else "epochs"
-    out = Path(args.out or f"results/vision/{args.dataset}-{args.model}-{budget}.json")
+    out = args.out_path
     config = {"dataset": args.dataset, "model": args.model, "parameters": models.n_parameters(make_model()),
               "train_size": n, "valid_size": len(data["valid"][0]), "test_size": len(data["test"][0]),
               "batch_size": bs, "epochs": args.epochs, "seconds": args.seconds, "augment": augment,
@@ -127,24 +141,26 @@ def main(args: argparse.Namespace) -> int:
     print(f"kalmanopt bench vision: {args.dataset} / {args.model} ({config['parameters']:,} parameters), "
           f"train {n} / valid {config['valid_size']} / test {config['test_size']}, batch {bs}, "
           f"{per_run} per run, seeds {args.seeds}, "
-          f"{torch.get_num_threads()} thread(s)", flush=True)
+          f"{torch.get_num_threads()} thread(s); results: {out}", flush=True)
     common.run_suite(args, task="vision", config=config, run=run, select_key="valid_accuracy",
                      higher_is_better=True, out_path=out)
     return 0
 
 
 def add_parser(bench_subparsers) -> argparse.ArgumentParser:
+    from kalmanopt.cli import COUNT, NONNEGATIVE
+
     from . import registry
 
     p = bench_subparsers.add_parser("vision", help="image classification: Fashion-MNIST / MNIST subset / CIFAR",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="fashion_mnist")
     p.add_argument("--model", choices=list(models.MODELS), default="cnn")
-    p.add_argument("--train-size", type=int, default=None, help="keep a fixed random subset of the training set")
-    p.add_argument("--valid-size", type=int, default=None, help="held out of the training set for the sweep "
+    p.add_argument("--train-size", type=COUNT, default=None, help="keep a fixed random subset of the training set")
+    p.add_argument("--valid-size", type=NONNEGATIVE, default=None, help="held out of the training set for the sweep "
                    "(default 5000)")
-    p.add_argument("--test-size", type=int, default=None, help="evaluate on a fixed random subset of the test set")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--test-size", type=COUNT, default=None, help="evaluate on a fixed random subset of the test set")
+    p.add_argument("--batch-size", type=COUNT, default=128)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (default: on for CIFAR only)")
     common.add_common_arguments(p, default_optimizers=registry.DEFAULT)

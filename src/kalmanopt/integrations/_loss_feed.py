@@ -22,6 +22,13 @@ micro-batches, ``1/M`` otherwise). When every fed loss is 1-d (per-sample), the 
 same mean: the concatenation of the micro-batches' per-sample losses, each rescaled by ``N * w_j / n_j`` (``N`` the
 total count; the factor is 1 for equal micro-batches with ``w_j = 1/M``), so that the R statistic sees every sample.
 
+**Gradient clipping.** Clipping by norm multiplies the accumulated gradient by ``c = min(1, max_norm / norm)``: it is
+then the gradient of ``c`` times the loss, not of the loss. A filter that measured the unclipped loss against the
+clipped gradient would see a measurement ``1/c`` times too large for its gradient and size its step accordingly (with
+the KOALA++ default, a Polyak-type step ``c`` times smaller in its gradient and ``1/c`` times larger than consistent).
+The integrations hand the clipping factor to the feed (:meth:`LossFeed.scale`), which measures ``c`` times the loss
+(every per-sample loss too): measurement and gradient describe the same objective, as without clipping.
+
 **Data parallel.** The feed holds this process's losses only; the KOALA optimizers themselves sum the loss
 statistics over the ``torch.distributed`` group in ``step`` (see :class:`~kalmanopt.optim.base.KalmanOptimizer`), so
 every replica measures the same global loss.
@@ -37,7 +44,7 @@ from torch import Tensor
 
 from ..optim.base import KalmanOptimizer
 
-__all__ = ["LossFeed", "unwrap_optimizer"]
+__all__ = ["LossFeed", "clip_factor", "unwrap_optimizer"]
 
 _FEED = "_kalmanopt_loss_feed"
 _ORIGINAL = "_kalmanopt_original_step"
@@ -51,6 +58,11 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         seen.add(id(optimizer))
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def clip_factor(total_norm: Tensor, max_norm: float) -> Tensor:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by, from their total norm before it."""
+    return (max_norm / (total_norm.detach().float() + 1e-6)).clamp(max=1.0)
 
 
 def _promote(loss: Tensor) -> Tensor:
@@ -72,6 +84,7 @@ class LossFeed:
     def __init__(self) -> None:
         self._parts: list[tuple[Tensor, float]] = []
         self._window: Any = None
+        self._scale: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self._parts)
@@ -88,19 +101,28 @@ class LossFeed:
         if loss.dim() > 1:
             raise ValueError(f"a fed loss must be 0-d or 1-d (per-sample), got shape {tuple(loss.shape)}")
         if window != self._window:
-            self._parts.clear()
+            self.clear()
             self._window = window
         self._parts.append((loss.detach(), float(weight)))
 
     def clear(self) -> None:
         self._parts.clear()
+        self._scale = None
+
+    def scale(self, factor: Tensor | float) -> None:
+        """Measure ``factor`` times the pending loss: the factor gradient clipping applied to the accumulated
+        gradient (a 0-d tensor is never read on the host)."""
+        factor = torch.as_tensor(factor).detach()
+        self._scale = factor if self._scale is None else self._scale * factor
 
     def take(self) -> Tensor | None:
         """The measurement for the pending micro-batches (None if nothing was fed); empties the feed."""
         parts, self._parts = self._parts, []
+        factor, self._scale = self._scale, None
         if not parts:
             return None
-        return _combine(parts)
+        measured = _combine(parts)
+        return measured if factor is None else measured * factor.to(measured)
 
     def bind(self, optimizer: Any) -> KalmanOptimizer | None:
         """Make ``optimizer.step`` take its loss from this feed (idempotent; rebinding replaces the feed).

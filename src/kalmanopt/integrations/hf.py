@@ -5,8 +5,8 @@
     from transformers import TrainingArguments
     from kalmanopt.integrations.hf import KalmanTrainer
 
-    args = TrainingArguments("out", learning_rate=0.5, max_grad_norm=0.0, report_to=[])
-    trainer = KalmanTrainer(model=model, args=args, train_dataset=ds, kalman_kwargs={"sigma": 0.1, "q": 0.1})
+    args = TrainingArguments("out", report_to=[])   # the Trainer's defaults: learning_rate 5e-5, max_grad_norm 1.0
+    trainer = KalmanTrainer(model=model, args=args, train_dataset=ds)
     trainer.train()
 
 The Trainer calls ``optimizer.step()`` without arguments (through accelerate's ``AcceleratedOptimizer``, and a
@@ -18,8 +18,13 @@ measures that loss. With ``per_sample_loss`` the filter gets per-sample losses i
 
 The optimizer is built by the Trainer's own ``create_optimizer`` (so the usual weight-decay / no-decay param groups
 and ``TrainingArguments.weight_decay`` apply, and the LR scheduler drives ``lr``) from ``kalman_optimizer``
-(default :class:`~kalmanopt.KOALAPlusPlus`) with ``lr=args.learning_rate`` and ``kalman_kwargs``; or pass one with
-``optimizers=(opt, scheduler)`` or ``optimizer_cls_and_kwargs=(cls, kwargs)`` as for any Trainer.
+(default :class:`~kalmanopt.KOALAPlusPlus`, whose ``lr`` is AdamW's: the Trainer's ``learning_rate`` as it is) with
+``lr=args.learning_rate`` and ``kalman_kwargs``; or pass one with ``optimizers=(opt, scheduler)`` or
+``optimizer_cls_and_kwargs=(cls, kwargs)`` as for any Trainer.
+
+Gradient clipping (``max_grad_norm``, 1.0 by default) works as with AdamW: the Trainer clips the accumulated gradient
+by the factor ``c`` and the filter measures ``c`` times the loss, the loss whose gradient it receives (see
+:mod:`kalmanopt.integrations._loss_feed`).
 
 Caveat (the Trainer's, not ours): a model whose ``forward`` takes ``**kwargs`` but whose loss ignores
 ``num_items_in_batch`` (e.g. ``BertForSequenceClassification``) makes Trainer 5.x *sum* the micro-batch gradients
@@ -43,7 +48,7 @@ from transformers import Trainer
 
 from ..optim import KOALAPlusPlus
 from ..optim.base import KalmanOptimizer
-from ._loss_feed import LossFeed, unwrap_optimizer
+from ._loss_feed import LossFeed, clip_factor
 
 __all__ = ["KalmanTrainer", "per_sample_cross_entropy"]
 
@@ -77,8 +82,9 @@ class KalmanTrainer(Trainer):
         kalman_optimizer: the class to build when neither ``optimizers`` nor ``optimizer_cls_and_kwargs`` gives
             one (default :class:`~kalmanopt.KOALAPlusPlus`; also :class:`~kalmanopt.KOALAV`,
             :class:`~kalmanopt.KOALAM`).
-        kalman_kwargs: its hyperparameters except ``lr`` (``TrainingArguments.learning_rate``, the fraction of the
-            loss each step removes: 0.1 to 1, not AdamW's 5e-5) and ``weight_decay``
+        kalman_kwargs: its hyperparameters except ``lr`` (``TrainingArguments.learning_rate``: for KOALA++ the lr
+            you would give AdamW; for KOALA-V/KOALA-M the fraction of the loss each step removes, 0.1 to 1) and
+            ``weight_decay``
             (``TrainingArguments.weight_decay``, applied like the Trainer does for AdamW: not to biases and norms).
         per_sample_loss: ``fn(outputs, labels) -> 1-d tensor``: the per-sample losses of a micro-batch, computed
             from the outputs of ``model(**inputs)`` without the labels (e.g. :func:`per_sample_cross_entropy`).
@@ -106,25 +112,29 @@ class KalmanTrainer(Trainer):
                 if key in kw:
                     raise ValueError(f"set {key} with TrainingArguments({where}=...), not in kalman_kwargs")
             kw["lr"] = self.args.learning_rate
-            if kw["lr"] < 1e-3:
-                warnings.warn(f"KalmanTrainer: learning_rate={kw['lr']} looks like an AdamW learning rate; a KOALA lr "
-                              "is the fraction of the loss each step removes (typically 0.1 to 1)", stacklevel=2)
-            self.optimizer_cls_and_kwargs = (kalman_optimizer or KOALAPlusPlus, kw)
+            cls = kalman_optimizer or KOALAPlusPlus
+            if kw["lr"] < 1e-3 and not issubclass(cls, KOALAPlusPlus):
+                warnings.warn(f"KalmanTrainer: learning_rate={kw['lr']} looks like an AdamW learning rate; the lr of "
+                              f"{cls.__name__} is the fraction of the loss each step removes (typically 0.1 to 1). "
+                              "KOALAPlusPlus takes AdamW's lr", stacklevel=2)
+            self.optimizer_cls_and_kwargs = (cls, kw)
         if per_sample_loss is not None:
             # compute_loss returns each micro-batch's mean: the Trainer must divide it by the accumulation steps
             self.loss_is_scaled_for_ga = False
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            cls = (self.optimizer_cls_and_kwargs or (type(unwrap_optimizer(self.optimizer)), None))[0]
-            if isinstance(cls, type) and issubclass(cls, KalmanOptimizer):
-                warnings.warn(f"KalmanTrainer: max_grad_norm={self.args.max_grad_norm} clips the gradient the filter "
-                              "measures but not the loss, which distorts its gain; set "
-                              "TrainingArguments(max_grad_norm=0.0)", stacklevel=2)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
         # bound before accelerator.prepare wraps it, so that a GradScaler's captured step is the bound one
         self._kalman_feed.bind(self.optimizer)
         return optimizer
+
+    def _clip_grad_norm(self, model: nn.Module) -> Tensor:
+        # Clipping multiplies the accumulated gradient by c = min(1, max_grad_norm / norm): the filter then measures
+        # c times the loss, the loss whose gradient it is (see _loss_feed, "Gradient clipping").
+        total_norm = super()._clip_grad_norm(model)
+        if isinstance(total_norm, Tensor) and len(self._kalman_feed):
+            self._kalman_feed.scale(clip_factor(total_norm, self.args.max_grad_norm))
+        return total_norm
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Tensor | int | None = None) -> Tensor:

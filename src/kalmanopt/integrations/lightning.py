@@ -17,6 +17,8 @@ accumulated gradient instead of the closure's value, which is the last micro-bat
 
 * per-sample losses: ``return per_sample(self, losses)`` in ``training_step`` (it returns their mean for Lightning to
   back-propagate and hands all of them to the filter);
+* gradient clipping by norm (``gradient_clip_val``): the filter measures the loss times the clipping factor, the loss
+  whose gradient it receives (see :mod:`kalmanopt.integrations._loss_feed`);
 * manual optimisation: ``self.manual_backward(loss); opt.step()`` measures the back-propagated loss(es), and
   ``opt.step(loss=losses)`` works too (without the callback, Lightning's ``LightningOptimizer.step`` always passes a
   closure, so ``loss=`` clashes with it).
@@ -24,6 +26,7 @@ accumulated gradient instead of the closure's value, which is the last micro-bat
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -34,7 +37,7 @@ try:  # the standalone package first: it is what we test against
 except ImportError:  # pragma: no cover - the unified package
     from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ._loss_feed import LossFeed
+from ._loss_feed import LossFeed, clip_factor, unwrap_optimizer
 
 __all__ = ["KalmanLossCallback", "per_sample"]
 
@@ -59,6 +62,7 @@ class KalmanLossCallback(Callback):
     def __init__(self) -> None:
         self.feed = LossFeed()
         self._bound: list[Any] = []
+        self._warned_value_clipping = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._bound = [opt for opt in trainer.optimizers if self.feed.bind(opt) is not None]
@@ -79,6 +83,25 @@ class KalmanLossCallback(Callback):
         if scaler is not None and scaler.is_enabled():
             loss = loss / scaler.scale(torch.ones((), device=loss.device))  # the scale, without a host sync
         self.feed.add(loss, 1.0, window)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # Called just before Lightning clips (gradient_clip_val): by norm, the gradients are multiplied by
+        # c = min(1, clip_val / norm), and the filter measures c times the loss, the loss whose gradient it receives.
+        clip_val = trainer.gradient_clip_val
+        if not clip_val or not len(self.feed) or unwrap_optimizer(optimizer) not in self._bound:
+            return
+        algorithm = trainer.gradient_clip_algorithm  # None (Lightning's default: norm), a str or its enum
+        if algorithm is not None and str(getattr(algorithm, "value", algorithm)) != "norm":
+            if not self._warned_value_clipping:
+                warnings.warn("KalmanLossCallback: clipping by value changes the gradient's direction, which no "
+                              "rescaling of the loss matches; the filter measures the unclipped loss. Clip by norm "
+                              "(gradient_clip_algorithm='norm') for a consistent measurement", stacklevel=2)
+                self._warned_value_clipping = True
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self.feed.scale(clip_factor(total_norm, float(clip_val)))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for opt in self._bound:

@@ -9,6 +9,10 @@ schema (which tensors it writes) and its fake implementation (the shape of what 
 The eager step (:meth:`KOALAPlusPlus._fused_step` outside compilation) calls the kernel directly, with pointer
 arrays cached across steps; the operator is what the compiled step calls. Both run the same C function with the
 same arguments (the operator forms the loss moments with the eager code too), so the two are bit for bit the same.
+
+On CUDA the operator's implementation is the Triton step (:mod:`kalmanopt.optim._koala_pp_triton`, registered with
+``register_kernel("cuda")``), which the eager CUDA step calls too: one operator, one node of the compiled graph and one
+compilation on either device.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _koala_pp_fused
+from . import _koala_pp_fused, _koala_pp_triton
 from .noise import loss_moments
 
 __all__ = ["GIVEN", "HP_FLAGS", "KINDS", "LOSS", "MOMENTS", "NAME", "NHP", "STATE_KEYS", "SUFFIXES", "available",
-           "build", "call_kernel", "fused_step", "uses"]
+           "build", "call_kernel", "fused_step", "triton_step", "uses"]
 
 NAME = "kalmanopt::koala_pp_fused_step"
 #: the kernel's measurement kinds by the measurement's dtype (+2: the mean and the statistic are given, ``update()``)
@@ -211,3 +215,59 @@ def call_kernel(suffix: str, hyper: list[float], group_arrays: list, first_array
 def _(params, grads, state, first, hyper, measurement, kind, grad_scale, found_inf) -> Tensor:
     # the diagnostics buffer, in the compute dtype (that of R, the last group's state at the end of the list)
     return state[-3].new_empty(4 * len(params) + len(first))
+
+
+# A few device-table caches for the CUDA implementation, one per set of stepped tensors (their pointers): a few
+# optimizers compiled side by side keep theirs. The Triton step confirms a cached plan by the very tensor objects.
+_triton_caches: dict[tuple, dict] = {}
+
+
+@fused_step.register_kernel("cuda")
+def _(params, grads, state, first, hyper, measurement, kind, grad_scale, found_inf) -> Tensor:
+    """The CUDA implementation: the Triton kernels, with the same arguments and the same diagnostics buffer."""
+    return triton_step(params, grads, state, first, hyper, measurement, kind, grad_scale, found_inf)
+
+
+def triton_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], first: list[int], hyper: list[float],
+                measurement: Tensor, kind: int, grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor:
+    """:func:`fused_step`'s arguments (the optional buffers only where used) on the Triton step, whose layout has
+    every state key of every tensor (None where unused). Raises where the Triton step declines these tensors: a
+    compiled graph has no other path to take."""
+    n, n_groups = len(params), len(first) - 1
+    if n_groups < 1 or first[0] != 0 or first[-1] != n or len(hyper) != NHP * n_groups or len(state) < 3 * n_groups:
+        raise ValueError(f"{NAME}: {n} tensors, {len(state)} state entries, {len(hyper)} hyperparameters and "
+                         f"first={first} do not fit together")
+    tensors: list[Tensor | None] = []
+    position = 0
+    for j in range(n_groups):
+        flags = int(hyper[NHP * j + HP_FLAGS])
+        for _ in range(first[j], first[j + 1]):
+            for key in STATE_KEYS:
+                if not uses(key, flags):
+                    tensors.append(None)
+                    continue
+                if position >= len(state) - 3 * n_groups:
+                    raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
+                tensors.append(state[position])
+                position += 1
+    if position != len(state) - 3 * n_groups:
+        raise ValueError(f"{NAME}: {len(state)} state entries, the groups' options ask for {position} + "
+                         f"{3 * n_groups}")
+    if kind == LOSS:
+        measurement, kind = loss_moments(measurement), MOMENTS
+    if kind not in (MOMENTS, GIVEN):
+        raise ValueError(f"{NAME}: measurement kind {kind}")
+    key = tuple(p.data_ptr() for p in params)
+    cache = _triton_caches.get(key)
+    if cache is None:
+        if len(_triton_caches) >= _MAX_PLANS:
+            _triton_caches.pop(next(iter(_triton_caches)))
+        cache = _triton_caches[key] = {}
+    out = _koala_pp_triton.fused_step(params, grads, tensors, state[position:], first, hyper, measurement,
+                                      kind == GIVEN, grad_scale, found_inf, cache)
+    if out is None:
+        reason = _koala_pp_triton.unavailable_reason(state[-3].device)
+        raise ValueError(f"{NAME}: the Triton step cannot take these tensors (it needs parameters of one device and "
+                         "compute dtype, gradients like their parameters, dense and contiguous, group state in the "
+                         f"compute dtype){f': {reason}' if reason else ''}")
+    return out

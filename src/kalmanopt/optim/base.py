@@ -9,7 +9,8 @@
 * **Guards without host synchronisation.** A non-finite loss, loss statistic or gradient anywhere turns a device-side
   flag ``ok`` off; every write of the step is then masked, so parameters and state stay bit-for-bit unchanged and the
   skip is counted in ``skipped_steps``. Nothing in ``step`` calls ``.item()`` or branches on a tensor. The checks
-  are made in the dtype a value is stored in, and cover what the step derives (R, the algorithm's covariance
+  are made in the dtype a value is stored in (what a group shares, in the narrowest state dtype of the group: see
+  :func:`narrowest_state_dtype`), and cover what the step derives (R, the algorithm's covariance
   scalars and step coefficients, via :meth:`KalmanOptimizer._check_group`), all before the first write. Python-number
   hyperparameters are checked at every step (a non-finite one raises); tensor ones join ``ok``.
 * **The effective gradient** ``h = g + weight_decay * theta`` in the state dtype (float32 for 16/32-bit parameters,
@@ -27,7 +28,10 @@ with tools that remap parameter state, such as distributed checkpointing).
 
 from __future__ import annotations
 
+import contextvars
 import math
+import numbers
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -61,9 +65,30 @@ _NO_LOSS_MESSAGE = (
 )
 
 
+# The filter's phase, as each group's state in state_dict() holds it (the leader's entry; not in opt.state):
+#: whether the group's prediction for the next measurement has been made (``step()`` predicts ahead, ``update()``
+#: does not), a 0-d bool tensor;
+_PREDICTED = "predicted"
+#: the gate of that prediction, a 0-d bool tensor: False after a skipped ``update()``, whose prediction still stands,
+#: so that the next prediction leaves everything as it is (KOALA-M's moves the parameters).
+_PREDICTION_GATE = "prediction_gate"
+
+
 def state_dtype(p: Tensor) -> torch.dtype:
     """Optimizer state is float64 for float64 parameters and float32 for every other floating dtype."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def narrowest_state_dtype(group: dict[str, Any]) -> torch.dtype:
+    """The narrowest state dtype of a param group's parameters (float32 unless every parameter is float64).
+
+    What the group shares (R, the loss and its statistic, KOALA-V's sigma, KOALA-M's covariance) is stored once, in
+    the dtype of the group's first parameter, but every tensor of the group computes with it in its own state dtype:
+    the checks of those values use this dtype, not the first parameter's, so that a float64 parameter listed first
+    does not let a value through that a float32 one of the same group cannot hold.
+    """
+    dtypes = {state_dtype(p) for p in group["params"]}
+    return torch.float32 if torch.float32 in dtypes else torch.float64
 
 
 @dataclass
@@ -145,7 +170,10 @@ def load_state_keep_dtypes(opt: Optimizer, state_dict: dict[str, Any],
     where that is safe (between floating dtypes when the values stay finite, e.g. a float32 checkpoint into a
     float64 model; between integer dtypes), else ``ValueError``. Tensors it does not name are loaded as saved.
     (torch.optim would cast floating state to the parameter dtype; ours is float32 for low-precision parameters.)
-    State of DTensor parameters is not checked here (see ``_sharding``).
+    A Python number where it names a 0-d tensor (``step`` as older torch optimizers saved it) is converted to that
+    tensor, as ``torch.optim``'s optimizers convert a number ``step`` on load; any other non-tensor there raises
+    ``ValueError``. The shapes and dtypes of the state of DTensor parameters are not checked here (see
+    ``_sharding``).
     """
     saved, groups, saved_groups = state_dict["state"], opt.param_groups, state_dict["param_groups"]
     if len(groups) != len(saved_groups):
@@ -157,13 +185,17 @@ def load_state_keep_dtypes(opt: Optimizer, state_dict: dict[str, Any],
                              "optimizer's group")
         by_id.update(zip(saved_group["params"], ((group, p) for p in group["params"]), strict=True))
     dtypes: dict[tuple[Any, str], torch.dtype] = {}
+    numbers_as_tensors: dict[tuple[Any, str], Tensor] = {}
     for key, values in saved.items():
         if key not in by_id:
             continue
         group, p = by_id[key]
-        spec = {} if expected is None or _is_dtensor(p) else expected(group, p)
+        spec = {} if expected is None else expected(group, p)
         for name, value in values.items():
-            if not isinstance(value, Tensor) or name not in spec or _is_dtensor(value):
+            if name in spec and not isinstance(value, Tensor):
+                numbers_as_tensors[key, name] = _number_as_state(opt, key, name, value, *spec[name])
+                continue
+            if not isinstance(value, Tensor) or name not in spec or _is_dtensor(value) or _is_dtensor(p):
                 continue
             shape, dtype = spec[name]
             if value.dim() != len(shape) or any(s not in (-1, v) for s, v in zip(shape, value.shape, strict=True)):
@@ -182,14 +214,94 @@ def load_state_keep_dtypes(opt: Optimizer, state_dict: dict[str, Any],
             if isinstance(value, Tensor):
                 dtype = dtypes.get((key, name), value.dtype)
                 opt.state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
+            elif (key, name) in numbers_as_tensors:
+                opt.state[p][name] = numbers_as_tensors[key, name].to(p.device)
+
+
+def _number_as_state(opt: Optimizer, key: Any, name: str, value: Any, shape: tuple[int, ...],
+                     dtype: torch.dtype) -> Tensor:
+    """A state entry saved as a Python number (``step`` in older torch checkpoints) as the 0-d tensor it is now;
+    ValueError where it cannot be one (another type, another shape, a value the dtype cannot hold)."""
+    where = f"{type(opt).__name__}.load_state_dict: state {name!r} of parameter {key} is {value!r}"
+    if shape != () or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}, the optimizer needs a tensor of shape {shape} and dtype {dtype}")
+    try:
+        if dtype.is_floating_point:
+            converted = torch.tensor(float(value), dtype=dtype)
+            fits = not math.isfinite(float(value)) or bool(torch.isfinite(converted))
+        else:
+            fits = float(value).is_integer()
+            converted = torch.tensor(int(value), dtype=dtype) if fits else None
+    except (OverflowError, RuntimeError):
+        fits = False
+    if not fits:
+        raise ValueError(f"{where}, which does not fit in the {dtype} tensor the optimizer needs")
+    return converted
+
+
+def _read_phase(opt: Optimizer, state_dict: dict[str, Any]) -> tuple[dict[int, bool], bool, dict[str, Any]]:
+    """The filter's phase in a state dict: ``(predicted per group index, whether the gate is open, the state dict
+    without the phase)``. Nothing is written; a malformed entry raises ``ValueError``.
+
+    Reads the two flags on the host (a checkpoint is loaded outside ``step``). A checkpoint from before the phase
+    was saved as tensors holds ``predicted`` as a Python bool and no gate (open).
+    """
+    name = type(opt).__name__
+    saved, predicted, gate_open = state_dict["state"], {}, True
+    stripped: dict[Any, Any] = {}
+    leaders = {group["params"][0]: index for index, group in enumerate(state_dict["param_groups"]) if group["params"]}
+    for key, values in saved.items():
+        if not isinstance(values, dict) or key not in leaders or not ({_PREDICTED, _PREDICTION_GATE} & set(values)):
+            stripped[key] = values
+            continue
+        flag = values.get(_PREDICTED, False)
+        if isinstance(flag, Tensor) and flag.numel() == 1 and flag.dtype == torch.bool:
+            flag = bool(flag)
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}.load_state_dict: state {_PREDICTED!r} of parameter {key} must be a bool or a "
+                             f"one-element bool tensor, got {flag!r}")
+        gate = values.get(_PREDICTION_GATE, True)
+        if isinstance(gate, Tensor) and gate.numel() == 1 and gate.dtype == torch.bool:
+            gate = bool(gate)
+        if not isinstance(gate, bool):
+            raise ValueError(f"{name}.load_state_dict: state {_PREDICTION_GATE!r} of parameter {key} must be a "
+                             f"one-element bool tensor, got {gate!r}")
+        predicted[leaders[key]] = flag
+        gate_open = gate_open and gate
+        stripped[key] = {k: v for k, v in values.items() if k not in (_PREDICTED, _PREDICTION_GATE)}
+    return predicted, gate_open, {**state_dict, "state": stripped}
+
+
+#: True while a param group is validated again inside ``step``: tensor hyperparameters are not read then.
+_IN_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("kalmanopt_validating_in_step", default=False)
+
+
+def _group_kinds(group: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[Any]]:
+    """What :meth:`KalmanOptimizer._validate_changed_groups` compares: per hyperparameter its value where that is a
+    bool, int, string or None, its type only for a float (a schedule changes it at every step; its finiteness is
+    checked at every step), its identity for anything else (tensors are never compared by value: that would read
+    them). Second: the objects behind the identities, kept alive so that an identity is not reused."""
+    kinds, held = [], []
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if value is None or isinstance(value, bool | int | str):
+            kinds.append((key, (type(value), value)))
+        elif isinstance(value, float):
+            kinds.append((key, float))
+        else:
+            kinds.append((key, (type(value), id(value))))
+            held.append(value)
+    return kinds, held
 
 
 def _check_number(name: str, value: Any, low: float, *, low_inclusive: bool = True, high: float | None = None,
                   high_inclusive: bool = True, optional: bool = False, tensor_ok: bool = True) -> None:
-    """Construction-time check of one hyperparameter: a finite number in the given range.
+    """Check of one hyperparameter: a finite number in the given range.
 
-    A one-element tensor is accepted when ``tensor_ok`` (its value is read here, at construction only; inside
-    ``step`` tensor hyperparameters are checked on the device, see :func:`check_group_numbers`).
+    A one-element tensor is accepted when ``tensor_ok``. Its value is read here at construction only: when a group
+    is validated again inside ``step`` (see :meth:`KalmanOptimizer._validate_changed_groups`) only its size and
+    dtype are, and its value is checked on the device (see :func:`check_group_numbers`).
     """
     if value is None and optional:
         return
@@ -198,9 +310,15 @@ def _check_number(name: str, value: Any, low: float, *, low_inclusive: bool = Tr
             raise ValueError(f"Invalid {name}: must be a Python number, got a tensor {value!r}")
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()  # construction time only, never inside step
+        if _IN_STEP.get():
+            if value.dtype == torch.bool or value.is_complex():
+                raise ValueError(f"Invalid {name}: must be a number, got a tensor of dtype {value.dtype}")
+            return
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"Invalid {name}: must be a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > sys.float_info.max:  # math.isfinite would raise OverflowError
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number)")
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number)")
     ok = value >= low if low_inclusive else value > low
@@ -219,6 +337,11 @@ def check_group_numbers(group: dict[str, Any]) -> list[Tensor]:
     A Python number that is not finite raises ``ValueError`` (before anything is written). Tensor hyperparameters
     (e.g. a tensor ``lr``) are not read on the host: they are returned, and ``step`` folds ``isfinite`` of them into
     its device-side guard, so a non-finite one skips the step and counts it.
+
+    A tensor hyperparameter is one real number: a tensor of another size (or a bool or complex one) raises
+    ``ValueError``; a one-element tensor of any shape (``torch.tensor([[0.5]])``, which torch.optim accepts) is
+    replaced in the group by a 0-d view of it (torch.optim's ``_to_scalar``), so that every path computes with a
+    scalar, and an in-place change of the caller's tensor (a scheduler's ``fill_``) still reaches the step.
     """
     tensors = []
     for key, value in group.items():
@@ -228,7 +351,14 @@ def check_group_numbers(group: dict[str, Any]) -> list[Tensor]:
         # symbolic, and a comparison is what dynamo can trace (as a guard) without specialising to the value.
         if isinstance(value, float) and not -math.inf < value < math.inf:
             raise ValueError(f"Invalid {key}: {value!r} in a param group (must be a finite number)")
-        if isinstance(value, Tensor) and value.is_floating_point():
+        if not isinstance(value, Tensor):
+            continue
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"Invalid {key}: a tensor hyperparameter must hold one real number, got shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        if value.dim() != 0:
+            value = group[key] = value.reshape(())
+        if value.is_floating_point():
             tensors.append(value)
     return tensors
 
@@ -265,6 +395,22 @@ class KalmanOptimizer(Optimizer):
         defaults.setdefault("r_clip", R_CLIP)  # for subclasses that do not take it as an argument
         super().__init__(params, defaults)
         self._process_group = process_group
+        # The filter's phase, per param group (by index): whether the prediction for the next measurement has been
+        # made (absent: not yet). Host-side Python bools, not optimizer state: they decide which operations step()
+        # runs (torch.compile guards on them), so reading them must not synchronise with a device. state_dict()
+        # carries them, and the pending gate of update(), as tensors (see _PREDICTED and _PREDICTION_GATE).
+        self._predicted_groups: dict[int, bool] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles (and deep-copies) only defaults, state and param_groups; the phase decides the next step
+        state = {**super().__getstate__(), "_predicted_groups": dict(self._predicted_groups)}
+        if self.__dict__.get("_pending_gate") is not None:
+            state["_pending_gate"] = self.__dict__["_pending_gate"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by load_state_dict, with the state and param groups only
+        self.__dict__.setdefault("_predicted_groups", {})
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -284,7 +430,31 @@ class KalmanOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        check_group_numbers(group)  # one-element tensor hyperparameters made 0-d from the start
+        self.__dict__.setdefault("_validated_groups", {})[len(self.param_groups) - 1] = _group_kinds(group)
+
+    def _validate_changed_groups(self) -> None:
+        """Validate again, before anything is written, every param group whose hyperparameters changed kind since
+        they were validated (see :func:`_group_kinds`): a None, a string, a complex number or a new tensor put into
+        a group after construction raises here what construction raises, not halfway through a step. Tensor values
+        are not read (:data:`_IN_STEP`). Under torch.compile the graph's guards stand in for this (and
+        :func:`check_group_numbers` still runs).
+        """
+        if torch.compiler.is_compiling():
+            return
+        validated = self.__dict__.setdefault("_validated_groups", {})
+        for index, group in enumerate(self.param_groups):
+            kinds = _group_kinds(group)
+            if index in validated and validated[index][0] == kinds[0]:
+                continue
+            token = _IN_STEP.set(True)
+            try:
+                self._validate_group(group)
+            finally:
+                _IN_STEP.reset(token)
+            validated[index] = kinds
 
     # ------------------------------------------------------------------ state
     def _group_state(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -296,8 +466,11 @@ class KalmanOptimizer(Optimizer):
             st["measurement_noise"] = torch.tensor(R_INITIAL, **kw)
             st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=leader.device)
             st["noise_updates"] = torch.zeros((), dtype=torch.int64, device=leader.device)  # committed R updates
-            st["predicted"] = False
             self._init_group_state(group, st, kw)
+            # A group state made afresh (first step, or state cleared by the user) has not been predicted.
+            for index, other in enumerate(self.param_groups):
+                if other is group:
+                    self._predicted_groups.pop(index, None)
         return st
 
     def _init_group_state(self, group: dict[str, Any], st: dict[str, Any], kw: dict[str, Any]) -> None:
@@ -353,9 +526,39 @@ class KalmanOptimizer(Optimizer):
             spec.update(spec_of(probe))
         return spec
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict, with the filter's phase in each group's state (see :data:`_PREDICTED`).
+
+        Every value in ``state`` is a tensor, so ``torch.load(weights_only=True)``, ``torch.distributed.checkpoint``
+        and torch's comparisons take it as they take AdamW's.
+        """
+        packed = super().state_dict()
+        gate = self.__dict__.get("_pending_gate")
+        for index, saved_group in enumerate(packed["param_groups"]):
+            key = saved_group["params"][0] if saved_group["params"] else None
+            values = packed["state"].get(key)
+            if values is None or "measurement_noise" not in values:  # no group state yet
+                continue
+            device = values["measurement_noise"].device
+            packed["state"][key] = {  # a new dict: super().state_dict() hands out the live one
+                **values,
+                _PREDICTED: torch.tensor(self._predicted_groups.get(index, False)),
+                _PREDICTION_GATE: (torch.ones((), dtype=torch.bool, device=device) if gate is None
+                                   else gate.to(device, copy=True)),
+            }
+        return packed
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        predicted, gate_open, state_dict = _read_phase(self, state_dict)  # checked before anything is loaded
         load_state_keep_dtypes(self, state_dict, self._expected_state)
-        self._take_pending_gate()  # the outcome of an update() before the load says nothing about the loaded state
+        self._predicted_groups.clear()
+        self._predicted_groups.update(predicted)
+        # The outcome of an update() before the load says nothing about the loaded state: the loaded gate replaces
+        # it. Only a closed gate (a skipped update() whose prediction still stands) changes what comes next.
+        self._take_pending_gate()
+        if not gate_open and not all(predicted.get(i, False) for i in range(len(self.param_groups))):
+            device = self.param_groups[0]["params"][0].device
+            self.__dict__["_pending_gate"] = torch.zeros((), dtype=torch.bool, device=device)
         # A state dict saved per rank (or before state was sharded) holds local shards as plain tensors: make the
         # per-element state of DTensor parameters DTensors again, or a later distributed checkpoint would save them
         # as replicated (see _sharding).
@@ -365,13 +568,16 @@ class KalmanOptimizer(Optimizer):
                     shard_state(p, self.state[p], self._param_state_spec(group, p))
 
     # ------------------------------------------------------------------ the three ways in
-    def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor | float] | None = None, *,
+             loss: Tensor | float | None = None) -> Tensor | float | None:
         """One filter step: measure the loss, correct the parameters, predict the next step.
 
         Args:
             closure: re-evaluates the model: zeroes the gradients, computes the loss, calls ``backward`` on its
-                mean and returns the loss (0-d batch mean, or 1-d per-sample losses). Its return value is returned.
-            loss: the loss whose gradient has already been computed by ``loss.mean().backward()``, 0-d or 1-d.
+                mean and returns the loss (0-d batch mean, or 1-d per-sample losses; as in ``torch.optim``, a
+                Python number or any one-element tensor is a batch mean too). Its return value is returned.
+            loss: the loss whose gradient has already been computed by ``loss.mean().backward()``, 0-d or 1-d (or
+                a Python number / one-element tensor: the batch mean).
         """
         if closure is not None and loss is not None:
             raise TypeError(f"{type(self).__name__}.step() takes a closure or loss=, not both")
@@ -379,22 +585,44 @@ class KalmanOptimizer(Optimizer):
             if self._checkpoint_probe():
                 return None
             raise TypeError(_NO_LOSS_MESSAGE.format(name=type(self).__name__))
+        self._validate_changed_groups()
         hyper_ok = self._hyperparameters_ok()  # raises on a non-finite number before anything is written
+        returned = loss
+        if closure is None:
+            measured = self._checked_loss(loss, "loss")  # before anything is written
         with torch.no_grad():
+            # The pending prediction comes first: the closure's forward pass is the measurement of the predicted
+            # parameters. (Should the closure raise, the prediction stands and is not made again.)
             self._ensure_predicted(ends_predicted=True)
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"the closure must return the loss as a tensor, got {type(loss)!r}")
-        returned = loss
+                returned = closure()
+            measured = self._checked_loss(returned, "the closure's return value")
+        with torch.no_grad():
+            ok = self._measure(measured, hyper_ok)
+            self._measured()
+            self._time_update(gate=ok)
+        return returned
+
+    def _checked_loss(self, loss: Any, what: str) -> Tensor:
+        """The loss handed to :meth:`step` as a checked tensor (see :func:`~kalmanopt.optim.noise.check_loss`).
+
+        As ``torch.optim`` types the closure ``Callable[[], float]`` (LBFGS takes ``float(closure())``), a Python
+        number is a batch mean (a float64 0-d tensor: no precision is lost) and so is a one-element tensor of any
+        shape, e.g. ``(1, 1)``; 0-d and 1-d tensors are taken as they are.
+        """
+        if isinstance(loss, Tensor):
+            if loss.dim() > 1 and loss.numel() == 1:
+                loss = loss.reshape(())
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            loss = torch.tensor(float(loss), dtype=torch.float64)
+        else:
+            raise TypeError(f"{type(self).__name__}.step(): {what} must be the loss, a tensor (0-d batch mean or 1-d "
+                            f"per-sample losses) or a Python number, got {type(loss)!r}")
         measured = check_loss(loss)
         for group in self.param_groups:
             check_statistic(measured, group["r_stat"])
-        with torch.no_grad():
-            ok = self._measure(measured, hyper_ok)
-            self._time_update(gate=ok)
-        return returned
+        return measured
 
     def _measure(self, measured: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
         """The measurement update of :meth:`step` from a checked loss; returns the gate of the next prediction.
@@ -416,6 +644,7 @@ class KalmanOptimizer(Optimizer):
         After an :meth:`update` that was skipped (bad input), the prediction it consumed is still current, so this
         call is then a no-op on the device: a skipped ``predict``/``update`` pair leaves no trace.
         """
+        self._validate_changed_groups()
         hyper_ok = self._hyperparameters_ok()
         with torch.no_grad():
             self._time_update(gate=_both(self._take_pending_gate(), hyper_ok))
@@ -431,13 +660,16 @@ class KalmanOptimizer(Optimizer):
         var = self._as_scalar("loss_var", loss_var)
         if not isinstance(loss_var, Tensor) and loss_var < 0:
             raise ValueError(f"loss_var must be non-negative, got {loss_var}")
+        self._validate_changed_groups()
         hyper_ok = self._hyperparameters_ok()
         with torch.no_grad():
             self._ensure_predicted(ends_predicted=False)
             mean, var, ranks = self._all_reduce(torch.stack([mean, var.to(mean), torch.ones_like(mean)])).unbind(0)
             ok = self._measure_given(mean / ranks, var / ranks, hyper_ok)
+            self._measured()
         # The next prediction (explicit, or the one step()/update() make first) is gated by this outcome: after a
         # skipped update the current prediction still stands, and predicting again would move KOALA-M twice.
+        # (None: no gate; a path that took the whole update reports no outcome, its prediction changes nothing.)
         self.__dict__["_pending_gate"] = ok
 
     def _take_pending_gate(self) -> Tensor | None:
@@ -484,7 +716,9 @@ class KalmanOptimizer(Optimizer):
 
     def _predict_pending(self) -> None:
         gate = self._take_pending_gate()
-        if not all(self._group_state(g)["predicted"] for g in self.param_groups):
+        for group in self.param_groups:
+            self._group_state(group)  # a group state made here is not predicted yet
+        if not all(self._predicted_groups.get(index, False) for index in range(len(self.param_groups))):
             self._time_update(gate=_both(gate, self._hyperparameters_ok()), only_pending=True)
 
     def _init_group(self, predict: bool) -> None:
@@ -495,7 +729,8 @@ class KalmanOptimizer(Optimizer):
         for ``torch.optim.Adam._init_group``; ``torch._dynamo.variables.optimizer``), and then guards on the state it
         made. Traced instead, lazy state creation becomes part of the first graph, which guards on the state being
         empty (``not opt.state``) and fails that guard at the second step: a second compilation. The graph also
-        guards on each group's ``predicted`` flag, so the first call has to find it as every later call will:
+        guards on each group's phase (``_predicted_groups``, host-side bools), so the first call has to find it as
+        every later call will:
         ``step()`` ends predicted, so the pending prediction of a fresh state is made here (``predict``);
         ``update()`` ends unpredicted, so its graph makes the prediction itself. Where dynamo cannot intercept the
         call it traces it: correct, only compiled twice.
@@ -510,12 +745,19 @@ class KalmanOptimizer(Optimizer):
                 self._predict_pending()
 
     def _time_update(self, gate: Tensor | None, only_pending: bool = False) -> None:
-        for group in self.param_groups:
+        predicted = self._predicted_groups
+        for index, group in enumerate(self.param_groups):
             st = self._group_state(group)
-            if only_pending and st["predicted"]:
+            if only_pending and predicted.get(index, False):
                 continue
             self._predict_group(group, st, None if gate is None else gate.to(st["measurement_noise"].device))
-            st["predicted"] = True
+            predicted[index] = True
+
+    def _measured(self) -> None:
+        """Mark every group's prediction as consumed by the measurement just made."""
+        predicted = self._predicted_groups
+        for index in range(len(self.param_groups)):
+            predicted[index] = False
 
     def _predict_group(self, group: dict[str, Any], group_state: dict[str, Any], gate: Tensor | None) -> None:
         """Time update of one group. ``gate`` (0-d bool or None) masks it: False leaves everything unchanged."""
@@ -538,9 +780,13 @@ class KalmanOptimizer(Optimizer):
         for index, group in enumerate(self.param_groups):
             st = self._group_state(group)
             previous = st["measurement_noise"]
-            stat = statistic_for(group).to(previous)  # the statistic in the state dtype, finite there or a skip
-            mean = loss_mean.to(previous)
-            ok = ok & (torch.isfinite(stat) & (stat >= 0) & torch.isfinite(mean)).to(ok.device)
+            statistic = statistic_for(group)
+            stat = statistic.to(previous)  # the statistic in the state dtype of R
+            # The loss and its statistic must fit every state dtype of the group (a float64 loss of 1e30 is finite,
+            # its square in a float32 tensor's state is not), whichever parameter holds R.
+            narrowest = narrowest_state_dtype(group)
+            fits = torch.isfinite(statistic.to(narrowest)) & torch.isfinite(loss_mean.to(narrowest))
+            ok = ok & (fits.to(previous.device) & torch.isfinite(stat) & (stat >= 0)).to(ok.device)
             buckets = self._gather(group, grad_scale, index)
             for b in buckets:
                 ok = ok & b.finite.to(ok.device)
@@ -552,7 +798,8 @@ class KalmanOptimizer(Optimizer):
                 st["noise_updates"] = torch.ones((), dtype=torch.int64, device=previous.device)
             noise, stored = measurement_noise(previous, stat, group["r"], group["alpha_r"], group.get("r_clip"),
                                               first=st["noise_updates"] == 0)
-            ok = ok & (torch.isfinite(noise) & torch.isfinite(stored)).to(ok.device)
+            narrowest = narrowest_state_dtype(group)  # R is used in every tensor's state dtype
+            ok = ok & (torch.isfinite(noise.to(narrowest)) & torch.isfinite(stored.to(narrowest))).to(ok.device)
             group_loss = loss_mean.to(previous.device)
             for b in buckets:
                 b.sanitize()
@@ -569,7 +816,6 @@ class KalmanOptimizer(Optimizer):
             st["skipped_steps"].add_((~group_ok).to(torch.int64))
             st["noise_updates"].add_(group_ok.to(torch.int64))
             self._correct_group(group, st, buckets, group_loss, noise, group_ok)
-            st["predicted"] = False
         return ok
 
     def _check_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],

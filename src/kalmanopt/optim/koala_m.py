@@ -10,7 +10,7 @@ from torch import Tensor
 from . import _docs
 from ._reductions import squared_norms
 from ._sharding import local_tensor, shard_reducer
-from .base import GradBucket, KalmanOptimizer, _check_number, state_dtype
+from .base import GradBucket, KalmanOptimizer, _check_number, narrowest_state_dtype, state_dtype
 from .noise import R_CLIP
 from .scalar_filter import apply_buckets, plan_buckets, planned_largest, shrink
 
@@ -108,15 +108,20 @@ class KOALAM(KalmanOptimizer):
         p11, p12, p22 = P.unbind(0)
         prior = torch.stack([p11 + 2 * p12 + p22 + qw, kappa * (p12 + p22), kappa**2 * p22 + group["qv"]])
         # A gated prediction (after a skipped step) keeps the old prior: the online q_w depends on where the weights
-        # are. A prediction that would not be finite (q_w overflowing the state dtype) is not made at all.
-        go = torch.isfinite(prior).all()
+        # are. A prediction that would not be finite (q_w overflowing the state dtype) is not made at all; P is kept
+        # in the first parameter's dtype but used in every tensor's, so "finite" is in the group's narrowest dtype.
+        go = torch.isfinite(prior.to(narrowest_state_dtype(group))).all()
         if gate is not None:
             go = go & gate
         group_state["P_prior"].copy_(torch.where(go, prior, group_state["P_prior"]))
         if online is not None and online[1]:
-            weight = (1 - _WEIGHT_EMA) * go.to(P.dtype)
+            # Selected, not masked by a zero weight: a gated-off prediction may be one whose q_w overflowed because a
+            # difference theta_bar - theta did (a non-finite weight), and 0 * inf would write NaN into the average.
             emas, diffs = online[1], online[2]
-            torch._foreach_addcmul_(emas, diffs, [-weight.to(e) for e in emas])
+            torch._foreach_mul_(diffs, -(1 - _WEIGHT_EMA))
+            torch._foreach_add_(diffs, emas)
+            for ema, moved in zip(emas, diffs, strict=True):
+                ema.copy_(torch.where(go.to(ema.device), moved, ema))
         if not started:
             return
         momenta = [local_tensor(self.state[p]["momentum"]) for p in started_params]
@@ -141,6 +146,9 @@ class KOALAM(KalmanOptimizer):
         if not params:
             return torch.zeros_like(P[0]), [], []
         states = [self.state[p] for p in params]
+        for p, st in zip(params, states, strict=True):
+            if "weight_ema" not in st:  # qw set to None after the state was made: the average starts here
+                st["weight_ema"] = p.detach().to(state_dtype(p), memory_format=torch.contiguous_format, copy=True)
         emas = [local_tensor(st["weight_ema"]) for st in states]
         diffs = torch._foreach_sub(emas, local)  # theta_bar - theta, in the state dtype
         started = torch.stack([local_tensor(st["step"]).to(P) > 0 for st in states]).to(P.dtype)
@@ -164,7 +172,8 @@ class KOALAM(KalmanOptimizer):
         largest, ok = plan_buckets(buckets, with_momentum=True, loss_mean=loss_mean, noise=noise, lr=group["lr"],
                                    weight_decay=group["weight_decay"], p11=prior[0], p21=prior[1],
                                    foreach=self._use_foreach(group))
-        return ok & torch.isfinite(self._posterior(prior, largest)).all()
+        both = torch.stack([prior, self._posterior(prior, largest)])
+        return ok & torch.isfinite(both.to(narrowest_state_dtype(group))).all()  # used in every tensor's dtype
 
     @staticmethod
     def _posterior(prior: Tensor, largest: Tensor) -> Tensor:

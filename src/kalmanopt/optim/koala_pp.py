@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _docs, _koala_pp_fused, _koala_pp_op
+from . import _docs, _koala_pp_fused, _koala_pp_op, _koala_pp_triton
 from ._reductions import dots, squared_norms
 from ._sharding import reduce_if
 from .base import GradBucket, KalmanOptimizer, StateSpec, _check_number, _is_dtensor, state_dtype
@@ -35,13 +37,38 @@ PRESET: Any = _FromPreset()
 #: The two configurations a user chooses between with ``preset=``; any argument given explicitly wins.
 PRESETS: dict[str, dict[str, Any]] = {
     # The default: the paper's per-tensor blocks, a diagonal (Adam-like) metric for the prior and the process noise,
-    # no measurement noise (R = 0: the cap bounds the step instead), the step size capped at lr * max_step, and the
+    # no measurement noise (R = 0), the step size min(loss_fraction * (loss - floor) / S, lr / q): the filter's own
+    # (Polyak-type) step, capped so that no step exceeds AdamW's step of the same lr in the same metric; the
     # corrections averaged with momentum 0.9. Chosen on the development grid (docs/algorithms.md, BENCHMARKS.md).
-    "adaptive": dict(r=0.0, block="tensor", precondition=True, momentum=0.9, max_step=0.01, r_clip=R_CLIP),
+    "adaptive": dict(lr=1e-3, r=0.0, block="tensor", precondition=True, momentum=0.9, loss_fraction=1.0,
+                     max_step=None, loss_floor=0.0, r_clip=R_CLIP),
     # Algorithm 1 of the paper with the reference code's defaults, bit for bit: per-tensor blocks, P0 = sigma I,
-    # R an EMA of the per-sample squared loss, no cap, no momentum.
-    "paper": dict(r=None, block="tensor", precondition=False, momentum=0.0, max_step=None, r_clip=None),
+    # R an EMA of the per-sample squared loss, the step lr * loss / S (lr is the paper's eta, the fraction of the
+    # loss each step asks to remove), no cap, no momentum, no floor under the loss.
+    "paper": dict(lr=1.0, r=None, block="tensor", precondition=False, momentum=0.0, loss_fraction=None,
+                  max_step=None, loss_floor=None, r_clip=None),
 }
+
+#: An ``lr`` at or above this with the AdamW-unit step rule is almost surely a KOALA++ lr of the old meaning (the
+#: fraction of the loss, 0.1-2): warn, since it would now ask for steps 100-2000x AdamW's.
+_OLD_LR_WARNING = 0.1
+
+
+def step_rule(group: dict[str, Any]) -> tuple[Any, Any]:
+    r"""The functional step rule ``(eta, max_step)`` of a param group: the step size is
+    :math:`\eta\min(\ell/S, \gamma_{\max})` (:func:`koala_pp`).
+
+    With ``loss_fraction`` :math:`\tau` (the default preset): :math:`\eta = \tau`, :math:`\gamma_{\max} =
+    \mathrm{lr}/(Q\tau)`, i.e. :math:`\gamma = \min(\tau\ell/S, \mathrm{lr}/Q)`: where the gradient has
+    decorrelated from the previous ones the correction is about :math:`\gamma Q D h`, so the cap is exactly AdamW's
+    step of the same ``lr`` in the same metric. Without it (``preset="paper"``): :math:`\eta = \mathrm{lr}`, and
+    ``max_step`` (None: no cap) is scaled by it, as in the paper's algorithm.
+    This is the one place where a group's user-facing hyperparameters become the kernels' ``lr``/``max_step``.
+    """
+    fraction = group.get("loss_fraction")
+    if fraction is None:
+        return group["lr"], group.get("max_step")
+    return fraction, group["lr"] / (group["q"] * fraction)
 
 
 class KOALAPlusPlus(KalmanOptimizer):
@@ -54,9 +81,11 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     .. math::
         \begin{aligned}
-            &\textbf{input}: \eta \text{ (lr)}, \sigma, Q, R_k, \text{loss } L_k, \text{weight decay } \lambda,
-                \gamma_{\max} \text{ (max\_step)}, \mu \text{ (momentum)}, \beta_2, \epsilon \\
-            &h_k = g_k + \lambda\theta_{k-1}, \quad \ell_k = L_k + \tfrac{\lambda}{2}\lVert\theta_{k-1}\rVert^2 \\
+            &\textbf{input}: \text{lr}, \tau \text{ (loss\_fraction)}, \sigma, Q, R_k, \text{loss } L_k,
+                \text{floor } L_* \text{ (loss\_floor)}, \text{weight decay } \lambda, \mu \text{ (momentum)},
+                \beta_2, \epsilon \\
+            &h_k = g_k + \lambda\theta_{k-1}, \quad
+                \ell_k = L_k - L_* + \tfrac{\lambda}{2}\lVert\theta_{k-1}\rVert^2 \\
             &\textbf{if precondition}: s_k = \beta_2 s_{k-1} + (1-\beta_2) h_k^2,\;
                 D_k = \big(\sqrt{s_k / (1-\beta_2^k)} + \epsilon\big)^{-1},\; h_k \gets D_k^{1/2} h_k
                 \quad \text{(else } D_k = 1) \\
@@ -70,24 +99,28 @@ class KOALAPlusPlus(KalmanOptimizer):
                   \quad (w_k = 0 \text{ if not symmetric}) \\
             &v_k = (\alpha_k - \lambda_k) v_{k-1} + Q(h_k - \lambda_k H_{k-1}) + w_k H_{k-1} \\
             &S_k = h_k\cdot v_k + Q\lVert h_k\rVert^2 + R_k \\
-            &\gamma_k = \eta\,\min\big(\ell_k / S_k,\; \gamma_{\max}\big), \quad
+            &\gamma_k = \min\big(\tau\ell_k / S_k,\; \text{lr}/Q\big)
+                \;(\gamma_k = \text{lr}/Q \text{ if } \ell_k < 0), \quad
              c_k = \gamma_k\, D_k^{1/2} (v_k + Q h_k) \\
             &m_k = \mu m_{k-1} + (1-\mu) c_k, \quad \theta_k = \theta_{k-1} - m_k / (1 - \mu^k)
                 \quad (\mu = 0: \theta_k = \theta_{k-1} - c_k)
         \end{aligned}
 
-    With ``preset="paper"`` (no metric, R an average of the squared loss, no cap, no momentum) this is Algorithm 1
-    of the paper, bit for bit. The default, ``preset="adaptive"``, changes three things, each ablated on the
-    development grid (docs/algorithms.md and BENCHMARKS.md give the evidence):
+    With ``preset="paper"`` (no metric, R an average of the squared loss, :math:`\gamma_k = \eta\ell_k/S_k` with
+    :math:`\eta` = ``lr``, no cap, no floor, no momentum) this is Algorithm 1 of the paper, bit for bit. The default,
+    ``preset="adaptive"``, changes three things, each ablated on the development grid (docs/algorithms.md and
+    BENCHMARKS.md give the evidence):
 
     * **a diagonal metric** :math:`D` (Adam's second moment): the prior :math:`\sigma D` and the process noise
       :math:`QD` are scaled per parameter, so that a tensor of small gradients is not starved (transformers).
-    * **R = 0 and a step cap** :math:`\gamma_{\max}` (SPS_max, ALI-G): a loss-free measurement, whose gain is bounded
-      by the cap instead. Equivalently, R has the floor :math:`\eta\ell_k/\gamma_{\max} - (S_k - R_k)`, tied to the
-      loss scale. The paper's R (an average of :math:`\ell^2`) makes the step shrink like :math:`1/\ell` early
-      and grow like :math:`1/\ell` late; without a cap, R = 0 overshoots where the loss cannot reach 0 (language
-      models), and each of T per-tensor blocks asks to remove :math:`\eta\ell`. :math:`\gamma_{\max} Q = 10^{-3}` is
-      AdamW's default step in the same metric.
+    * **R = 0 and a step cap in AdamW's units** (SPS_max, ALI-G): a loss-free measurement, whose gain is bounded by
+      the cap :math:`\gamma_k \le \mathrm{lr}/Q` instead. Where the gradient has decorrelated from the previous
+      ones the correction is about :math:`\gamma_k Q D h`, so the capped step is AdamW's step of the same ``lr``
+      in the same metric: ``lr`` is the number a user passes to AdamW (1e-3 from scratch, 2e-5 to 5e-5 for full
+      fine-tuning, 1e-4 to 1e-3 for LoRA), and an LR schedule anneals it. Below the cap the filter sizes the step
+      itself, :math:`\tau\ell/S` (asking each block to remove the fraction :math:`\tau` of the loss above its floor).
+      The paper's R (an average of :math:`\ell^2`) makes the step shrink like :math:`1/\ell` early and grow like
+      :math:`1/\ell` late; without a cap, R = 0 overshoots where the loss cannot reach 0 (language models).
     * **momentum** :math:`\mu = 0.9` on the corrections (as Adam's first moment, bias-corrected).
 
     ``block="group"`` makes the whole param group one block (the paper's parameter vector): a step then asks to
@@ -102,10 +135,16 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     Args:
         params: iterable of parameters or of dicts defining param groups.
-        lr (float, optional): :math:`\eta`, the fraction of the loss each step asks the filter to remove
-            (default: 1.0).
+        lr (float, optional): the default preset: the largest step, in AdamW's units (default: 1e-3, AdamW's):
+            pass the lr you would give ``torch.optim.AdamW`` for the task; the step is AdamW-sized where the filter's
+            own step :math:`\tau\ell/S` is larger, smaller where the loss says so. ``preset="paper"`` (and any
+            ``loss_fraction=None``): the paper's :math:`\eta`, the fraction of the loss each step asks the filter to
+            remove (default: 1.0). Until kalmanopt 0.1 the default preset's ``lr`` had that meaning too: the old
+            ``lr=X`` is ``lr=X * 1e-3`` now (a warning is raised for ``lr >= 0.1``).
         sigma (float, optional): prior variance :math:`P_0 = \sigma D`, used at a block's first step and on a
-            restart (default: 0.1).
+            restart (default: 0.1). With :math:`R = 0` (the default preset) the first update after the prior absorbs
+            the measurement whatever :math:`\sigma` is (the gain is :math:`h/\lVert h\rVert^2`): it changes the
+            step only through rounding; it matters with ``r > 0`` or ``r=None``.
         q (float, optional): process noise :math:`Q` (default: 0.1).
         symmetric (bool, optional): the symmetric minimum-norm closure (default) or the vanilla one
             (:math:`w_k = 0`).
@@ -116,8 +155,17 @@ class KOALAPlusPlus(KalmanOptimizer):
         beta2 (float, optional): decay of its second moment (default: 0.999).
         eps (float, optional): its :math:`\epsilon` (default: 1e-8).
         momentum (float, optional): :math:`\mu` (adaptive: 0.9, paper: 0).
-        max_step (float or None, optional): :math:`\gamma_{\max}`, the cap on :math:`\ell/S`, scaled by ``lr`` so
-            that a learning-rate schedule anneals capped steps too (adaptive: 0.01, paper: none).
+        loss_fraction (float or None, optional): :math:`\tau`, the fraction of the loss above its floor each
+            block's step asks to remove, below the cap (adaptive: 1.0). ``None`` (paper): the paper's step rule,
+            :math:`\eta\ell/S` with :math:`\eta` = ``lr``.
+        max_step (float or None, optional): with the paper's step rule only (``loss_fraction=None``): the cap
+            :math:`\eta\,\gamma_{\max}` on the step size, scaled by ``lr`` (default: none). Giving it alone selects
+            the paper's step rule (``lr`` is then :math:`\eta`, default 1.0).
+        loss_floor (float or None, optional): :math:`L_*`, the lower bound of the loss the filter measures from
+            (adaptive: 0, the bound of cross-entropy and squared errors; paper: none). A loss below it (a Gaussian
+            NLL, an ELBO, a shifted loss) gives no distance to the optimum: that step is the capped, AdamW-sized
+            step instead of an uphill one. Pass the known bound of your loss if it is not 0. One value for all
+            param groups (the loss is one measurement).
         fused (bool, optional): the whole step in one compiled CPU kernel: one reduction pass and one element-wise
             pass per tensor (see :mod:`kalmanopt.optim._koala_pp_fused`). ``None`` (default): used when ``foreach``
             is also ``None``, ``block="tensor"``, the parameters are dense float32/float64 CPU tensors, every
@@ -145,7 +193,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         >>> import torch
         >>> from kalmanopt import KOALAPlusPlus
         >>> model = torch.nn.Linear(4, 1)
-        >>> opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+        >>> opt = KOALAPlusPlus(model.parameters(), lr=1e-3)  # the lr you would give AdamW
         >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
         >>> losses = (model(x) - y).square().squeeze(1)
         >>> losses.mean().backward()
@@ -156,21 +204,29 @@ class KOALAPlusPlus(KalmanOptimizer):
         Gradient-Covariance Products". NeurIPS 2025, arXiv:2506.04432.
     """
 
-    def __init__(self, params, lr: float = 1.0, sigma: float = 0.1, q: float = 0.1, r: Any = PRESET,
+    def __init__(self, params, lr: Any = PRESET, sigma: Any = PRESET, q: float = 0.1, r: Any = PRESET,
                  alpha_r: float = 0.9, weight_decay: float = 0.0, symmetric: bool = True, *,
                  preset: str = "adaptive", block: Any = PRESET, precondition: Any = PRESET, beta2: float = 0.999,
-                 eps: float = 1e-8, momentum: Any = PRESET, max_step: Any = PRESET,
-                 r_stat: str = "second_moment", r_clip: Any = PRESET, foreach: bool | None = None,
-                 fused: bool | None = None, state_dtype: torch.dtype | None = None,
+                 eps: float = 1e-8, momentum: Any = PRESET, loss_fraction: Any = PRESET, max_step: Any = PRESET,
+                 loss_floor: Any = PRESET, r_stat: str = "second_moment", r_clip: Any = PRESET,
+                 foreach: bool | None = None, fused: bool | None = None, state_dtype: torch.dtype | None = None,
                  process_group: Any = None) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
-        chosen = dict(r=r, block=block, precondition=precondition, momentum=momentum, max_step=max_step,
-                      r_clip=r_clip)
+        chosen = dict(lr=lr, r=r, block=block, precondition=precondition, momentum=momentum,
+                      loss_fraction=loss_fraction, max_step=max_step, loss_floor=loss_floor, r_clip=r_clip)
+        if loss_fraction is PRESET and max_step is not PRESET and max_step is not None:
+            chosen["loss_fraction"] = None  # an explicit cap on lr * loss / S asks for the paper's step rule
+        if chosen["loss_fraction"] is None and lr is PRESET:
+            chosen["lr"] = PRESETS["paper"]["lr"]  # the paper's step rule: lr is its eta
         chosen = {k: PRESETS[preset][k] if v is PRESET else v for k, v in chosen.items()}
-        defaults = dict(lr=lr, sigma=sigma, q=q, alpha_r=alpha_r, weight_decay=weight_decay, symmetric=symmetric,
-                        beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, fused=fused, state_dtype=state_dtype,
-                        **chosen)
+        if sigma is not PRESET and chosen["r"] == 0:
+            warnings.warn("KOALAPlusPlus: sigma (the prior P0 = sigma D) has no effect with r=0, the default preset's "
+                          "R: the first update after the prior absorbs the loss whatever sigma is. It matters with "
+                          "r > 0 or r=None", stacklevel=2)
+        defaults = dict(sigma=0.1 if sigma is PRESET else sigma, q=q, alpha_r=alpha_r, weight_decay=weight_decay,
+                        symmetric=symmetric, beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, fused=fused,
+                        state_dtype=state_dtype, **chosen)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -189,6 +245,28 @@ class KOALAPlusPlus(KalmanOptimizer):
         _check_number("eps", group["eps"], 0.0, low_inclusive=False)
         _check_number("momentum", group["momentum"], 0.0, high=1.0, high_inclusive=False)
         _check_number("max_step", group["max_step"], 0.0, low_inclusive=False, optional=True)
+        _check_number("loss_fraction", group.setdefault("loss_fraction", None), 0.0, low_inclusive=False,
+                      optional=True)
+        _check_number("loss_floor", group.setdefault("loss_floor", None), -math.inf, optional=True,
+                      tensor_ok=False)
+        if group["loss_floor"] != self.param_groups[0].get("loss_floor", group["loss_floor"]):
+            raise ValueError(f"Invalid loss_floor: {group['loss_floor']!r}: the loss is one measurement shared by "
+                             f"every param group, whose floor is {self.param_groups[0]['loss_floor']!r}")
+        if group["loss_fraction"] is not None:
+            # lr in AdamW's units: the cap lr / q on the step size (see step_rule)
+            if group["max_step"] is not None:
+                raise ValueError("max_step caps the paper's step lr * loss / S; with loss_fraction (the default "
+                                 "preset) the cap is lr itself, in AdamW's units: pass loss_fraction=None to use "
+                                 "max_step")
+            if group["q"] == 0:
+                raise ValueError("q = 0 with loss_fraction: the step cap lr / q (AdamW's step in the filter's "
+                                 "metric) needs q > 0")
+            lr = group["lr"]
+            if not isinstance(lr, Tensor) and lr >= _OLD_LR_WARNING:
+                warnings.warn(f"KOALAPlusPlus: lr={lr} asks for steps {lr / 1e-3:.0f}x AdamW's default. Since "
+                              "kalmanopt 0.2 lr is in AdamW's units (default 1e-3: pass the lr you use with "
+                              "AdamW); the old lr (the fraction of the loss a step removes) is loss_fraction, and "
+                              "the old lr=X is lr=X*1e-3 now", stacklevel=4)
         storage = group.setdefault("state_dtype", None)
         if storage not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {storage!r} (expected None, i.e. the parameter's dtype, or "
@@ -201,13 +279,7 @@ class KOALAPlusPlus(KalmanOptimizer):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
             if group["block"] != "tensor":
                 raise RuntimeError("fused=True supports block='tensor' only")
-            for p in group["params"]:
-                if not _fusable_param(p):
-                    raise RuntimeError("fused=True needs dense float32 or float64 CPU parameters (not DTensors), "
-                                       f"got {type(p).__name__} of {p.dtype} on {p.device}")
-            if _koala_pp_fused.load() is None:
-                reason = _koala_pp_fused.unavailable_reason()
-                raise RuntimeError(f"fused=True: the fused kernel is not available ({reason})")
+            _check_fusable(group["params"])
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> None:
         kw = {"device": p.device, "dtype": state_dtype(p)}
@@ -261,7 +333,12 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     def _init_group(self, predict: bool) -> None:
         super()._init_group(predict)
-        _koala_pp_op.build()  # the kernel built (or not) before tracing: the build cannot be traced
+        # The kernels built or imported (or not) before tracing: neither can be traced.
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if any(d.type == "cpu" and not _koala_pp_triton.wanted(d) for d in devices):
+            _koala_pp_op.build()
+        for device in devices:
+            _koala_pp_triton.available(device)
         # What a compiled step records into (see _fused_step), with every group's key already there: the graph
         # guards on the keys it saw, which then do not change.
         recorded = self.__dict__.setdefault("_diagnostics", {})
@@ -270,17 +347,27 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     # ------------------------------------------------------------------ the fused path
     def _fused_group(self, group: dict[str, Any]) -> bool:
-        """Whether this group's step may run on the fused kernel: ``fused=True``, or by default (``fused`` and
-        ``foreach`` both None) when the kernel is built. :meth:`_fused_step` checks the tensors themselves (dense
-        float32/float64 CPU tensors, contiguous, one dtype) and falls back when they are not."""
+        """Whether this group's step may run on a fused kernel: ``fused=True``, or by default (``fused`` and
+        ``foreach`` both None). :meth:`_fused_step` checks that the device's kernel is there (the C kernel on CPU,
+        Triton on CUDA) and the tensors themselves, and falls back when they are not the kernel's."""
         fused = group.get("fused")
         if fused is False or group["block"] != "tensor":
             return False
-        if fused is None and group["foreach"] is not None:
-            return False
-        return _koala_pp_op.available()
+        return fused is not None or group["foreach"] is None
 
+    # ------------------------------------------------------------------ the floor under the loss
     def _measure(self, measured: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
+        # The filter measures the loss above its floor (loss_floor, default 0: the lower bound of the usual losses).
+        # With a floor of 0 the subtraction is exact (x - 0.0 == x): the same step, bit for bit. A loss below the
+        # floor makes a negative residual, for which the step rule takes the capped step (koala_pp).
+        floor = _loss_floor(self.param_groups)
+        return self._measure_residual(measured if floor is None else measured - floor, hyper_ok)
+
+    def _measure_given(self, loss_mean: Tensor, statistic: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
+        floor = _loss_floor(self.param_groups)
+        return self._measure_given_residual(loss_mean if floor is None else loss_mean - floor, statistic, hyper_ok)
+
+    def _measure_residual(self, measured: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
         # The fused kernel takes the whole step when every group can (Python-number hyperparameters, CPU tensors);
         # otherwise the multi-tensor path does, with the same semantics. Under torch.compile the kernel runs as the
         # custom operator kalmanopt::koala_pp_fused_step, one opaque node of the graph.
@@ -293,7 +380,8 @@ class KOALAPlusPlus(KalmanOptimizer):
         return self._measurement_update(moments[0] / moments[2],
                                         lambda group: loss_statistic(moments, group["r_stat"]), hyper_ok)
 
-    def _measure_given(self, loss_mean: Tensor, statistic: Tensor, hyper_ok: Tensor | None) -> Tensor | None:
+    def _measure_given_residual(self, loss_mean: Tensor, statistic: Tensor,
+                                hyper_ok: Tensor | None) -> Tensor | None:
         if hyper_ok is None and self._fused_step(torch.stack([loss_mean, statistic.to(loss_mean)]), given=True):
             return None
         return super()._measure_given(loss_mean, statistic, hyper_ok)
@@ -302,16 +390,23 @@ class KOALAPlusPlus(KalmanOptimizer):
         """The whole measurement update on the fused kernel; False (nothing done) where it cannot run.
 
         Same semantics as :meth:`KalmanOptimizer._measurement_update` followed by :func:`koala_pp`: every guard is
-        checked before the first write, a skipped step only counts itself. The kernel reads the loss and the state
-        scalars where they lie, in CPU memory: no synchronisation is involved.
+        checked before the first write, a skipped step only counts itself. The kernels read the loss and the state
+        scalars where they lie (CPU memory for the C kernel, the device for the Triton kernels on CUDA): no
+        synchronisation is involved.
         """
         groups = self.param_groups
         if not all(self._fused_group(g) for g in groups):
             return False
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if not (_cpu_scalar(grad_scale) and _cpu_scalar(found_inf)):
+        compiling = torch.compiler.is_compiling()
+        device = groups[0]["params"][0].device
+        # CUDA: the Triton kernels; CPU: the C kernel (the Triton kernels under the interpreter for the tests, eagerly).
+        triton = _koala_pp_triton.wanted(device) and not (compiling and device.type == "cpu")
+        if not (_koala_pp_triton.available(device) if triton else device.type == "cpu" and _koala_pp_op.available()):
             return False
-        if measurement.dtype not in _KINDS or measurement.device.type != "cpu":
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if not (_cpu_scalar(grad_scale, device) and _cpu_scalar(found_inf, device)):
+            return False
+        if measurement.dtype not in _KINDS or measurement.device != device:
             return False
         measurement = measurement.contiguous()
         dtype, params, grads, numels, tensors, shared, first, hyper, members = None, [], [], [], [], [], [0], [], []
@@ -324,10 +419,11 @@ class KOALAPlusPlus(KalmanOptimizer):
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                compute = state_dtype(p) if triton else p.dtype  # the C kernel computes in the parameters' dtype
                 if dtype is None:
-                    dtype = p.dtype
-                if p.dtype != dtype or grad.dtype != dtype or grad.device.type != "cpu" or not grad.is_contiguous() \
-                        or not p.is_contiguous() or not _fusable_param(p):
+                    dtype = compute
+                if compute != dtype or grad.dtype != p.dtype or p.device != device or grad.device != device \
+                        or not grad.is_contiguous() or not p.is_contiguous() or not _fusable_param(p, triton):
                     return False
                 st = self.state[p]
                 if "step" not in st:
@@ -352,7 +448,6 @@ class KOALAPlusPlus(KalmanOptimizer):
             first.append(first[-1] + count)
             members.append(count)
             hyper += _hyper(group)
-            st["predicted"] = False
         if dtype is None:
             dtype = state_dtype(groups[0]["params"][0])
         storage = storage or dtype
@@ -360,8 +455,12 @@ class KOALAPlusPlus(KalmanOptimizer):
         if suffix is None:
             return False
         n, n_groups = first[-1], len(groups)
-        compiling = torch.compiler.is_compiling()
-        if compiling:
+        if triton and not compiling:
+            out = _koala_pp_triton.fused_step(params, grads, tensors, shared, first, hyper, measurement, given,
+                                              grad_scale, found_inf, self.__dict__.setdefault("_triton_cache", {}))
+            if out is None:
+                return False
+        elif compiling:
             kind = _koala_pp_op.GIVEN if given else _koala_pp_op.MOMENTS if loss is None else _koala_pp_op.LOSS
             out = self._fused_op(tensors, shared, params, grads, first, hyper,
                                  measurement if loss is None else loss, kind, grad_scale, found_inf, dtype)
@@ -447,6 +546,7 @@ class KOALAPlusPlus(KalmanOptimizer):
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:
         recorded, index = {}, self._group_index(group)
+        eta, max_step = step_rule(group)
         for b in buckets:
             for st in b.states:  # options switched on after the state was made
                 if group["precondition"] and "exp_avg_sq" not in st:
@@ -462,13 +562,13 @@ class KOALAPlusPlus(KalmanOptimizer):
                 layer_loss=b.layer_loss(loss_mean, group["weight_decay"]),
                 loss=loss_mean.to(b.device, b.grad_sq.dtype),
                 noise=noise.to(b.device, b.grad_sq.dtype), ok=ok.to(b.device),
-                lr=group["lr"], sigma=group["sigma"], q=group["q"], symmetric=group["symmetric"],
+                lr=eta, sigma=group["sigma"], q=group["q"], symmetric=group["symmetric"],
                 foreach=self._use_foreach(group), grad_sq=b.grad_sq, shard_sum=b.shard_sum,
                 block=group["block"],
                 exp_avg_sqs=[st["exp_avg_sq"] for st in b.states] if group["precondition"] else None,
                 beta2=group["beta2"], eps=group["eps"],
                 momentum_buffers=[st["momentum_buffer"] for st in b.states] if group["momentum"] else None,
-                momentum=group["momentum"], max_step=group["max_step"],
+                momentum=group["momentum"], max_step=max_step,
                 scratch=self._scratch_views(b, index=index),
             )
             for key, value in diag.items():
@@ -562,25 +662,46 @@ def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], g
                                    **kwargs)
 
 
+def _scalar_dtype(like: Tensor) -> torch.dtype:
+    """The dtype of the filter's scalar algebra: float64 on CPU and CUDA (as the fused kernel), else ``like``'s.
+
+    The dot products are formed in the compute dtype; what follows from them (alpha, lambda, w, S, the step size,
+    the bias corrections) cancels: ``alpha - lambda`` and the numerator of ``w`` lose digits, ``1 - beta2 ** k``
+    loses three of float32's seven at beta2 = 0.999, and ``||H||^4`` underflows float32 (to subnormals below
+    ``||H||^2 = 1e-19``, to 0 below 4e-23, which left such a tensor uncorrected). In float32 that put the multi-tensor
+    path about 1e-5 (relative) from the kernel in the scalar state; in float64 the paths differ by the order in which
+    their dot products are summed only. The results are rounded to the compute dtype where they are stored or
+    multiply a tensor. (MPS and other devices without float64 keep the compute dtype.)
+    """
+    return torch.float64 if like.device.type in ("cpu", "cuda") else like.dtype
+
+
+def _fits(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Elementwise: ``x`` is finite once rounded to ``dtype`` (where it is stored, or multiplies a tensor)."""
+    return torch.isfinite(x.to(dtype))
+
+
 def _innovation(h: Tensor, H_prev: Tensor, v_prev: Tensor, S_prev: Tensor, *, q: float, noise: Tensor,
                 symmetric: bool) -> tuple[Tensor, Tensor]:
-    """Algorithm 1 of the paper on flat vectors: returns v_k and S_k."""
-    prev_sq = H_prev.dot(H_prev)
-    alpha = h.dot(H_prev) / prev_sq
-    lam = h.dot(v_prev + q * H_prev) / S_prev
+    """Algorithm 1 of the paper on flat vectors: returns v_k and S_k (the scalars in :func:`_scalar_dtype`)."""
+    wide = _scalar_dtype(h)
+    prev_sq, h_dot_prev = H_prev.dot(H_prev).to(wide), h.dot(H_prev).to(wide)
+    alpha = h_dot_prev / prev_sq
+    lam = h.dot(v_prev + q * H_prev).to(wide) / S_prev.to(wide)
     if symmetric:
-        w = (h.dot(v_prev) * prev_sq - H_prev.dot(v_prev) * h.dot(H_prev)) / prev_sq.square()
+        w = (h.dot(v_prev).to(wide) * prev_sq - H_prev.dot(v_prev).to(wide) * h_dot_prev) / prev_sq.square()
     else:
         w = torch.zeros_like(alpha)
-    v = (alpha - lam) * v_prev + q * (h - lam * H_prev) + w * H_prev
-    S = h.dot(v) + q * h.dot(h) + noise
+    a, lam, w = (alpha - lam).to(h.dtype), lam.to(h.dtype), w.to(h.dtype)
+    v = a * v_prev + q * (h - lam * H_prev) + w * H_prev
+    S = h.dot(v).to(wide) + q * h.dot(h).to(wide) + noise.to(wide)
     return v, S
 
 
 def _metric_root(h: Tensor, exp_avg_sq: Tensor, step: Tensor, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
     r"""The updated second moment and :math:`D^{1/2} = (\sqrt{\hat s} + \epsilon)^{-1/2}` (Adam's bias correction)."""
     new_sq = exp_avg_sq * beta2 + (1 - beta2) * h * h
-    correction = 1 - beta2 ** (step + 1)
+    correction = (1 - beta2 ** (step.to(_scalar_dtype(h)) + 1)).to(h.dtype)
     return new_sq, ((new_sq / correction).sqrt() + eps).rsqrt()
 
 
@@ -595,7 +716,7 @@ def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq,
     for i in range(n):
         h = hs[i].reshape(-1)
         if exp_avg_sqs is not None:
-            new_sqs[i], roots[i] = _metric_root(h, exp_avg_sqs[i].view(-1), steps[i].to(h), beta2, eps)
+            new_sqs[i], roots[i] = _metric_root(h, exp_avg_sqs[i].view(-1), steps[i], beta2, eps)
             h = h * roots[i]
         ht.append(h)
     blocks = [[i] for i in range(n)] if block == "tensor" else [list(range(n))]
@@ -618,19 +739,24 @@ def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq,
         fresh = (on & (torch.stack([prev_grad_sq[i] for i in members]) <= 0)).any()
         mixed = S_prev != torch.where(on, prev, torch.full_like(prev, -torch.finfo(prev.dtype).max)).max()
         hh = h.dot(h)
+        wide = _scalar_dtype(h)
         v, S = _innovation(h, H_prev, v_prev, S_prev, q=q, noise=noise, symmetric=symmetric)
         # The prior: pretend the same gradient was seen before under P0 = sigma * I.
-        v0, S0 = _innovation(h, h, sigma * h, (sigma + q) * hh + noise, q=q, noise=noise, symmetric=symmetric)
-        use_prior = fresh | mixed | ~(S_prev > 0) | ~(S > 0) | ~torch.isfinite(S) | ~torch.isfinite(v).all()
+        v0, S0 = _innovation(h, h, sigma * h, (sigma + q) * hh.to(wide) + noise.to(wide), q=q, noise=noise,
+                             symmetric=symmetric)
+        use_prior = fresh | mixed | ~(S_prev > 0) | ~(S > 0) | ~_fits(S, h.dtype) | ~torch.isfinite(v).all()
         v = torch.where(use_prior, v0, v)
         S = torch.where(use_prior, S0, S)
 
         residual = layer_loss[members[0]] if block == "tensor" else \
             loss + sum(active[i].to(loss.dtype) * (layer_loss[i] - loss) for i in members)  # L + wd/2 sum ||th||^2
-        block_commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
+        residual = residual.to(wide)
+        block_commit = ok & (hh > 0) & (S > 0) & _fits(S, h.dtype)
         step_size = lr * residual / S
         if max_step is not None:
             step_size = step_size.clamp(max=lr * max_step)  # the cap follows lr (a schedule)
+            # A loss below its floor says nothing of the distance to the optimum: the capped step, not an uphill one.
+            step_size = torch.where(residual < 0, lr * max_step, step_size)
         gain = v + q * h
         offset = 0
         for i in members:
@@ -638,11 +764,13 @@ def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq,
             gain_i, v_i = gain[offset : offset + size], v[offset : offset + size]
             offset += size
             param, shape = params[i], params[i].shape
-            commit = block_commit & active[i]
-            correction = step_size * (gain_i if roots[i] is None else roots[i] * gain_i)
+            # A step size that overflows the compute dtype (a huge loss over a tiny S) would write inf: the tensor is
+            # left alone, as for a non-finite S.
+            commit = block_commit & active[i] & _fits(step_size, h.dtype)
+            correction = step_size.to(h.dtype) * (gain_i if roots[i] is None else roots[i] * gain_i)
             if momentum_buffers is not None:
                 new_buf = momentum * momentum_buffers[i].view(-1) + (1 - momentum) * correction
-                correction = new_buf / (1 - momentum ** (steps[i].to(new_buf) + 1))
+                correction = new_buf / (1 - momentum ** (steps[i].to(wide) + 1)).to(new_buf.dtype)
                 momentum_buffers[i].copy_(torch.where(commit, new_buf, momentum_buffers[i].view(-1)).view(shape))
             new_param = param.to(h.dtype) - correction.view(shape)
             param.copy_(torch.where(commit, new_param, param.to(h.dtype)))
@@ -689,7 +817,8 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     # Full-size temporaries live in reusable buffers: a fresh allocation of tens of MB is page-faulted on every step
     # on CPU, which cost more than the arithmetic (see KalmanOptimizer._scratch).
     buffer = scratch or (lambda name: [torch.empty_like(h) for h in hs])
-    step_prev = torch.stack(steps)
+    dtype, wide = hs[0].dtype, _scalar_dtype(hs[0])  # the compute dtype, and that of the scalar algebra
+    step_prev = torch.stack(steps).to(wide)
     roots = new_sqs = None
     if exp_avg_sqs is not None:
         # The diagonal metric: the new second moments (committed at the end) and D^{1/2}; the filter then works on
@@ -698,7 +827,12 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
         torch._foreach_copy_(new_sqs, exp_avg_sqs)
         torch._foreach_mul_(new_sqs, beta2)
         torch._foreach_addcmul_(new_sqs, hs, hs, value=1 - beta2)
-        corrections = 1 - beta2 ** (step_prev.to(hs[0].dtype) + 1)
+        # A finite h whose square overflows makes ||h||^2 infinite, and the step is skipped; but the masked commit
+        # below (a lerp of weight 0: s + 0 * (new - s)) would compute through the infinite second moment and write
+        # NaN. Clamped at the largest finite number, every value that can reach a masked write is finite; a
+        # committed step is unchanged (there every h_i^2 <= ||h||^2 is finite, and so is new_sq).
+        torch._foreach_clamp_max_(new_sqs, torch.finfo(dtype).max)
+        corrections = (1 - beta2 ** (step_prev + 1)).to(dtype)
         torch._foreach_copy_(roots, new_sqs)
         torch._foreach_div_(roots, list(corrections.unbind(0)))
         torch._foreach_sqrt_(roots)
@@ -712,9 +846,13 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
         grad_sq = squared_norms(hs)
         if shard_sum is not None:
             grad_sq = shard_sum(grad_sq)
-    stored_S, stored_sq, stored_dot_v = torch.stack(prev_S), torch.stack(prev_grad_sq), torch.stack(prev_grad_v)
+    # From here on the scalars are in the wide dtype (see _scalar_dtype); the reductions and the stored scalars are
+    # exact in it, and what is stored or multiplies a tensor is rounded back to the compute dtype.
+    h_dot_prev, h_dot_gain, grad_sq = h_dot_prev.to(wide), h_dot_gain.to(wide), grad_sq.to(wide)
+    stored_S, stored_sq, stored_dot_v, q_prev = (torch.stack(xs).to(wide)
+                                                 for xs in (prev_S, prev_grad_sq, prev_grad_v, prev_q))
     S_prev, prev_sq, prev_dot_v = stored_S, stored_sq, stored_dot_v  # per tensor; summed below for a group block
-    q_prev = torch.stack(prev_q)
+    noise_given, noise, layer_loss = noise, noise.to(wide), layer_loss.to(wide)
     h_dot_v = h_dot_gain - q_prev * h_dot_prev
     own_hh, own_h_dot_v, own_h_dot_prev = grad_sq, h_dot_v, h_dot_prev  # per tensor, before any block sum
     hh, residual = grad_sq, layer_loss
@@ -739,8 +877,8 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     # Prior restart: H_prev := h, v_prev := sigma * h, so v_k is a multiple of h.
     prior = _coefficients(hh, hh, sigma * hh, hh, sigma * hh, (sigma + q) * hh + noise, q=q, noise=noise,
                           symmetric=symmetric)
-    use_prior = restart | ~(S_prev > 0) | ~(normal.S > 0) | ~torch.isfinite(normal.S) \
-        | ~torch.isfinite(normal.a) | ~torch.isfinite(normal.c)
+    use_prior = restart | ~(S_prev > 0) | ~(normal.S > 0) | ~_fits(normal.S, dtype) \
+        | ~_fits(normal.a, dtype) | ~_fits(normal.c, dtype)
     zero, one = torch.zeros_like(hh), torch.ones_like(hh)
     a = torch.where(use_prior, zero, normal.a)
     b = torch.where(use_prior, prior.a * sigma + prior.b + prior.c, normal.b)
@@ -754,25 +892,35 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
     # gain = v + q h = a gain_prev + (c - a q_prev) H_prev + (b + q) h.
     c = c - a * q_prev
     b = b + q
-    # Masking by coefficients (not by torch.where on tensors) keeps it one pass; hs are finite, so a skipped
-    # tensor gets exactly gain*1 + 0, theta - 0 and a lerp of weight 0.
-    commit = ok & (hh > 0) & (S > 0) & torch.isfinite(S)
+    # Masking by coefficients (not by torch.where on tensors) keeps it one pass. A tensor that is not committed
+    # gets gain * 1 + H * 0 + h * 0, theta + m * 0 (or + gain * 0), m * 1 + 0 and lerps of weight 0 (old + 0 * (new -
+    # old)); each is its old value exactly (up to the sign of a zero) because every operand it multiplies by 0 is
+    # finite: hs (sanitised by the caller, then scaled by a finite D^1/2), new_sqs (clamped above), the committed
+    # state, and the lerps' differences (new_sqs and s lie in [0, max]; committed |H| <= ||H|| <= sqrt(max), so
+    # h - H cannot overflow). Every scalar coefficient is selected by torch.where, never multiplied by the mask.
+    commit = ok & (hh > 0) & (S > 0) & _fits(S, dtype)
     if block == "group":
         commit = commit & (own_hh > 0)
     step_size = lr * residual / S
     if max_step is not None:
         step_size = step_size.clamp(max=lr * max_step)  # the cap follows lr (a schedule)
-    a = torch.where(commit, a, one)
-    b = torch.where(commit, b, zero)
-    c = torch.where(commit, c, zero)
-    weight = commit.to(hh.dtype)
+        # A loss below its floor says nothing of the distance to the optimum: the capped step, not an uphill one.
+        step_size = torch.where(residual < 0, lr * max_step, step_size)
+    # A step size that overflows the compute dtype (a huge loss over a tiny S) would write inf: the tensor is left
+    # alone, as for a non-finite S.
+    commit = commit & _fits(step_size, dtype)
+    # The coefficients rounded to the compute dtype, as the kernel rounds them.
+    a = torch.where(commit, a, one).to(dtype)
+    b = torch.where(commit, b, zero).to(dtype)
+    c = torch.where(commit, c, zero).to(dtype)
+    weight = commit.to(dtype)
 
     # One element-wise pass over the gain, theta and H_prev.
     torch._foreach_mul_(gains, a.unbind(0))
     torch._foreach_addcmul_(gains, prev_grads, c.unbind(0))
     torch._foreach_addcmul_(gains, hs, b.unbind(0))
     if roots is None and momentum_buffers is None:
-        torch._foreach_addcmul_(params, gains, torch.where(commit, -step_size, zero).unbind(0))
+        torch._foreach_addcmul_(params, gains, torch.where(commit, -step_size, zero).to(dtype).unbind(0))
     else:
         # The correction in parameter coordinates, step * D^{1/2} * gain~ (in the metric's buffer, no longer needed),
         # averaged over steps with momentum (the buffer holds the bias-uncorrected average, as Adam's first moment).
@@ -782,23 +930,27 @@ def _multi_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq, 
         else:
             torch._foreach_mul_(roots, gains)
         if momentum_buffers is None:
-            torch._foreach_addcmul_(params, roots, torch.where(commit, -step_size, zero).unbind(0))
+            torch._foreach_addcmul_(params, roots, torch.where(commit, -step_size, zero).to(dtype).unbind(0))
         else:
-            torch._foreach_mul_(roots, torch.where(commit, (1 - momentum) * step_size, zero).unbind(0))
-            torch._foreach_mul_(momentum_buffers, torch.where(commit, torch.full_like(hh, momentum), one).unbind(0))
+            scale = torch.where(commit, (1 - momentum) * step_size, zero).to(dtype)
+            torch._foreach_mul_(roots, scale.unbind(0))
+            decay = torch.where(commit, torch.full_like(hh, momentum), one).to(dtype)
+            torch._foreach_mul_(momentum_buffers, decay.unbind(0))
             torch._foreach_add_(momentum_buffers, roots)
-            unbias = torch.where(commit, -1 / (1 - momentum ** (step_prev.to(hh.dtype) + 1)), zero)
+            unbias = torch.where(commit, -1 / (1 - momentum ** (step_prev + 1)), zero).to(dtype)
             torch._foreach_addcmul_(params, momentum_buffers, unbias.unbind(0))
         if exp_avg_sqs is not None:
             torch._foreach_lerp_(exp_avg_sqs, new_sqs, list(weight.unbind(0)))
     torch._foreach_lerp_(prev_grads, hs, list(weight.unbind(0)))
 
-    torch._foreach_copy_(prev_S, torch.where(commit, S, stored_S).unbind(0))
-    torch._foreach_copy_(prev_grad_sq, torch.where(commit, own_hh, stored_sq).unbind(0))
-    torch._foreach_copy_(prev_grad_v, torch.where(commit, own_h_dot_v_new, stored_dot_v).unbind(0))
-    torch._foreach_copy_(prev_q, torch.where(commit, torch.full_like(q_prev, q), q_prev).unbind(0))
+    # The scalar state, rounded to the compute dtype (a tensor left alone round-trips exactly).
+    torch._foreach_copy_(prev_S, torch.where(commit, S, stored_S).to(dtype).unbind(0))
+    torch._foreach_copy_(prev_grad_sq, torch.where(commit, own_hh, stored_sq).to(dtype).unbind(0))
+    torch._foreach_copy_(prev_grad_v, torch.where(commit, own_h_dot_v_new, stored_dot_v).to(dtype).unbind(0))
+    torch._foreach_copy_(prev_q, torch.where(commit, torch.full_like(q_prev, q), q_prev).to(dtype).unbind(0))
     torch._foreach_add_(steps, commit.to(torch.float32).unbind(0))
-    return {"step_size": step_size, "S": S, "h_dot_v": h_dot_v_new, "grad_sq": hh, "noise": noise}
+    return {"step_size": step_size.to(dtype), "S": S.to(dtype), "h_dot_v": h_dot_v_new.to(dtype),
+            "grad_sq": hh.to(dtype), "noise": noise_given}
 
 
 # ---------------------------------------------------------------------------------------------- fused-path helpers
@@ -809,13 +961,44 @@ _FLAGS = {"symmetric": 1, "precondition": 2, "momentum": 4}
 _R_STATS = {name: code for code, name in enumerate(R_STATISTICS)}
 
 
-def _fusable_param(p: Tensor) -> bool:
-    return p.device.type == "cpu" and p.dtype in _KINDS and not p.is_sparse and not _is_dtensor(p)
+def _loss_floor(groups: list[dict[str, Any]]) -> float | None:
+    """The floor the measured loss is taken above: one measurement serves every group, so they must agree."""
+    floors = {g.get("loss_floor") for g in groups}
+    if len(floors) != 1:
+        raise ValueError(f"KOALAPlusPlus: param groups disagree on loss_floor ({sorted(floors, key=str)}): the loss is "
+                         "one measurement shared by every group")
+    return floors.pop()
 
 
-def _cpu_scalar(t: Tensor | None) -> bool:
-    """A GradScaler scale / found-inf flag the kernel can read: a float32 CPU tensor of one element (or none)."""
-    return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1)
+def _fusable_param(p: Tensor, triton: bool = False) -> bool:
+    """A parameter the C kernel (dense float32/float64 on CPU) or the Triton kernels (``triton``: dense float32,
+    float64, bfloat16 or float16) can step."""
+    if p.is_sparse or _is_dtensor(p):
+        return False
+    return p.dtype in _koala_pp_triton.PARAM_DTYPES if triton else p.device.type == "cpu" and p.dtype in _KINDS
+
+
+def _check_fusable(params: list[Tensor]) -> None:
+    """``fused=True``: every parameter must be one its device's kernel can step, and that kernel there (else
+    RuntimeError, at construction)."""
+    for p in params:
+        triton = _koala_pp_triton.wanted(p.device)
+        if not _fusable_param(p, triton):
+            what = "dense float32, float64, bfloat16 or float16 CUDA" if triton else "dense float32 or float64 CPU"
+            raise RuntimeError(f"fused=True needs {what} parameters (not DTensors), got {type(p).__name__} of "
+                               f"{p.dtype} on {p.device}")
+        if triton and not _koala_pp_triton.available(p.device):
+            reason = _koala_pp_triton.unavailable_reason(p.device)
+            raise RuntimeError(f"fused=True: the Triton kernels are not available ({reason})")
+        if not triton and _koala_pp_fused.load() is None:
+            reason = _koala_pp_fused.unavailable_reason()
+            raise RuntimeError(f"fused=True: the fused kernel is not available ({reason})")
+
+
+def _cpu_scalar(t: Tensor | None, device: torch.device) -> bool:
+    """A GradScaler scale / found-inf flag the kernels can read: a float32 tensor of one element on the parameters'
+    device (or none)."""
+    return t is None or (t.device == device and t.dtype == torch.float32 and t.numel() == 1)
 
 
 def _check_state(value: Tensor | None, key: str, dtype: torch.dtype, storage: torch.dtype, numel: int) -> None:
@@ -833,9 +1016,9 @@ def _check_state(value: Tensor | None, key: str, dtype: torch.dtype, storage: to
 def _hyper(group: dict[str, Any]) -> list[float]:
     """A group's hyperparameters in the kernel's layout (KOALA_NHP doubles)."""
     flags = sum(bit for key, bit in _FLAGS.items() if group[key])
-    r, max_step, r_clip = group["r"], group["max_step"], group["r_clip"]
+    (eta, max_step), r, r_clip = step_rule(group), group["r"], group["r_clip"]
     flags |= (8 if r is not None else 0) | (16 if max_step is not None else 0) | (32 if r_clip is not None else 0)
-    return [float(group["lr"]), float(group["sigma"]), float(group["q"]), float(group["weight_decay"]),
+    return [float(eta), float(group["sigma"]), float(group["q"]), float(group["weight_decay"]),
             float(group["beta2"]), float(group["eps"]), float(group["momentum"]), float(max_step or 0.0),
             float(r or 0.0), float(group["alpha_r"]), float(r_clip or 0.0), float(flags),
             float(_R_STATS[group["r_stat"]])]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _docs
-from .base import GradBucket, KalmanOptimizer, _check_number
+from .base import GradBucket, KalmanOptimizer, _check_number, narrowest_state_dtype
 from .noise import R_CLIP
 from .scalar_filter import apply_buckets, plan_buckets, planned_largest, shrink
 
@@ -86,7 +86,9 @@ class KOALAV(KalmanOptimizer):
         largest, ok = plan_buckets(buckets, with_momentum=False, loss_mean=loss_mean, noise=noise, lr=group["lr"],
                                    weight_decay=group["weight_decay"], p11=prior, p21=None,
                                    foreach=self._use_foreach(group))
-        return ok & torch.isfinite(prior * shrink(prior, largest))
+        # sigma is kept in the first parameter's dtype but used in every tensor's: it must fit the narrowest
+        posterior = prior * shrink(prior, largest)
+        return ok & torch.isfinite(torch.stack([prior, posterior]).to(narrowest_state_dtype(group))).all()
 
     def _correct_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                        loss_mean: Tensor, noise: Tensor, ok: Tensor) -> None:

@@ -144,7 +144,8 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
         rows_prior: also return ``rows_hph``, :math:`H \Sigma^- H^\top` of the rows ``H`` as given (before ``mix``).
 
     Returns:
-        A :class:`LofiUpdate`, or None when the small ``(k + m)`` system cannot be factorised (non-finite input).
+        A :class:`LofiUpdate`, or None when the small ``(k + m)`` system cannot be factorised (non-finite input),
+        or when a Gram matrix of this update or of the next one (of the new ``W``) overflows the dtype of ``W``.
     """
     n, k = W.shape
     m = H.shape[0]
@@ -192,8 +193,24 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     # truncation: rotate W~ onto the eigenvectors of its Gram matrix, keep the k largest (one product: the kept
     # columns and the dropped ones side by side)
     gram = _conjugate((Wz.T @ Wz).to(f64), B, k)
-    evals, V = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
+    gram = 0.5 * (gram + gram.T)
+    # Wz^T Wz (unlike Wz^T Upsilon^{-1} Wz, checked above) can overflow the input dtype, and eigh raises on
+    # non-finite input instead of returning NaN: decompose zeros then, and give up below
+    finite = torch.isfinite(gram).all()
+    evals, V = torch.linalg.eigh(torch.where(finite, gram, torch.zeros_like(gram)))  # ascending
     evals, V = evals.flip(0), V.flip(1)  # by decreasing eigenvalue
+    # The state this update leaves must be one the next update can use, else every later update fails (an outlier
+    # would end the filter): that one forms W^T W in the input dtype, the new W's is diag(evals[:k]); and it
+    # factorises I + T with T's leading block W^T Upsilon^{-1} W, at most V_k^T T V_k here (the new upsilon is at
+    # least the old), which Cholesky is guaranteed to factorise in float64 while its norm (at most its trace) is
+    # below 1 / (4 (k + m) eps). An input scaled by 1e16 against R = 1e-6 broke the first (float32) and, against
+    # R = 1e3, the second (float64: a precision 1e29 times its diagonal); such an update does not happen (None).
+    headroom = torch.finfo(W.dtype).max / 4  # for the next update's rounding and its new rows
+    resolution = 1.0 / (4 * (k + m) * torch.finfo(f64).eps)
+    kept = V[:, :k]
+    usable = finite & (evals[0] <= headroom) & ((kept * (T @ kept)).sum() <= resolution)
+    if not bool(usable):
+        return None
     # Directions whose eigenvalue is within the Gram matrix's own rounding of zero (while the information has
     # rank < k + m: the first steps, or n < k + m) are exactly zero columns of W~ V in exact arithmetic; computed,
     # they are rounding noise whose products underflow to subnormal numbers, which the CPU multiplies ~100x more

@@ -38,6 +38,18 @@ R recursions, the automatic P0 and the precision-matching variance update are **
     (first order, no second forward pass), ``R_0 = r0 I``, plus the floor ``r_min I`` when used. ``"ema_diag"``:
     its diagonal. ``"fixed"``: ``R = r0 I + r_min I``. R is per sample (``classes x classes``; ``1 x 1`` for
     ``"loss"``) and block-diagonal over a batch.
+``r_clip`` (outliers in the R estimate; default 100)
+    the sample ``S = eps eps^T + H P H^T`` stored into the ``"ema"``/``"ema_diag"`` average is bounded to
+    :math:`0 \preceq S \preceq r_{\text{clip}} R`, R the noise the step used (estimate plus floor): in R's metric
+    its eigenvalues are clipped to ``[0, r_clip]`` (:func:`bounded_noise_sample`), the matrix form of KOALA's
+    ``min(statistic, r_clip R)``. One input scaled by 1e20 otherwise put R at ~4e22 with a negative eigenvalue of
+    ~2e20 (the post-update ``H P H^T`` of an outlier is a difference of huge numbers): R was indefinite beyond any
+    jitter and every later sample was skipped. With the bound an outlier leaves R at most
+    ``beta + (1 - beta) r_clip`` (5.95 at ``beta = 0.95``) times what it was, gone in about 35 steps; a sample
+    within the bounds is stored bit for bit as before. Unlike KOALA's, the bound holds from the first step:
+    ``R_0 = r0 I`` is a scale the user chose (the innovations of a classifier lie in [-1, 1]), not an arbitrary
+    start. ``r_clip=None`` keeps only the lower bound (the paper's average, kept positive semi-definite).
+    ``"moment"`` and ``"fixed"`` estimate nothing: the categorical variance is bounded by construction.
 ``variance_update``
     ``"fd"``: the variance-matching update above (the diagonal of the exact EKF update). ``"vd"``: precision
     matching (VD-EKF), ``1/p += diag(H^T R^-1 H)``, whose mean update uses the new ``p`` and ``R^-1``.
@@ -81,10 +93,16 @@ twice per step: it must be deterministic (eval mode, no dropout) and free of sid
 Everything inside one step runs in float64 for the ``m x m`` algebra and in the state dtype (float32 for 16/32-bit
 parameters, float64 for float64 ones) for the ``O(n m)`` work.
 
-Guards: non-finite outputs, Jacobian rows or innovation, or an ``S`` (or ``R`` for ``"vd"``) that stays
-non-positive-definite after two jitter retries skip the sample: parameters, ``p`` and ``R`` are left bit-for-bit
-unchanged and ``skipped_steps`` counts it (a ``RuntimeWarning`` is issued for a failed factorisation). Unlike the
-KOALA optimizers, LoKO synchronises with the host inside ``step`` (it factorises a small matrix and branches).
+Guards: the sample is skipped for non-finite outputs, Jacobian rows or innovation; for a finite input whose step
+overflows the state dtype (``H P H^T`` of the measurement or of the logits, or one of LoFi's Gram matrices, not
+finite; an automatic prior that is not a normal number; a new low-rank ``W`` whose Gram matrix the next step could
+not form), e.g. an input scaled by 1e20 into a float32 model (into a float64 model it fits and is learned); and for
+an ``S`` (or ``R`` for ``"vd"``) that stays non-positive-definite after two jitter retries. A skipped sample leaves
+parameters, ``p`` (``upsilon``, ``W``), ``R`` and the calibration's sums bit-for-bit unchanged and
+``skipped_steps`` counts it (a ``RuntimeWarning`` is issued for a failed factorisation). Since a skip leaves the
+state as it was, no committed state may make every later sample fail: it is finite, usable in its dtype, and the R
+estimate stays positive semi-definite and bounded (``r_clip``). Unlike the KOALA optimizers, LoKO synchronises with
+the host inside ``step`` (it factorises a small matrix and branches).
 """
 
 from __future__ import annotations
@@ -101,6 +119,7 @@ from torch.optim import Optimizer
 
 from . import lofi
 from .base import StateSpec, _check_number, check_group_numbers, load_state_keep_dtypes, state_dtype
+from .noise import R_CLIP
 
 __all__ = ["LoKO", "Predictive", "predictive_probs", "OBSERVATIONS", "NOISE_MODELS", "VARIANCE_UPDATES",
            "PREDICTIVE_METHODS"]
@@ -112,8 +131,8 @@ JACOBIAN_MODES = ("batched", "vmap", "loop")
 PREDICTIVE_METHODS = ("probit", "laplace_bridge", "mc", "plugin")
 
 # Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
-_SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "p0_scale", "auto_scope", "jacobian",
-           "rank", "trust", "calibrate")
+_SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "r_clip", "p0_scale", "auto_scope",
+           "jacobian", "rank", "trust", "calibrate")
 
 # The scales of the linearised predictive covariance that ``calibrate=True`` chooses among (1 = the filter's own
 # covariance, 0 = the plug-in softmax), by the cumulative log-likelihood of the samples already seen.
@@ -265,8 +284,13 @@ def noise_matrix(noise: str, estimate: Tensor, yhat: Tensor, r_min: float, obser
 
 
 def updated_noise_estimate(noise: str, estimate: Tensor, residual: Tensor, hph: Tensor, beta: float,
-                           blocks: int) -> Tensor:
-    """The EMA R after a step: ``beta R + (1 - beta) mean_b(eps_b eps_b^T + (H P H^T)_bb)``."""
+                           blocks: int, r_min: float | None = None, r_clip: float | None = None) -> Tensor:
+    r"""The EMA R after a step: ``beta R + (1 - beta) S`` with the sample ``S = mean_b(eps_b eps_b^T + (H P H^T)_bb)``.
+
+    With ``r_min`` given (LoKO), the sample stored is bounded first (:func:`bounded_noise_sample`): to
+    :math:`0 \preceq S \preceq r_{\text{clip}}\,(R + r_{\min} I)`, the R this step used (``r_clip`` None: only
+    :math:`S \succeq 0`). Without it (``r_min`` None), the unbounded recursion.
+    """
     if noise not in ("ema", "ema_diag"):
         return estimate
     c = estimate.shape[0]
@@ -275,8 +299,53 @@ def updated_noise_estimate(noise: str, estimate: Tensor, residual: Tensor, hph: 
     sample = (eps.unsqueeze(2) * eps.unsqueeze(1) + hph_blocks).mean(0)
     if noise == "ema_diag":
         sample = torch.diag(torch.diagonal(sample))
-    new = beta * estimate.to(torch.float64) + (1.0 - beta) * sample
+    estimate = estimate.to(torch.float64)
+    if r_min is not None:
+        used = estimate + r_min * torch.eye(c, dtype=torch.float64, device=estimate.device)
+        sample = bounded_noise_sample(sample, used, r_clip, diagonal=noise == "ema_diag")
+    new = beta * estimate + (1.0 - beta) * sample
     return 0.5 * (new + new.T)
+
+
+# A whitened eigenvalue of the R sample below -NEGATIVE_TOLERANCE * max(1, largest) is cancellation, not rounding.
+NEGATIVE_TOLERANCE = 2.0 ** -26  # sqrt(float64 eps)
+
+
+def bounded_noise_sample(sample: Tensor, used: Tensor, r_clip: float | None, diagonal: bool = False) -> Tensor:
+    r"""The R sample ``S`` (``c x c``, float64) bounded to :math:`0 \preceq S \preceq r_{\text{clip}} R` with
+    ``R = used`` (the R the step used, positive definite): the matrix form of KOALA's ``min(statistic, r_clip R)``.
+
+    In R's metric, :math:`M = L^{-1} S L^{-\top}` (:math:`R = L L^\top`), every eigenvalue of ``M`` is clipped to
+    ``[0, r_clip]`` (``r_clip`` None: ``[0, inf)``), so only the offending directions are shrunk; for a diagonal
+    sample and R (``"ema_diag"``) that is ``min(max(s_i, 0), r_clip r_i)`` entry by entry. The upper bound keeps an
+    outlier's memory in the average finite (after it, R is at most ``beta + (1 - beta) r_clip`` times what it was);
+    the lower one restores what the sample is in exact arithmetic, positive semi-definite: the post-update
+    :math:`H P^+ H^\top` of an outlier is a difference of huge numbers, and a sample with a negative eigenvalue of
+    1e20 made R indefinite beyond any jitter, so that every later sample was skipped. A sample within the bounds
+    (up to rounding below 0) is returned as it is, bit for bit. A non-finite one, or one whose whitened form
+    overflows, comes back non-finite (the caller skips the step).
+    """
+    cap = math.inf if r_clip is None else float(r_clip)
+    if diagonal:
+        # an entry within the bounds is unchanged bit for bit; NaN propagates (clamp and minimum keep it)
+        d = torch.diagonal(sample).clamp_min(0.0)
+        return torch.diag(d if r_clip is None else d.minimum(cap * torch.diagonal(used)))
+    # R is positive definite but for a singular estimate with r_min = 0 (allowed with rank=0): jitter then
+    factor = cholesky_with_jitter(used)
+    if factor is None:  # a non-finite R (never committed): nothing to bound against
+        return torch.full_like(sample, math.nan)
+    whitened = torch.linalg.solve_triangular(factor, sample, upper=False)
+    whitened = torch.linalg.solve_triangular(factor, whitened.T, upper=False)  # L^-1 S L^-T (S symmetric)
+    whitened = 0.5 * (whitened + whitened.T)
+    ok = torch.isfinite(whitened).all()
+    # on non-finite input eigh need not converge: decompose zeros instead, the result is replaced below
+    lam, vec = torch.linalg.eigh(torch.where(ok, whitened, torch.zeros_like(whitened)))  # ascending
+    outside = (lam[0] < -NEGATIVE_TOLERANCE * lam[-1].clamp_min(1.0)) | (lam[-1] > cap)
+    root = factor @ vec
+    rebuilt = (root * lam.clamp(0.0, cap)) @ root.T
+    rebuilt = 0.5 * (rebuilt + rebuilt.T)
+    bounded = torch.where(outside, rebuilt, sample)
+    return torch.where(ok, bounded, torch.full_like(sample, math.nan))
 
 
 def all_finite(*tensors: Tensor) -> bool:
@@ -376,9 +445,41 @@ def predictive_probs(mean: Tensor, cov: Tensor, method: str = "probit", *, sampl
     safe = torch.where(pos, total, torch.ones_like(total))
     mu_c = torch.where(pos, mu - s1 * mu.sum(1, keepdim=True) / safe, mu)
     var_c = torch.where(pos, var - s1.square() / safe, var).clamp_min(torch.finfo(torch.float64).tiny)
+    if c == 1:  # one class: probability 1 (the formula's alpha is 0 / var)
+        return torch.ones_like(mu)
+    # alpha_i = (1 - 2/C + e^{log_term_i}) / var_i, normalised: in log space, so that logits far apart (e^{1e3}
+    # overflows) give the limit instead of inf / inf
     log_term = mu_c + torch.logsumexp(-mu_c, dim=1, keepdim=True) - 2.0 * math.log(c)
-    alpha = (1.0 - 2.0 / c + torch.exp(log_term)) / var_c
-    return alpha / alpha.sum(1, keepdim=True)
+    log_alpha = torch.logaddexp(torch.full_like(log_term, math.log1p(-2.0 / c) if c > 2 else -math.inf), log_term)
+    return torch.softmax(log_alpha - var_c.log(), dim=1)
+
+
+def _auto_priors_fit(pairs: list[tuple[dict[str, Any], Tensor]], init: list[float | None]) -> bool:
+    """Whether every automatic prior variance this step would set is, with its inverse (the precision that
+    ``rank > 0`` stores), a normal number of its tensor's state dtype.
+
+    The automatic prior is ``p0_scale tr(R) / tr(H H^T)``: an input scaled by 1e20 into a float32 model makes
+    ``tr(H H^T)`` ~1e40, beyond float32, and the prior ~1e-40, subnormal (its inverse overflows). Such a step
+    overflows the state dtype and is skipped, as the other overflows are, rather than fixing a prior of 1e-40.
+    """
+    for (g, p), value in zip(pairs, init, strict=True):
+        if value is None or g["p0"] != "auto":
+            continue
+        info = torch.finfo(state_dtype(p))
+        if not (info.tiny <= value <= info.max and info.tiny <= 1.0 / value <= info.max):
+            return False
+    return True
+
+
+def _scaled(scale: Tensor | float, cov: Tensor) -> Tensor:
+    """``scale * cov`` with ``0 * cov = 0`` exactly, also where ``cov`` overflowed (scale 0 is the plug-in)."""
+    return torch.where(torch.as_tensor(scale, dtype=cov.dtype, device=cov.device) == 0, 0.0, scale * cov)
+
+
+def _best_scale(nll: Tensor) -> Tensor:
+    """Index of the lowest cumulative NLL (ties: the first, the filter's own covariance); a NaN sum (a state saved
+    before non-finite samples were left out) never wins, where ``argmin`` would pick it."""
+    return torch.argmin(torch.nan_to_num(nll, nan=math.inf))
 
 
 def _diagonal_blocks(a: Tensor, b: int, c: int) -> Tensor:
@@ -469,7 +570,12 @@ class LoKO(Optimizer):
             step may cause (one extra forward pass per step; ``0`` turns it off). Default 3.
         calibrate (bool): scale the linearised predictive covariance by the factor of :data:`PREDICTIVE_SCALES`
             with the lowest cumulative NLL on the samples already seen (prequential; ``0`` is the plug-in softmax).
-            Only the predictive changes, never the filter. Default True.
+            Only the predictive changes, never the filter. A sample whose NLL is not finite under some scale is
+            left out of the sums. Default True.
+        r_clip (float or None): outlier guard of the R estimate (``noise="ema"``/``"ema_diag"``; the other noise
+            models estimate nothing): the sample stored into the average is bounded to ``[0, r_clip * R]`` in R's
+            metric, R the noise the step used (see the module docs). ``>= 1``; None: no upper bound (the paper's
+            average, kept positive semi-definite). Default 100, as KOALA's.
 
     ``step(forward_fn, target)``: ``forward_fn()`` returns logits ``(batch, classes)``; ``target`` holds class
     indices ``(batch,)`` (or probabilities ``(batch, classes)``). Returns the detached logits computed before the
@@ -489,13 +595,13 @@ class LoKO(Optimizer):
                  beta: float = 0.95, observation: str = "softmax", q: float = 0.0, *, noise: str | None = None,
                  variance_update: str = "fd", r_min: float = 1e-3, p_min: float = 1e-12, inflation: float = 0.0,
                  p0_scale: float = 1.0, auto_scope: str = "joint", jacobian: str = "vmap",
-                 rank: int = 64, trust: float = 3.0, calibrate: bool = True) -> None:
+                 rank: int = 64, trust: float = 3.0, calibrate: bool = True, r_clip: float | None = R_CLIP) -> None:
         if noise is None:  # the categorical variance goes with the softmax observation; a fixed R otherwise
             noise = "moment" if observation == "softmax" else "fixed"
         defaults = dict(p0=p0, r0=r0, beta=beta, observation=observation, q=q, noise=noise,
                         variance_update=variance_update, r_min=r_min, p_min=p_min, inflation=inflation,
                         p0_scale=p0_scale, auto_scope=auto_scope, jacobian=jacobian, rank=rank, trust=trust,
-                        calibrate=calibrate)
+                        calibrate=calibrate, r_clip=r_clip)
         self.last_predictive: Predictive | None = None
         self.trust_scaled_steps = 0  # steps whose mean step the trust region shortened (this process only)
         super().__init__(params, defaults)
@@ -508,6 +614,7 @@ class LoKO(Optimizer):
             _check_number("p0", group["p0"], 0.0, low_inclusive=False, tensor_ok=False)
         _check_number("p_min", group["p_min"], 0.0, tensor_ok=False)
         _check_number("trust", group["trust"], 0.0, tensor_ok=False)
+        _check_number("r_clip", group["r_clip"], 1.0, optional=True, tensor_ok=False)
         if not isinstance(group["calibrate"], bool):
             raise ValueError(f"Invalid calibrate: {group['calibrate']!r} (True or False)")
         _check_number("inflation", group["inflation"], 0.0, tensor_ok=False)
@@ -523,6 +630,11 @@ class LoKO(Optimizer):
         precision = group["variance_update"] == "vd" or rank > 0
         if precision and group["r_min"] <= 0 and group["noise"] != "fixed":
             raise ValueError("Invalid r_min: variance_update='vd' and rank > 0 need R positive definite, use r_min > 0")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts from before r_clip existed (torch's convention for new keys)
+            group.setdefault("r_clip", R_CLIP)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank = self.param_groups[0]["rank"]
@@ -621,7 +733,10 @@ class LoKO(Optimizer):
                 if logit_rows is not None:
                     prior_cov = self._logit_covariance(pairs, logit_rows, *returned.shape)
                 update = self._update_lowrank if g0["rank"] > 0 else self._update
-                pending = update(pairs, rows, e, yhat, gst, returned)
+                # H_z P^- H_z^T is this step's O(n m) work in the state dtype: where it overflows (a huge but finite
+                # input) the step is skipped, as where S overflows (observation="logits") or KOALA's squared gradient
+                pending = (update(pairs, rows, e, yhat, gst, returned)
+                           if prior_cov is None or all_finite(prior_cov) else None)
             if pending is not None and g0["trust"] > 0:
                 pending = self._trust_region(pending, forward_fn, returned, g0["trust"])
             if pending is None:
@@ -649,13 +764,17 @@ class LoKO(Optimizer):
                                                       device=mean.device)
         scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=mean.device)
         # every scale at once, (scales, b, c): the probit reads only the diagonal of each scaled covariance, and
-        # the diagonal of s * cov is s * diag(cov), entry for entry
-        var = (scales.view(-1, 1, 1) * torch.diagonal(cov.to(torch.float64), dim1=1, dim2=2)).clamp_min(0.0)
+        # the diagonal of s * cov is s * diag(cov), entry for entry; scale 0 is the plug-in softmax whatever cov
+        # holds (0 * inf would be NaN)
+        var = _scaled(scales.view(-1, 1, 1), torch.diagonal(cov.to(torch.float64), dim1=1, dim2=2)).clamp_min(0.0)
         probs = probit(mean.detach().to(torch.float64), var)
-        best = torch.argmin(nll)  # ties: the first, the filter's own covariance
+        best = _best_scale(nll)
         y = e.reshape(yhat.shape) + yhat  # the target (one-hot, or the given probabilities)
-        nll += -(y * probs.clamp_min(1e-300).log()).sum(dim=(1, 2))
-        return Predictive(mean, scales[best] * cov, probs[best])
+        sample_nll = -(y * probs.clamp_min(1e-300).log()).sum(dim=(1, 2))
+        # the sums compare the scales on the same samples: a sample whose NLL is not finite under some scale is
+        # left out of all of them (once in a sum, a NaN or inf would decide every later choice)
+        nll += torch.where(torch.isfinite(sample_nll).all(), sample_nll, torch.zeros_like(sample_nll))
+        return Predictive(mean, _scaled(scales[best], cov), probs[best])
 
     @property
     def predictive_scale(self) -> float:
@@ -664,7 +783,7 @@ class LoKO(Optimizer):
         nll = self.state.get(pairs[0][1], {}).get("predictive_nll") if pairs else None
         if nll is None or not self.param_groups[0]["calibrate"]:
             return 1.0
-        return PREDICTIVE_SCALES[int(torch.argmin(nll))]
+        return PREDICTIVE_SCALES[int(_best_scale(nll))]
 
     def _trust_region(self, pending: _Pending, forward_fn: Callable[[], Tensor], before: Tensor,
                       trust: float) -> _Pending | None:
@@ -765,6 +884,8 @@ class LoKO(Optimizer):
 
         # prior variances (time update), with the automatic p0 where asked for
         init = self._initial_variances(pairs, H, R, gst)
+        if not _auto_priors_fit(pairs, init):
+            return None
         prior = []
         for (g, p), value in zip(pairs, init, strict=True):
             st = self.state[p]
@@ -809,7 +930,8 @@ class LoKO(Optimizer):
             hdelta = sum((hr @ d).to(torch.float64) for hr, d in zip(H, deltas, strict=True))
             hph = sum(((hr * q) @ hr.T).to(torch.float64) for hr, q in zip(H, posts, strict=True))
             blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
-            new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - hdelta, hph, g0["beta"], blocks)
+            new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - hdelta, hph, g0["beta"], blocks,
+                                           g0["r_min"], g0["r_clip"])
             if not bool(torch.isfinite(new_r).all()):
                 return None
 
@@ -895,6 +1017,8 @@ class LoKO(Optimizer):
                           RuntimeWarning, stacklevel=3)
             return None
         init = self._initial_variances(pairs, list(H.split(sizes, dim=1)), R, gst)
+        if not _auto_priors_fit(pairs, init):
+            return None
         ups, W, infl, q, live = self._joint_prior(pairs, init, dtype)
         ups, W = lofi.predict(ups, W, infl, q)
         ema = g0["noise"] in ("ema", "ema_diag")
@@ -904,7 +1028,9 @@ class LoKO(Optimizer):
             mix = lam[0] if lam.shape[0] == 1 else torch.block_diag(*lam)
         res = lofi.update(ups, W, H, L_R, e, prior=g0["observation"] == "logits", posterior=ema, mix=mix,
                           rows_prior=logit_rows)
-        if res is None or not all_finite(res.delta, res.upsilon, res.W):
+        if res is None or not all_finite(res.delta, res.upsilon, res.W,
+                                         *(t for t in (res.prior_hph, res.post_hph, res.h_delta, res.rows_hph)
+                                           if t is not None)):
             return None
         if res.prior_hph is not None:
             self._store_predictive(outputs, res.prior_hph)
@@ -913,7 +1039,7 @@ class LoKO(Optimizer):
         if ema:
             blocks = 1 if g0["observation"] == "loss" else yhat.shape[0]
             new_r = updated_noise_estimate(g0["noise"], gst["noise_estimate"], e - res.h_delta, res.post_hph,
-                                           g0["beta"], blocks)
+                                           g0["beta"], blocks, g0["r_min"], g0["r_clip"])
             if not bool(torch.isfinite(new_r).all()):
                 return None
 
@@ -977,8 +1103,10 @@ class LoKO(Optimizer):
             samples, generator: for ``method="mc"``.
 
         Raises:
-            ValueError: with ``observation="loss"`` (the filter never saw the logits), an unknown method, or
-                ``noise=True`` without the logit observation.
+            ValueError: with ``observation="loss"`` (the filter never saw the logits), an unknown method,
+                ``noise=True`` without the logit observation, or inputs whose logit covariance is not finite
+                (non-finite logits or Jacobian, or finite ones so large that ``H P H^T`` overflows the state
+                dtype; not at :attr:`predictive_scale` 0, the plug-in, which reads no covariance).
         """
         g0 = self.param_groups[0]
         if g0["observation"] == "loss":
@@ -1007,7 +1135,12 @@ class LoKO(Optimizer):
         b, c = outputs.shape
         mean = outputs.detach()
         with torch.no_grad():
-            cov = self._logit_covariance(pairs, rows, b, c) * self.predictive_scale
+            cov = _scaled(self.predictive_scale, self._logit_covariance(pairs, rows, b, c))
+            if not all_finite(cov):  # the probabilities would be NaN (or an eigh failure for "mc")
+                if not all_finite(mean):
+                    raise ValueError("LoKO.predictive: forward_fn returned non-finite logits")
+                raise ValueError("LoKO.predictive: the logit covariance H P H^T of these inputs overflows the state "
+                                 "dtype (a huge input; step() skips such a sample)")
             if noise:
                 leader = self.state.get(params[0], {})
                 est = leader.get("noise_estimate")

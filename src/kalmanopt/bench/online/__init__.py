@@ -21,9 +21,12 @@ rows like ``rank=4`` or ``p0=auto,auto_scope=group``). Each runs on ``--orders``
 pool; order k also seeds the fresh head and the adapters, so within an order every contender starts from the same
 weights and sees the same samples. Cost is thread CPU time per sample (run with one thread).
 
-Outputs: ``results/online/online_<task>.json`` (provenance, configuration, tuning, per-order records), PNG plots
-(curves, ablations, reliability diagram) next to them, and ``docs/benchmarks/online.md`` regenerated from every
-results file present.
+Outputs, in the ``--out`` folder (default ``./kalmanopt-results/online/``): ``online_<task>.json`` (provenance,
+configuration, tuning, per-order records; ``online_<task>_quick.json`` with ``--quick``), PNG plots (curves,
+ablations, reliability diagram) next to them, and the page ``--docs`` (default ``online.md`` in the ``--out`` folder)
+regenerated from every results file present. A results file or page that exists at a path named by ``--out`` or
+``--docs`` is replaced only with ``--overwrite``; the recorded page comes from ``--out results/online --docs
+docs/benchmarks/online.md --overwrite``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from kalmanopt import paths
 from kalmanopt.errors import UsageError
 
 from .report import cost_table, plot_reliability, plot_task, write_markdown
@@ -63,11 +67,11 @@ from .tasks import (
     task_datasets,
 )
 
-__all__ = ["add_parser", "main", "TASKS", "SUITES", "SWEEPS", "Task", "load_task", "build", "run_one", "run_task",
-           "required_datasets", "required_packages", "ablation_presets", "parse_ablation", "resolve_ablations",
-           "loko_defaults", "digits_halves", "pretrained_digits_mlp", "pretrained_cnn", "DigitsMLP", "SmallCNN",
-           "EncoderClassifier", "TopEncoderClassifier", "DIGITS_PERMUTATION_SEED", "write_markdown", "plot_task",
-           "plot_reliability", "measure_cost"]
+__all__ = ["add_parser", "check_args", "main", "TASKS", "SUITES", "SWEEPS", "Task", "load_task", "build", "run_one",
+           "run_task", "required_datasets", "required_packages", "ablation_presets", "parse_ablation",
+           "resolve_ablations", "loko_defaults", "digits_halves", "pretrained_digits_mlp", "pretrained_cnn",
+           "DigitsMLP", "SmallCNN", "EncoderClassifier", "TopEncoderClassifier", "DIGITS_PERMUTATION_SEED",
+           "write_markdown", "plot_task", "plot_reliability", "measure_cost"]
 
 SUITES = {"digits": ("digits_shift",), "cv": ("digits_shift", "cv_mnist"), "nlp": ("nlp_bbc", "nlp_spam"),
           "nlp_long": ("nlp_bbc_long", "nlp_spam_long"), "all": TASKS}
@@ -98,17 +102,13 @@ def required_packages(args: argparse.Namespace) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> None:
-    """Bad option values, before any data is loaded or anything written (:class:`UsageError`, one line)."""
-    for flag in ("samples", "tune_samples"):
+    """Bad option values, before any data is loaded or anything written (:class:`UsageError`, one line). The numbers
+    are also refused by the parser's types; this covers a namespace built by hand."""
+    for flag, least in (("samples", 0), ("tune_samples", 0), ("orders", 1), ("cost_only", 0), ("threads", 1),
+                        ("max_length", 1)):
         value = getattr(args, flag)
-        if value < 0:
-            raise UsageError(f"kalmanopt bench online: --{flag.replace('_', '-')} must be >= 0, got {value}")
-    if args.orders < 1:
-        raise UsageError(f"kalmanopt bench online: --orders must be >= 1, got {args.orders}")
-    if args.cost_only < 0:
-        raise UsageError(f"kalmanopt bench online: --cost-only must be >= 0, got {args.cost_only}")
-    if args.threads < 1:
-        raise UsageError(f"kalmanopt bench online: --threads must be >= 1, got {args.threads}")
+        if value < least:
+            raise UsageError(f"kalmanopt bench online: --{flag.replace('_', '-')} must be >= {least}, got {value}")
     for adapter in args.adapters:
         if adapter not in ("LoRA", "DoRA"):
             raise UsageError(f"kalmanopt bench online: unknown adapter {adapter!r} in --adapters (LoRA, DoRA)")
@@ -119,36 +119,60 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"kalmanopt bench online: --ablations: {err}") from None
 
 
-def main(args: argparse.Namespace) -> int:
+def _results_name(args: argparse.Namespace, task: str) -> str:
+    return f"{'cost' if args.cost_only else 'online'}_{task}{'_quick' if args.quick else ''}.json"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Option values and the output paths, before any data is loaded or anything written: called by the CLI first
+    (:class:`UsageError`, one line). Files at a path the user named are replaced only with ``--overwrite``."""
     _check(args)
+    given = args.out is not None
+    args.out_dir = paths.output_dir(args.out, "online")
+    if given:
+        for name in _tasks(args):
+            paths.refuse_existing(args.out_dir / _results_name(args, name), overwrite=args.overwrite)
+    args.docs_path = Path(args.docs).expanduser() if args.docs else args.out_dir / "online.md"
+    if not args.quick:  # a quick run leaves the page alone
+        if args.docs:
+            paths.refuse_existing(args.docs_path, overwrite=args.overwrite, option="--docs")
+        paths.check_writable_dir(args.docs_path.parent, "--docs")
+
+
+def main(args: argparse.Namespace) -> int:
+    if getattr(args, "out_dir", None) is None:  # called directly, not through the CLI
+        check_args(args)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.orders = min(args.orders, 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir
+    print(f"kalmanopt bench online: results in {out}" + ("" if args.quick else f", page {args.docs_path}"), flush=True)
     if args.cost_only:
         for name in _tasks(args):
             cost = measure_cost(name, args)
-            path = out / f"cost_{name}{'_quick' if args.quick else ''}.json"
+            path = out / _results_name(args, name)
+            out.mkdir(parents=True, exist_ok=True)  # here, not earlier: a run refused on its data leaves nothing
             path.write_text(json.dumps(cost, indent=1))
             print("\n".join(cost_table(cost)))
             print(f"wrote {path}")
         if not args.quick:
-            write_markdown(out, Path(args.docs))
+            write_markdown(out, args.docs_path)
+            print(f"wrote {args.docs_path}")
         return 0
     for name in _tasks(args):
-        path = out / f"online_{name}{'_quick' if args.quick else ''}.json"
+        path = out / _results_name(args, name)
         args.partial = out / f"partial_{name}{'_quick' if args.quick else ''}.json"
         result = run_task(name, args)
         args.partial.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
         if not args.quick:
             plot_task(result, out)
             plot_reliability(result, out)
         print(f"wrote {path}")
     if not args.quick:
-        write_markdown(out, Path(args.docs))
-        print(f"wrote {args.docs}")
+        write_markdown(out, args.docs_path)
+        print(f"wrote {args.docs_path}")
     return 0
 
 
@@ -157,32 +181,38 @@ def _adapters(text: str) -> tuple[str, ...]:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from kalmanopt.cli import COUNT, NONNEGATIVE, THREADS
+
     p = bench_subparsers.add_parser("online", help="online LoRA/DoRA fine-tuning: LoKO vs LoRA/AdamW, LoRA/AdaGrad",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), default="all",
                    help="digits, cv (digits + MNIST), nlp, nlp_long or all (default)")
     p.add_argument("--task", choices=TASKS, default=None, help="one task only (overrides --suite)")
-    p.add_argument("--samples", type=int, default=0,
+    p.add_argument("--samples", type=NONNEGATIVE, default=0,
                    help="samples per evaluation stream (default 0: the task's own: digits 675, MNIST 1000, "
                         "NLP 120, long NLP 1000)")
-    p.add_argument("--tune-samples", type=int, default=0,
+    p.add_argument("--tune-samples", type=NONNEGATIVE, default=0,
                    help="samples of the tuning stream (default 0: digits 224, MNIST 300, NLP 48, long NLP 300)")
-    p.add_argument("--orders", type=int, default=3, help="evaluation stream orders (default 3)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
+    p.add_argument("--orders", type=COUNT, default=3, help="evaluation stream orders (default 3)")
+    p.add_argument("--max-length", type=COUNT, default=64, help="tokens per text (default 64)")
     p.add_argument("--adapters", type=_adapters, default=("LoRA", "DoRA"),
                    help="comma-separated: LoRA, DoRA (default both)")
     p.add_argument("--ablations", action="append", default=None, metavar="ROW",
                    help="LoKO ablation rows: a preset (all, core, none) or option=value[,option=value] such as "
                         "rank=4 or p0=auto,auto_scope=group; repeat the flag for several. Default: core on the "
                         "120-text NLP streams, all elsewhere")
-    p.add_argument("--cost-only", type=int, default=0, metavar="N",
+    p.add_argument("--cost-only", type=NONNEGATIVE, default=0, metavar="N",
                    help="only measure thread CPU ms per sample of every row on N samples (3 interleaved rounds) and "
                         "estimate a full run's minutes; writes cost_<task>.json")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=THREADS, default=1)
     p.add_argument("--quick", action="store_true", help="a smoke test in a few minutes (results file *_quick.json, "
-                   "no figures, the docs untouched)")
+                   "no figures, no page)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default="results/online")
-    p.add_argument("--docs", default="docs/benchmarks/online.md")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"results folder (default: {paths.SCRATCH}/online in the current directory)")
+    p.add_argument("--docs", default=None, metavar="FILE",
+                   help="the markdown page regenerated from the --out folder (default: online.md in it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this run's results file in --out and the --docs page if they exist (else refused)")
     p.set_defaults(func=main)
     return p

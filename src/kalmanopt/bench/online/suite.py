@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from kalmanopt.errors import UsageError
+
 from .tasks import LONG_POOL, Task, build, load_task
 
 __all__ = ["measure_cost", "SWEEPS", "ablation_presets", "parse_ablation", "resolve_ablations", "run_one", "run_task",
@@ -179,8 +181,8 @@ def _stream_sizes(task: Task, args: argparse.Namespace) -> tuple[int, int]:
     if args.quick:
         n, n_tune = min(n, task.quick[0]), min(n_tune, task.quick[1])
     if n > len(task.eval_pool) or n_tune > len(task.tune_pool):
-        raise ValueError(f"{task.name}: {n} evaluation / {n_tune} tuning samples asked, the pools hold "
-                         f"{len(task.eval_pool)} / {len(task.tune_pool)}")
+        raise UsageError(f"{task.name}: {n} evaluation / {n_tune} tuning samples asked (--samples, "
+                         f"--tune-samples), the pools hold {len(task.eval_pool)} / {len(task.tune_pool)}")
     return n, n_tune
 
 
@@ -224,6 +226,7 @@ def run_task(name: str, args: argparse.Namespace, task: Task | None = None) -> d
                   f"{r['final_window_accuracy']:.3f}  nll {r['nll']:.4f}  ece {r['ece']:.3f}  "
                   f"{r['cpu_seconds_per_sample'] * 1e3:.1f} ms/sample (CPU)", flush=True)
         if getattr(args, "partial", None) is not None:  # what is done so far, in case the run is cut short
+            args.partial.parent.mkdir(parents=True, exist_ok=True)
             args.partial.write_text(json.dumps(_result(task, args, n, n_tune, ablations, tuning, chosen, runs, t0)))
     return _result(task, args, n, n_tune, ablations, tuning, chosen, runs, t0)
 

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU check of the fused KOALA++ step (issue 20), prepared to run on a bare machine with an NVIDIA GPU:
+#   bash docs/benchmarks/gpu_check.sh            (from anywhere; about 5 minutes, at most 8)
+# What such a machine has: Python 3.12, PyTorch with CUDA, Triton, pytest (the project's other extras need not be
+# there, nor a network): the repository runs as it is, from its source tree (PYTHONPATH=src), nothing installed.
+# It writes under results/gpu/:
+#   environment.txt   the GPU, driver, Python, torch and Triton versions
+#   tests.txt         tests/test_koala_pp_triton.py: the CUDA tests (Triton kernels against the reference, skipped
+#                     steps bit for bit, GradScaler, low precision, torch.compile as one operator node) and the
+#                     interpreter tests of the same kernels
+#   step.json/.md     kalmanopt bench step --device cuda: ms/step (CUDA events) of KOALA++ (default: the Triton
+#                     kernels; bfloat16 state; the multi-tensor path) against AdamW(foreach) and AdamW(fused), on the
+#                     ResNet-18, ResNet-50 and GPT-2 parameter shapes
+#   floor.md          the same medians against each step's bytes-moved floor at the measured copy bandwidth
+# Each part has its own time limit, and a part that fails does not stop the others (the exit status is the first
+# failure's).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+OUT=results/gpu
+mkdir -p "$OUT"
+status=0
+fail() { [ "$status" -ne 0 ] || status=$1; echo "gpu_check: $2 failed (exit $1)" >&2; }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  "$PY" - <<'EOF'
+import platform, sys
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = "not installed"
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton "
+      f"{triton_version}")
+print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
+sys.exit(0 if torch.cuda.is_available() else 1)
+EOF
+} > "$OUT/environment.txt" 2>&1
+found=$?
+cat "$OUT/environment.txt"
+if [ "$found" -ne 0 ]; then
+  echo "gpu_check: no CUDA device here: nothing to check" >&2
+  exit "$found"
+fi
+
+# 1. The tests (about 2-3 minutes: each kernel specialisation compiles at its first launch).
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_koala_pp_triton.py > "$OUT/tests.txt" 2>&1 \
+  || fail $? "the tests (see $OUT/tests.txt)"
+tail -n 5 "$OUT/tests.txt"
+
+# 2. The step table (about 1-2 minutes).
+timeout 240 "$PY" -m kalmanopt.cli bench step --device cuda --preset resnet18,resnet50,gpt2 \
+  --optimizers koala++,koala++-fused-bf16,koala++-foreach,adamw,adamw-fused --max-memory-gb 60 \
+  --out "$OUT/step.json" --overwrite > "$OUT/step.md" 2> "$OUT/step.log" \
+  || fail $? "the step table (see $OUT/step.log)"
+cat "$OUT/step.md"
+
+# 3. Each median against the step's floor: the bytes it must move (fused kernels: one read of everything, one write
+#    of what changes) at the bandwidth of a large device-to-device copy (about 20 seconds).
+[ -s "$OUT/step.json" ] && timeout 120 "$PY" - "$OUT/step.json" > "$OUT/floor.md" <<'EOF' || fail $? "the floor table"
+import json, sys
+import torch
+
+# Bytes per parameter of one step on float32 parameters with weight decay (the bench's 5e-4), as the kernels move
+# them: KOALA++ reads gradient, parameter and state twice (its reduction pass and its element-wise pass) and writes
+# parameter and state once; fused AdamW reads gradient, parameter and two moments and writes the last three.
+BYTES = {
+    "koala++": (4 + 4 + 3 * 4) + (4 + 4 + 4 * 4) + (4 + 4 * 4),  # 64: pass 1 g, p, s, H, G; pass 2 + m; writes
+    "koala++-fused-bf16": (4 + 4 + 3 * 2) + (4 + 4 + 4 * 2) + (4 + 4 * 2),  # 42: the state in bfloat16
+    "adamw-fused": (4 + 4 + 2 * 4) + (4 + 2 * 4),  # 28
+}
+numel = 1 << 28  # 1 GiB of float32
+src, dst = torch.empty(numel, device="cuda"), torch.empty(numel, device="cuda")
+dst.copy_(src)
+best = 0.0
+for _ in range(10):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    best = max(best, 2 * 4 * numel / (start.elapsed_time(end) / 1e3))
+results = json.load(open(sys.argv[1]))
+device = results["provenance"].get("device_name", "?")
+print(f"## KOALA++ step against its bytes-moved floor on {device}\n")
+print(f"Copy bandwidth (1 GiB device-to-device, best of 10): {best / 1e9:.0f} GB/s. Floor = bytes per parameter x "
+      "parameters / that bandwidth.\n")
+print("| preset | optimizer | median ms/step | bytes/param | floor ms | x floor | vs AdamW (foreach) |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for record in results["results"]:
+    for row in record["rows"]:
+        cells = [record["preset"], row["name"], "%.3f" % row["median_ms"], "", "", "", ""]
+        bytes_ = BYTES.get(row["key"])
+        if bytes_:
+            floor = bytes_ * record["n_params"] / best * 1e3
+            cells[3:6] = [str(bytes_), "%.3f" % floor, "%.2fx" % (row["median_ms"] / floor)]
+        if row["ratio_to_adamw"] is not None:
+            cells[6] = "%.2fx" % row["ratio_to_adamw"]
+        print("| " + " | ".join(cells) + " |")
+EOF
+[ -s "$OUT/floor.md" ] && cat "$OUT/floor.md"
+echo "gpu_check: results in $OUT/ (exit $status)"
+exit "$status"

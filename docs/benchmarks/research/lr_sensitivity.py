@@ -1,0 +1,72 @@
+"""Learning-rate sensitivity of KOALA++ against AdamW and the tuning-free peers (issue: "a filter that sizes its own
+step"): final test accuracy / perplexity over multiples of each optimizer's default lr.
+
+    python docs/benchmarks/research/lr_sensitivity.py TASK SEED MULTS SPEC [SPEC ...]
+
+TASK and SPEC as in ablation.py (fm10k, mnist, lm, digits; SPEC = name:key=value,...); MULTS a comma-separated list
+of multipliers (e.g. 0.1,0.3,1,3,10) applied to the SPEC's lr (default lr: AdamW 1e-3, KOALA++ 1e-3, Schedule-Free
+2.5e-3, MoMo-Adam 1e-2, Prodigy 1). One torch thread; constant lr, no weight decay. Each run appends a JSON line
+to results/research/lr_sensitivity.jsonl; `python docs/benchmarks/research/lr_sensitivity.py --table` prints the
+table of what ran (mean over seeds, then worst and median over the multipliers).
+"""
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+OUT = Path("results/research/lr_sensitivity.jsonl")
+DEFAULT_LR = {"adamw": 1e-3, "kpp_lib": 1e-3, "sf": 2.5e-3, "momoadam": 1e-2, "prodigy": 1.0}
+
+
+def with_lr(spec: str, mult: float) -> str:
+    name, _, rest = spec.partition(":")
+    items = [item for item in rest.split(",") if item]
+    lr = next((float(i.split("=")[1]) for i in items if i.startswith("lr=")), DEFAULT_LR[name])
+    items = [i for i in items if not i.startswith("lr=")] + [f"lr={lr * mult:.6g}"]
+    return f"{name}:{','.join(items)}"
+
+
+def table() -> None:
+    runs = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+    cells: dict = defaultdict(list)
+    for r in runs:
+        cells[r["task"], r["base"], r["mult"]].append(r["accs"][-1] if r["accs"] else float("nan"))
+    for task in sorted({k[0] for k in cells}):
+        mults = sorted({k[2] for k in cells if k[0] == task})
+        print(f"\n{task}: final metric (accuracy; perplexity for lm), mean over seeds (n)")
+        print("| optimizer | " + " | ".join(f"{m:g}x" for m in mults) + " | worst | median |")
+        print("|---|" + "---|" * (len(mults) + 2))
+        for base in sorted({k[1] for k in cells if k[0] == task}):
+            row, finals = [], []
+            for m in mults:
+                v = cells.get((task, base, m))
+                if v:
+                    mean = statistics.fmean(v)
+                    finals.append(mean)
+                    row.append(f"{mean:.4f} ({len(v)})")
+                else:
+                    row.append("")
+            lm = task == "lm"
+            worst = (max if lm else min)(finals) if finals else float("nan")
+            print(f"| {base} | " + " | ".join(row) + f" | {worst:.4f} | {statistics.median(finals):.4f} |")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--table"]:
+        table()
+        sys.exit(0)
+    import ablation
+
+    task, seed, mults = sys.argv[1], int(sys.argv[2]), [float(m) for m in sys.argv[3].split(",")]
+    d, epochs, bs = ablation.task_data(task)
+    for spec in sys.argv[4:]:
+        for mult in mults:
+            r = ablation.run(task, seed, with_lr(spec, mult), d, epochs, bs)
+            r.update(base=spec, mult=mult)
+            print(json.dumps(r), flush=True)
+            OUT.parent.mkdir(parents=True, exist_ok=True)
+            with OUT.open("a") as f:
+                f.write(json.dumps(r) + "\n")
