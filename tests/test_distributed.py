@@ -78,7 +78,7 @@ def test_ddp_matches_one_process_on_the_whole_batch(tmp_path, name, reduce):
 
 def _scaled_run(scale, inject_inf_at=None):
     model = tiny_mlp(dtype=torch.float32)
-    opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+    opt = KOALAPlusPlus(model.parameters(), lr=5e-4)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=scale is not None)
     scales = []
     for k, (x, y) in enumerate(_batches()):
@@ -112,7 +112,7 @@ def test_grad_scaler_overflow_skips_and_counts():
 
 def test_bfloat16_autocast_training_with_scaler():
     model = tiny_mlp(dtype=torch.float32)
-    opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+    opt = KOALAPlusPlus(model.parameters(), lr=5e-4)
     scaler = torch.amp.GradScaler("cpu")
     first = last = None
     x, y = _batches()[0]

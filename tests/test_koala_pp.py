@@ -251,3 +251,22 @@ def test_paper_preset_is_todays_algorithm_and_explicit_arguments_win():
         KOALAPlusPlus([torch.zeros(2, requires_grad=True)], block="layer")
     with pytest.raises(ValueError, match="momentum"):
         KOALAPlusPlus([torch.zeros(2, requires_grad=True)], momentum=1.0)
+
+
+@pytest.mark.parametrize("key", ["q", "sigma", "lr"])
+def test_a_hyperparameter_beyond_the_state_dtype_raises_before_anything_is_written(key):
+    # q = 1e300 fits a Python float but not the float32 state: refused at construction, and when a param group is
+    # changed to it between steps, before R or a counter is written.
+    with pytest.raises(ValueError, match=key):
+        KOALAPlusPlus([torch.nn.Parameter(torch.ones(3))], **{key: 1e300})
+    if key == "lr":
+        return  # a huge lr set between steps only lifts the cap lr / q: the filter's own step decides, no overflow
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = KOALAPlusPlus([w], r=0.1)
+    w.grad = torch.ones(3)
+    opt.step(loss=torch.tensor(1.0))
+    before = {k: v.clone() for k, v in opt.state[w].items() if isinstance(v, torch.Tensor)}
+    opt.param_groups[0][key] = 1e300
+    with pytest.raises(ValueError, match=key):
+        opt.step(loss=torch.tensor(1.0))
+    assert all(torch.equal(before[k], opt.state[w][k]) for k in before)

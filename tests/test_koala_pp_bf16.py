@@ -207,12 +207,12 @@ def test_state_dict_round_trip_keeps_bf16_and_continues_identically(path):
 def test_loading_follows_the_loaded_groups_state_dtype():
     """Loaded hyperparameters replace the optimizer's (torch.optim), state_dtype too: the state is cast to match."""
     params, bf16 = _run({"lr": 0.5, "state_dtype": torch.bfloat16, "foreach": False}, steps=2, dtype=torch.float32)
-    plain = KOALAPlusPlus(params, lr=0.5)
+    plain = KOALAPlusPlus(params, lr=5e-4)
     plain.load_state_dict(bf16.state_dict())
     assert plain.param_groups[0]["state_dtype"] == torch.bfloat16
     assert plain.state[params[0]]["gain"].dtype == torch.bfloat16
     _, full = _run({"lr": 0.5, "foreach": False}, steps=2, dtype=torch.float32)
-    narrow = KOALAPlusPlus(params, lr=0.5, state_dtype=torch.bfloat16)
+    narrow = KOALAPlusPlus(params, lr=5e-4, state_dtype=torch.bfloat16)
     narrow.load_state_dict(full.state_dict())
     assert narrow.param_groups[0]["state_dtype"] is None
     assert narrow.state[params[0]]["gain"].dtype == torch.float32
@@ -235,7 +235,7 @@ def test_bf16_parameters_train_with_bf16_state_as_with_float32_state():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         model = model.to(torch.bfloat16)
-        opt = KOALAPlusPlus(model.parameters(), lr=1.0, state_dtype=dtype)
+        opt = KOALAPlusPlus(model.parameters(), lr=1e-3, state_dtype=dtype)
         x = torch.randn(64, 5, dtype=torch.bfloat16)
         y = x.float().sum(1, keepdim=True).to(torch.bfloat16)
         for _ in range(60):

@@ -17,11 +17,11 @@ needs_kernel = pytest.mark.skipif(_koala_pp_fused.load() is None,
 
 SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (7, 1), (16, 8), (2, 2, 2, 2, 2), (3000,)]  # 3000: several blocks
 CONFIGS = {
-    "adaptive": {"lr": 0.5},
-    "adaptive_wd_fixed_r": {"lr": 0.5, "weight_decay": 1e-2, "r": 0.3},
-    "vanilla_no_momentum": {"lr": 0.5, "symmetric": False, "momentum": 0.0},
+    "adaptive": {"lr": 5e-4},
+    "adaptive_wd_fixed_r": {"lr": 5e-4, "weight_decay": 1e-2, "r": 0.3},
+    "vanilla_no_momentum": {"lr": 5e-4, "symmetric": False, "momentum": 0.0},
     "metric_only_capped": {"lr": 0.4, "momentum": 0.0, "max_step": 0.05, "r": None, "r_stat": "mean_variance"},
-    "momentum_no_metric": {"lr": 0.3, "precondition": False, "momentum": 0.5, "r_clip": None},
+    "momentum_no_metric": {"lr": 3e-4, "precondition": False, "momentum": 0.5, "r_clip": None},
     "paper": {"lr": 0.5, "preset": "paper"},
     "paper_wd_squared_mean": {"lr": 0.7, "preset": "paper", "weight_decay": 5e-3, "r_stat": "squared_mean"},
 }
@@ -44,11 +44,11 @@ def _run(kwargs, *, steps=8, none_schedule=None, dtype=torch.float64, seed=0, gr
 
 
 def _run_interrupted(*, steps, seed, at, interrupt):
-    """The run of ``_run({"lr": 0.5, "fused": True}, steps=steps, seed=seed)`` (same gradients and losses, float64),
+    """The run of ``_run({"lr": 5e-4, "fused": True}, steps=steps, seed=seed)`` (same gradients and losses, float64),
     with ``opt = interrupt(opt, params)`` before step ``at``."""
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
-    opt = KOALAPlusPlus(params, lr=0.5, fused=True)
+    opt = KOALAPlusPlus(params, lr=5e-4, fused=True)
     for k in range(steps):
         if k == at:
             opt = interrupt(opt, params)
@@ -90,9 +90,9 @@ def test_fused_matches_reference_float64(config, schedule):
 
 @needs_kernel
 def test_default_is_fused_on_cpu_and_foreach_opts_out():
-    params, opt = _run({"lr": 0.5}, steps=2)
+    params, opt = _run({"lr": 5e-4}, steps=2)
     assert "_fused_work" in opt.__dict__
-    params, opt = _run({"lr": 0.5, "foreach": True}, steps=2)
+    params, opt = _run({"lr": 5e-4, "foreach": True}, steps=2)
     assert "_fused_work" not in opt.__dict__
 
 
@@ -157,14 +157,14 @@ def test_param_groups_with_their_own_options():
         return [{"params": params[:3], "lr": 0.2, "q": 0.05, "weight_decay": 1e-2},
                 {"params": params[3:6], "precondition": False, "momentum": 0.0, "r": 0.2, "symmetric": False},
                 {"params": params[6:], "sigma": 0.3, "max_step": None, "beta2": 0.9, "eps": 1e-6}]
-    _assert_same(_run({"lr": 0.5, "foreach": False}, groups=groups, none_schedule=lambda k, i: (i + k) % 4 == 0),
-                 _run({"lr": 0.5, "fused": True}, groups=groups, none_schedule=lambda k, i: (i + k) % 4 == 0))
+    _assert_same(_run({"lr": 5e-4, "foreach": False}, groups=groups, none_schedule=lambda k, i: (i + k) % 4 == 0),
+                 _run({"lr": 5e-4, "fused": True}, groups=groups, none_schedule=lambda k, i: (i + k) % 4 == 0))
 
 
 @needs_kernel
 @pytest.mark.parametrize("bad", ["loss", "grad", "grad_overflow"])
 def test_a_skipped_step_leaves_everything_bit_for_bit(bad):
-    params, opt = _run({"lr": 0.5, "fused": True, "weight_decay": 1e-3}, steps=3)
+    params, opt = _run({"lr": 5e-4, "fused": True, "weight_decay": 1e-3}, steps=3)
     before_p = [p.detach().clone() for p in params]
     before_s = copy.deepcopy(opt.state_dict())
     loss = torch.rand(6, dtype=torch.float64) + 0.5
@@ -192,7 +192,7 @@ def test_a_skipped_step_leaves_everything_bit_for_bit(bad):
 
 @needs_kernel
 def test_zero_gradient_tensor_is_left_alone():
-    params, opt = _run({"lr": 0.5, "fused": True}, steps=2)
+    params, opt = _run({"lr": 5e-4, "fused": True}, steps=2)
     saved = {k: v.clone() for k, v in opt.state[params[1]].items() if isinstance(v, torch.Tensor)}
     before = params[1].detach().clone()
     for p in params:
@@ -210,7 +210,7 @@ def test_grad_scaler_protocol_matches_multi_tensor_path():
     for kw in ({"fused": True}, {"foreach": True}):
         gen = torch.Generator().manual_seed(5)
         params = [torch.randn(s, generator=gen, dtype=torch.float32).requires_grad_() for s in SHAPES]
-        opt = KOALAPlusPlus(params, lr=0.5, **kw)
+        opt = KOALAPlusPlus(params, lr=5e-4, **kw)
         for k in range(4):
             for p in params:
                 p.grad = 1024.0 * torch.randn(p.shape, generator=gen)
@@ -225,11 +225,11 @@ def test_grad_scaler_protocol_matches_multi_tensor_path():
 @needs_kernel
 def test_state_dict_round_trip_continues_identically():
     def from_checkpoint(opt, params):  # a fresh optimizer from the checkpoint
-        fresh = KOALAPlusPlus(params, lr=0.5, fused=True)
+        fresh = KOALAPlusPlus(params, lr=5e-4, fused=True)
         fresh.load_state_dict(opt.state_dict())
         return fresh
 
-    whole = _run({"lr": 0.5, "fused": True}, steps=6, seed=2)
+    whole = _run({"lr": 5e-4, "fused": True}, steps=6, seed=2)
     _assert_same(whole, _run_interrupted(steps=6, seed=2, at=3, interrupt=from_checkpoint), tol=0.0)
 
 
@@ -248,16 +248,16 @@ def test_invalid_fused_options():
 def test_without_the_kernel_the_default_is_the_multi_tensor_path(monkeypatch):
     monkeypatch.setattr(_koala_pp_fused, "load", lambda: None)
     monkeypatch.setattr(_koala_pp_fused, "unavailable_reason", lambda: "no compiler (test)")
-    default = _run({"lr": 0.5}, steps=3)
+    default = _run({"lr": 5e-4}, steps=3)
     assert "_fused_work" not in default[1].__dict__
-    _assert_same(default, _run({"lr": 0.5, "foreach": True}, steps=3), tol=0.0)
+    _assert_same(default, _run({"lr": 5e-4, "foreach": True}, steps=3), tol=0.0)
     with pytest.raises(RuntimeError, match="no compiler"):
         KOALAPlusPlus([torch.zeros(3, requires_grad=True)], fused=True)
 
 
 @needs_kernel
 def test_block_group_and_low_precision_fall_back_by_default():
-    params, opt = _run({"lr": 0.5, "block": "group"}, steps=2)
+    params, opt = _run({"lr": 5e-4, "block": "group"}, steps=2)
     assert "_fused_work" not in opt.__dict__
     model = torch.nn.Linear(3, 2).to(torch.bfloat16)
     opt = KOALAPlusPlus(model.parameters())
@@ -294,7 +294,7 @@ def test_replaced_state_is_seen_and_checked_before_the_kernel_writes_through_it(
         opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # every state tensor is a new one now
         return opt
 
-    whole = _run({"lr": 0.5, "fused": True}, steps=5, seed=3)
+    whole = _run({"lr": 5e-4, "fused": True}, steps=5, seed=3)
     params, opt = _run_interrupted(steps=5, seed=3, at=3, interrupt=new_state_tensors)
     _assert_same(whole, (params, opt), tol=0.0)
     opt.state[params[2]]["gain"] = torch.zeros(5, dtype=torch.float64)  # of another size: never written through
@@ -315,7 +315,7 @@ def test_without_weight_decay_the_parameter_does_not_enter_the_reduction(precond
             params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES[:3]]
             with torch.no_grad():
                 params[1][2, 3] = float("inf")
-            opt = KOALAPlusPlus(params, lr=0.5, weight_decay=wd, precondition=precondition, fused=fused,
+            opt = KOALAPlusPlus(params, lr=5e-4, weight_decay=wd, precondition=precondition, fused=fused,
                                 foreach=None if fused else True)
             for _ in range(3):
                 for p in params:
@@ -338,7 +338,7 @@ def test_without_weight_decay_the_parameter_does_not_enter_the_reduction(precond
 def test_replaced_state_at_a_cached_address_is_checked_again():
     """The eager step's pointer arrays are confirmed by the very tensors, not by their addresses: a state entry
     replaced by another tensor at the same address (a view of it, too small) is checked and refused."""
-    params, opt = _run({"lr": 0.5, "fused": True}, steps=2)
+    params, opt = _run({"lr": 5e-4, "fused": True}, steps=2)
     gain = opt.state[params[1]]["gain"]
     opt.state[params[1]]["gain"] = gain.view(-1)[:3]  # the same data pointer, 3 of 20 elements
     before = [p.detach().clone() for p in params]

@@ -51,7 +51,7 @@ def test_bound_step_measures_the_fed_loss_like_step_loss():
     runs = []
     for bound in (False, True):
         model = tiny_mlp()
-        opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+        opt = KOALAPlusPlus(model.parameters(), lr=5e-4)
         feed = LossFeed()
         if bound:
             assert feed.bind(opt) is opt
@@ -73,8 +73,8 @@ def test_bound_step_measures_the_fed_loss_like_step_loss():
 def test_bound_step_with_a_closure_measures_the_fed_loss():
     x, y = batch()
     reference, model = tiny_mlp(), tiny_mlp()
-    ref_opt = KOALAPlusPlus(reference.parameters(), lr=0.5)
-    opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+    ref_opt = KOALAPlusPlus(reference.parameters(), lr=5e-4)
+    opt = KOALAPlusPlus(model.parameters(), lr=5e-4)
     feed = LossFeed()
     feed.bind(opt)
     for _ in range(3):
@@ -102,7 +102,7 @@ def test_bound_step_with_a_closure_measures_the_fed_loss():
 
 def test_unbound_or_empty_feed_still_needs_the_loss():
     model = tiny_mlp()
-    opt = KOALAPlusPlus(model.parameters(), lr=0.5)
+    opt = KOALAPlusPlus(model.parameters(), lr=5e-4)
     feed = LossFeed()
     feed.bind(opt)
     per_sample_loss(model, *batch()).mean().backward()
@@ -118,7 +118,7 @@ def test_unbound_or_empty_feed_still_needs_the_loss():
 @pytest.mark.parametrize("scheduler_first", [True, False])
 def test_binding_and_lr_schedulers_in_either_order(scheduler_first):
     model = tiny_mlp()
-    opt = KOALAPlusPlus(model.parameters(), lr=0.4)
+    opt = KOALAPlusPlus(model.parameters(), lr=4e-4)
     feed = LossFeed()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # torch warns if step looks overridden after the scheduler
@@ -135,7 +135,7 @@ def test_binding_and_lr_schedulers_in_either_order(scheduler_first):
             feed.add(losses)
             opt.step()
             sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-5)
     assert int(opt.state[opt.param_groups[0]["params"][0]]["step"]) == 3
     LossFeed.unbind(opt)
     assert hasattr(opt.step, "_wrapped_by_lr_sched")  # the scheduler's wrapper is kept

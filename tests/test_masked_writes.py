@@ -241,20 +241,7 @@ def test_tiny_float32_gradient_is_corrected(path, kernel_path):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=0)  # the filter is invariant to the scale
 
 
-_TRITON_OVERFLOW = pytest.mark.xfail(
-    strict=True,
-    reason="Triton kernels (src/kalmanopt/kernels/koala_pp_triton.py): as the C kernel, the step size is not checked "
-           "to be finite in the compute dtype before the element-wise pass: -inf and NaN in the parameters")
-_KERNEL_OVERFLOW = pytest.mark.xfail(
-    KERNEL, strict=True,
-    reason="C kernel (src/kalmanopt/kernels/koala_pp_step.c, koala_pp_step, phase 2): step_size = lr * residual / S "
-           "is formed in double and handed to the element-wise pass as (REAL)k1; the commit test checks S, not the "
-           "step size, in REAL: a step size beyond float32's range commits inf * gain (-inf, and NaN where gain is 0) "
-           "into the parameters")
-
-
-@pytest.mark.parametrize("path", ["foreach", "reference", pytest.param("default", marks=_KERNEL_OVERFLOW),
-                                  pytest.param("triton", marks=_TRITON_OVERFLOW)])
+@pytest.mark.parametrize("path", KOALA_PP_PATHS)
 def test_a_step_size_beyond_the_dtype_writes_nothing(path, kernel_path):
     """A huge loss over a tiny S (R = 0, a gradient of 1e-20 in float32): the step size overflows float32. The
     tensor is left alone (as for a non-finite S), never moved to inf or NaN."""

@@ -50,7 +50,7 @@ def test_many_random_shapes_koala_pp():
     for foreach in (False, True):
         g2 = torch.Generator().manual_seed(2)
         params = [torch.randn(s, generator=g2, dtype=torch.float64).requires_grad_() for s in shapes]
-        opt = KOALAPlusPlus(params, lr=0.3, sigma=0.2, q=0.05, weight_decay=1e-3, foreach=foreach)
+        opt = KOALAPlusPlus(params, lr=3e-4, sigma=0.2, q=0.05, weight_decay=1e-3, foreach=foreach)
         for _ in range(5):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g2, dtype=torch.float64)
@@ -86,13 +86,15 @@ def test_several_param_groups_and_a_reused_scratch_buffer(optimizer_spec):
 # read one group's value for another (or a default) would leave the reference.
 PER_GROUP = {
     "koala_pp": (KOALAPlusPlus, [
-        dict(lr=0.5, sigma=0.2, q=0.05, r=None, alpha_r=0.9, weight_decay=0.0, symmetric=True,
+        # the AdamW-unit step rule (loss_fraction, lr the cap) in one group, the paper's (lr * loss / S, capped at
+        # lr * max_step or not) in the others
+        dict(lr=2e-3, loss_fraction=0.7, sigma=0.2, q=0.05, r=None, alpha_r=0.9, weight_decay=0.0, symmetric=True,
              r_stat="second_moment", block="tensor", precondition=False, momentum=0.0, max_step=None, r_clip=None,
              beta2=0.999, eps=1e-8),
-        dict(lr=0.3, sigma=0.05, q=0.2, r=0.3, alpha_r=0.9, weight_decay=1e-2, symmetric=False,
+        dict(lr=0.3, loss_fraction=None, sigma=0.05, q=0.2, r=0.3, alpha_r=0.9, weight_decay=1e-2, symmetric=False,
              r_stat="squared_mean", block="group", precondition=True, momentum=0.9, max_step=0.03, r_clip=100.0,
              beta2=0.99, eps=1e-6),
-        dict(lr=0.8, sigma=0.5, q=0.0, r=None, alpha_r=0.5, weight_decay=5e-3, symmetric=True,
+        dict(lr=0.8, loss_fraction=None, sigma=0.5, q=0.0, r=None, alpha_r=0.5, weight_decay=5e-3, symmetric=True,
              r_stat="mean_variance", block="group", precondition=False, momentum=0.5, max_step=0.1, r_clip=5.0,
              beta2=0.9, eps=1e-7),
     ]),

@@ -26,7 +26,8 @@ SECTIONS = [
     ("loko_defaults.md", 1),  # its "#" title becomes a "##" section, and so on down
     ("vision_lm.md", 0),
     ("r_stat_section.md", 0),
-    ("finetune.md", 0),  # written by `kalmanopt bench finetune --docs docs/benchmarks/finetune.md`
+    ("finetune.md", 0),
+    ("lr_sensitivity.md", 0),  # written by hand from docs/benchmarks/research/lr_sensitivity.py --table  # written by `kalmanopt bench finetune --docs docs/benchmarks/finetune.md`
 ]  # online.md ends with covariance.md (the FullKalman experiment), as `kalmanopt bench online` writes it
 
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")

@@ -410,7 +410,9 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
                 if (residual < 0) step_size = lr * hp[HP_MAX_STEP];
             }
             out[i] = (REAL)step_size, out[n + i] = (REAL)S, out[2 * n + i] = (REAL)h_v_new, out[3 * n + i] = (REAL)hh;
-            int commit = ok && hh > 0 && S > 0 && FN(finite)(S);
+            /* A step size that does not fit REAL (a huge loss over a tiny S) would write inf: the tensor is left
+             * alone, as for a non-finite S (as the multi-tensor path does). */
+            int commit = ok && hh > 0 && S > 0 && FN(finite)(S) && FN(finite)((REAL)step_size);
             if (!commit) continue;
             /* gain = v + q h = a gain_prev + (c - a q_prev) H_prev + (b + q) h */
             double c_gain = c - a * q_prev, b_gain = b + q;

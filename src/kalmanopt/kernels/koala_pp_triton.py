@@ -452,7 +452,9 @@ def koala_pp_scalars(tables, numels, tensor_group, sums, hyper, group_tables, me
         tl.store(out + n + i, S.to(COMPUTE), mask=mask)
         tl.store(out + 2 * n + i, h_v_new.to(COMPUTE), mask=mask)
         tl.store(out + 3 * n + i, hh.to(COMPUTE), mask=mask)
-        commit = accepted & (hh > 0.0) & (S > 0.0) & _finite(S, COMPUTE)
+        # A step size that does not fit the compute dtype (a huge loss over a tiny S) would write inf: the tensor
+        # is left alone, as for a non-finite S.
+        commit = accepted & (hh > 0.0) & (S > 0.0) & _finite(S, COMPUTE) & _finite(step_size, COMPUTE)
         # gain = v + q h = a gain_prev + (c - a q_prev) H_prev + (b + q) h; theta -= k2 m with m = mu m + k1 D^.5 gain
         # (momentum), else theta -= k1 D^.5 gain.
         step_prev = step.to(tl.float64)
@@ -550,7 +552,7 @@ def koala_pp_update(tables, grads, numels, tensor_group, chunk_tensor, chunk_sta
     hp = hyper + tl.load(tensor_group + t) * NHP
     row = coefficients + t * COEF
     # A tensor whose step is not committed has no elements here: nothing of it is read or written.
-    numel = tl.load(numels + t)
+    numel = tl.where(tl.load(row + C_COMMIT) != 0.0, tl.load(numels + t), 0)
     grad = tl.load(grads + t).to(tl.pointer_type(PARAM))
     param = _pointer(tables, ROW_PARAM, n, t, PARAM)
     prev_grad = _pointer(tables, ROW_PREV_GRAD, n, t, STATE)

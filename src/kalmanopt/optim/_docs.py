@@ -22,7 +22,8 @@ LOSS_PATHS = r"""
         losses.mean().backward()
         opt.update(losses.mean(), losses.square().mean())
 
-    A 0-d loss (the batch mean) works too; per-sample losses let R be estimated from their spread.
+    A 0-d loss (the batch mean) works too, and so do a Python number and a one-element tensor of any shape (as
+    torch.optim's closures return); per-sample losses let R be estimated from their spread.
 """
 
 COMMON_ARGS = r"""
@@ -48,8 +49,10 @@ GUARDS = r"""
     Bad input never corrupts the filter: a non-finite loss, loss statistic or gradient, a loss whose statistic does
     not fit the state dtype, or an update that would not fit where it is stored skips the whole step without a host
     synchronisation (parameters and state stay bit-for-bit unchanged; ``skipped_steps`` in the group state counts
-    the skips). Non-finite hyperparameters raise ``ValueError``, also when a param group is changed between steps
-    (a tensor hyperparameter is checked on the device instead: a non-finite one skips the step). A tensor whose
+    the skips). Non-finite hyperparameters raise ``ValueError``, also when a param group is changed between steps,
+    and so does anything else construction refuses (a None, a string, a tensor of several elements), before anything
+    is written. A tensor hyperparameter is checked on the device instead (a non-finite one skips the step); one
+    element in any shape (``torch.tensor([[0.5]])``) is taken as that number, as torch.optim does. A tensor whose
     gradient is ``None`` is not corrected (KOALA-M's prediction still moves it by its velocity); an exactly zero
     gradient is not corrected either without weight decay, but with ``weight_decay > 0`` the filter sees
     ``wd * theta`` and moves the tensor toward zero, as weight decay does.

@@ -10,6 +10,8 @@ stepped tensors changes (the gradients' pointers, new tensors at most steps, are
 hyperparameter row that changed goes to the device through pinned memory without waiting for it, as
 ``torch.optim``'s fused steps hand over their lists as kernel arguments. Every guard (non-finite loss, gradient,
 statistic, R; GradScaler's found-inf) is decided on the device, and a skipped step writes nothing but its counter.
+The kernels are compiled by Triton at their first launch (a few seconds per kind of tensor and option set, cached on
+disk by Triton); not one GPU has run them yet in this project (``docs/benchmarks/gpu_check.sh`` is the check to run).
 
 Triton's interpreter runs the same kernels on CPU tensors: with :data:`ON_CPU` (``KALMANOPT_TRITON_ON_CPU=1``, for the
 tests only) the optimizer takes this path on CPU instead of the C kernel, and the kernels for CPU tensors are
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ON_CPU", "PARAM_DTYPES", "STATE_KEYS", "available", "compile_for_gpu", "fused_step", "kernels",
-           "ptxas_available", "unavailable_reason", "wanted"]
+           "options_of", "planned_step", "ptxas_available", "unavailable_reason", "wanted"]
 
 #: Parameter dtypes the kernels step (float32 state for the 16-bit ones, as the other paths keep it).
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -143,6 +145,11 @@ class _Plan(NamedTuple):
 
     key: tuple
     tensors: list  # the tensors whose pointers are in the tables: the plan is reused only for these very objects
+    options: tuple  # per group: (metric, momentum, weight decay), the constants of its kernels
+    device: torch.device
+    compute: torch.dtype
+    storage: torch.dtype
+    n_groups: int
     tables: Tensor  # [_ROWS, n] int64 data pointers (0 where an option is off)
     numels: Tensor  # [n] int64
     tensor_group: Tensor  # [n] int32
@@ -176,14 +183,19 @@ def _check(t: Tensor | None, name: str, dtype: torch.dtype, device: torch.device
                          f"on {device}")
 
 
+def options_of(hyper: list[float]) -> tuple:
+    """Per group, what the kernels are compiled for: (metric, momentum, weight decay), from ``koala_pp._hyper``."""
+    return tuple((bool(int(hyper[j + 11]) & 2), bool(int(hyper[j + 11]) & 4), hyper[j + 3] != 0)
+                 for j in range(0, len(hyper), 13))
+
+
 def _plan(params: list[Tensor], tensors: list[Tensor | None], shared: list[Tensor], first: list[int],
           hyper: list[float], compute: torch.dtype, storage: torch.dtype, device: torch.device, chunk: int,
           cache: dict) -> _Plan | None:
     """The cached plan while the same tensors come back; else a new one, every tensor checked (ValueError for state
     the kernels cannot write through; None, nothing done, for group state of another dtype)."""
     width, n, n_groups = len(STATE_KEYS), len(params), len(first) - 1
-    flags = [int(hyper[13 * j + 11]) for j in range(n_groups)]
-    options = tuple((bool(f & 2), bool(f & 4), hyper[13 * j + 3] != 0) for j, f in enumerate(flags))
+    options = options_of(hyper)
     objects = params + tensors + shared
     pointers = tuple(0 if t is None else t.data_ptr() for t in objects)
     key = (device, compute, storage, tuple(p.dtype for p in params), tuple(p.numel() for p in params), tuple(first),
@@ -231,7 +243,7 @@ def _plan(params: list[Tensor], tensors: list[Tensor | None], shared: list[Tenso
         launches.append((*kind, base, len(chunk_tensor) - base, members, aligned))
     chunks = len(chunk_tensor)
     plan = _Plan(
-        key=key, tensors=objects,
+        key=key, tensors=objects, options=options, device=device, compute=compute, storage=storage, n_groups=n_groups,
         tables=_upload([x for row in rows for x in row], torch.int64, device),
         numels=_upload(numels, torch.int64, device), tensor_group=_upload(group_of, torch.int32, device),
         chunk_tensor=_upload(chunk_tensor, torch.int32, device), chunk_start=_upload(chunk_start, torch.int64, device),
@@ -296,20 +308,28 @@ def fused_step(params: list[Tensor], grads: list[Tensor], tensors: list[Tensor |
     for t in (grad_scale, found_inf):
         if t is not None and (t.dtype != torch.float32 or t.device != device or t.numel() != 1):
             return None
-    interpret = device.type != "cuda"
-    geometry = _GEOMETRY[interpret]
+    geometry = _GEOMETRY[device.type != "cuda"]
     plan = _plan(params, tensors, shared, first, hyper, compute, storage, device,
                  geometry["block"] * geometry["iters"], cache)
     if plan is None:
         return None
-    n, n_groups = len(params), len(first) - 1
-    grad_pointers = tuple(g.data_ptr() for g in grads)
+    return planned_step(plan, grads, hyper, measurement, given, grad_scale, found_inf, cache)
+
+
+def planned_step(plan: _Plan, grads: list[Tensor], hyper: list[float], measurement: Tensor, given: bool,
+                 grad_scale: Tensor | None, found_inf: Tensor | None, cache: dict) -> Tensor:
+    """:func:`fused_step` once its plan is known: the gradients and the hyperparameters (this step's, with the
+    plan's options) go to the device, then the five launches. Every tensor must have been checked against the plan
+    (the optimizer's cached step does it: ``KOALAPlusPlus._fused_triton_cached``)."""
+    device, interpret = plan.device, plan.device.type != "cuda"
+    n = len(grads)
+    grad_pointers = tuple([g.data_ptr() for g in grads])
     grad_table = _cached_table(cache, "grads", grad_pointers, torch.int64, device)
     hyper_table = _cached_table(cache, "hyper", tuple(hyper), torch.float64, device)
-    out = torch.empty(4 * n + n_groups + 1, dtype=compute, device=device)
-    measurement = measurement.contiguous()
-    _launch(kernels(interpret), plan, grad_table, grad_pointers, hyper_table, n, n_groups, compute, storage,
-            measurement, given, grad_scale, found_inf, out, geometry, interpret)
+    out = torch.empty(4 * n + plan.n_groups + 1, dtype=plan.compute, device=device)
+    _launch(kernels(interpret), plan, grad_table, grad_pointers, hyper_table, n, plan.n_groups, plan.compute,
+            plan.storage, measurement.contiguous(), given, grad_scale, found_inf, out, _GEOMETRY[interpret],
+            interpret)
     return out
 
 

@@ -16,10 +16,17 @@
 * **The effective gradient** ``h = g + weight_decay * theta`` in the state dtype (float32 for 16/32-bit parameters,
   float64 for float64 ones), with its per-tensor squared norms, computed once for every algorithm. The multi-tensor
   path writes it into one flat buffer per (device, dtype) bucket so that it can be sanitised in one kernel.
-* **State-dict hygiene.** State holds only tensors, bools and numbers, so ``torch.load(weights_only=True)`` reads a
-  checkpoint. Loading checks every state tensor's shape and dtype against what the optimizer creates for the
-  parameter before anything is written (``ValueError`` for state of other parameters) and puts it in the state dtype
-  (``torch.optim`` would cast it to the parameter dtype), casting where that is safe.
+* **State-dict hygiene.** State holds only tensors, so ``torch.load(weights_only=True)``, distributed checkpointing
+  and torch's comparisons take a checkpoint as they take AdamW's. Loading checks every state tensor's shape and dtype
+  against what the optimizer creates for the parameter before anything is written (``ValueError`` for state of
+  other parameters) and puts it in the state dtype (``torch.optim`` would cast it to the parameter dtype), casting
+  where that is safe; a number ``step`` (older torch checkpoints) becomes the tensor it is now.
+* **The filter's phase.** Whether each group's prediction for the next measurement has been made, and whether the
+  last ``update()`` was skipped (its prediction then still stands, and the next one must not move KOALA-M's
+  parameters again), decide what the next call does. They are host-side (Python bools and the device flag of the
+  last update): ``step`` branches on them without a synchronisation and torch.compile guards on them.
+  ``state_dict()`` carries them as 0-d bool tensors in each group's state (``predicted``, ``prediction_gate``), so
+  that resuming is bit exact after any sequence of good, skipped and failed steps.
 
 Group-level quantities (R, the skip counter, the count of R updates, KOALA-V's sigma, KOALA-M's 2x2 covariance) are
 kept in the state of the group's first parameter, so that they travel with the standard ``state_dict`` layout (and
@@ -278,17 +285,18 @@ _IN_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("kalmanopt_valid
 
 def _group_kinds(group: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[Any]]:
     """What :meth:`KalmanOptimizer._validate_changed_groups` compares: per hyperparameter its value where that is a
-    bool, int, string or None, its type only for a float (a schedule changes it at every step; its finiteness is
-    checked at every step), its identity for anything else (tensors are never compared by value: that would read
-    them). Second: the objects behind the identities, kept alive so that an identity is not reused."""
+    number, string or None, except a float ``lr``, of which only the type (a schedule changes it at every step, and
+    only its finiteness, checked at every step, can break a step); its identity for anything else (tensors are never
+    compared by value: that would read them). Second: the objects behind the identities, kept alive so that an
+    identity is not reused."""
     kinds, held = [], []
     for key, value in group.items():
         if key == "params":
             continue
-        if value is None or isinstance(value, bool | int | str):
-            kinds.append((key, (type(value), value)))
-        elif isinstance(value, float):
+        if isinstance(value, float) and key == "lr":
             kinds.append((key, float))
+        elif value is None or isinstance(value, bool | int | float | str):
+            kinds.append((key, (type(value), value)))
         else:
             kinds.append((key, (type(value), id(value))))
             held.append(value)
@@ -436,11 +444,11 @@ class KalmanOptimizer(Optimizer):
         self.__dict__.setdefault("_validated_groups", {})[len(self.param_groups) - 1] = _group_kinds(group)
 
     def _validate_changed_groups(self) -> None:
-        """Validate again, before anything is written, every param group whose hyperparameters changed kind since
-        they were validated (see :func:`_group_kinds`): a None, a string, a complex number or a new tensor put into
-        a group after construction raises here what construction raises, not halfway through a step. Tensor values
-        are not read (:data:`_IN_STEP`). Under torch.compile the graph's guards stand in for this (and
-        :func:`check_group_numbers` still runs).
+        """Validate again, before anything is written, every param group whose hyperparameters changed since they
+        were validated (see :func:`_group_kinds`): a None, a string, a complex number, a value out of range or a new
+        tensor put into a group after construction raises here what construction raises, not halfway through a step
+        (after R and the counters were written). Tensor values are not read (:data:`_IN_STEP`). Under torch.compile
+        this is skipped (and :func:`check_group_numbers` still runs).
         """
         if torch.compiler.is_compiling():
             return
@@ -470,7 +478,7 @@ class KalmanOptimizer(Optimizer):
             # A group state made afresh (first step, or state cleared by the user) has not been predicted.
             for index, other in enumerate(self.param_groups):
                 if other is group:
-                    self._predicted_groups.pop(index, None)
+                    self._predicted_groups[index] = False
         return st
 
     def _init_group_state(self, group: dict[str, Any], st: dict[str, Any], kw: dict[str, Any]) -> None:
@@ -698,7 +706,7 @@ class KalmanOptimizer(Optimizer):
     @staticmethod
     def _as_scalar(name: str, value: Tensor | float) -> Tensor:
         if isinstance(value, Tensor):
-            if value.numel() != 1 or value.dim() > 1:
+            if value.numel() != 1:  # one element in any shape is that number, as for step's loss
                 raise ValueError(f"{name} must be a scalar (0-d tensor or number), got shape {tuple(value.shape)}")
             value = value.detach().reshape(())
             return value.to(torch.promote_types(value.dtype, torch.float32))
@@ -736,8 +744,9 @@ class KalmanOptimizer(Optimizer):
         call it traces it: correct, only compiled twice.
         """
         with torch.no_grad():
-            for group in self.param_groups:
+            for index, group in enumerate(self.param_groups):
                 self._group_state(group)
+                self._predicted_groups.setdefault(index, False)  # the graph guards on the entry: make it now
                 for p in group["params"]:
                     if p.grad is not None and "step" not in self.state[p]:
                         self._init_state(group, p)

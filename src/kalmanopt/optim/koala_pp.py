@@ -14,7 +14,7 @@ from torch import Tensor
 from . import _docs, _koala_pp_fused, _koala_pp_op, _koala_pp_triton
 from ._reductions import dots, squared_norms
 from ._sharding import reduce_if
-from .base import GradBucket, KalmanOptimizer, StateSpec, _check_number, _is_dtensor, state_dtype
+from .base import GradBucket, KalmanOptimizer, StateSpec, _check_number, _is_dtensor, narrowest_state_dtype, state_dtype
 from .noise import R_CLIP, R_STATISTICS, loss_moments, loss_statistic
 
 __all__ = ["BLOCKS", "PRESETS", "STATE_DTYPES", "KOALAPlusPlus", "koala_pp"]
@@ -166,13 +166,15 @@ class KOALAPlusPlus(KalmanOptimizer):
             NLL, an ELBO, a shifted loss) gives no distance to the optimum: that step is the capped, AdamW-sized
             step instead of an uphill one. Pass the known bound of your loss if it is not 0. One value for all
             param groups (the loss is one measurement).
-        fused (bool, optional): the whole step in one compiled CPU kernel: one reduction pass and one element-wise
-            pass per tensor (see :mod:`kalmanopt.optim._koala_pp_fused`). ``None`` (default): used when ``foreach``
-            is also ``None``, ``block="tensor"``, the parameters are dense float32/float64 CPU tensors, every
-            hyperparameter is a Python number, and a C compiler built the kernel (about a second, once per machine,
-            cached); otherwise the multi-tensor path runs, with the same results up to rounding. ``True`` raises
-            where the kernel cannot be used (CUDA, DTensors, ``block="group"``). ``update()`` and ``step()`` both
-            use it. Under ``torch.compile`` (``fullgraph=True`` too) the kernel runs as the custom operator
+        fused (bool, optional): the whole step in one fused kernel: one reduction pass and one element-wise
+            pass per tensor. On CPU a C kernel (:mod:`kalmanopt.optim._koala_pp_fused`) for dense float32/float64
+            parameters, built by a C compiler (about a second, once per machine, cached); on CUDA Triton kernels
+            (:mod:`kalmanopt.optim._koala_pp_triton`) for dense float32/float64/bfloat16/float16 parameters, launched
+            over all tensors at once. ``None`` (default): used when ``foreach`` is also ``None``,
+            ``block="tensor"``, every hyperparameter is a Python number and the device's kernel is there; otherwise
+            the multi-tensor path runs, with the same results up to rounding. ``True`` raises where no kernel can be
+            used (DTensors, ``block="group"``, no compiler on CPU, no Triton on CUDA). ``update()`` and ``step()``
+            both use it. Under ``torch.compile`` (``fullgraph=True`` too) the kernel runs as the custom operator
             ``torch.ops.kalmanopt.koala_pp_fused_step``, one opaque node of the graph, with the eager step's results
             bit for bit; as with ``torch.optim``, a float ``lr`` is a constant of the compiled graph (a scheduler's
             new value compiles again) and a tensor ``lr`` takes the multi-tensor path.
@@ -252,6 +254,13 @@ class KOALAPlusPlus(KalmanOptimizer):
         if group["loss_floor"] != self.param_groups[0].get("loss_floor", group["loss_floor"]):
             raise ValueError(f"Invalid loss_floor: {group['loss_floor']!r}: the loss is one measurement shared by "
                              f"every param group, whose floor is {self.param_groups[0]['loss_floor']!r}")
+        # The scalars the step stores per tensor (q, sigma * h.h, lr / q) must fit the narrowest state dtype: a value
+        # beyond it would fail inside the step, after R was written.
+        limit = torch.finfo(narrowest_state_dtype(group)).max
+        for key in ("lr", "sigma", "q", "loss_fraction"):
+            value = group.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > limit:
+                raise ValueError(f"Invalid {key}: {value!r} (beyond the state dtype's range, {limit:.3g})")
         if group["loss_fraction"] is not None:
             # lr in AdamW's units: the cap lr / q on the step size (see step_rule)
             if group["max_step"] is not None:
@@ -406,8 +415,19 @@ class KOALAPlusPlus(KalmanOptimizer):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if not (_cpu_scalar(grad_scale, device) and _cpu_scalar(found_inf, device)):
             return False
-        if measurement.dtype not in _KINDS or measurement.device != device:
+        if measurement.dtype not in _KINDS:
             return False
+        if measurement.device != device:
+            # update(mean, var) with Python numbers on a CUDA model: the measurement goes to the device without
+            # waiting for it (pinned memory); anything else takes the multi-tensor path
+            if not (triton and not compiling and measurement.device.type == "cpu" and device.type == "cuda"):
+                return False
+            measurement = measurement.pin_memory().to(device, non_blocking=True)
+        if triton and not compiling:
+            cached = self._fused_triton_cached(measurement, given, grad_scale, found_inf)
+            if cached is not None:
+                self._record_fused(*cached, compiling=False)
+                return True
         measurement = measurement.contiguous()
         dtype, params, grads, numels, tensors, shared, first, hyper, members = None, [], [], [], [], [], [0], [], []
         storage = None  # the per-element state's dtype: one kernel variant per call
@@ -460,6 +480,7 @@ class KOALAPlusPlus(KalmanOptimizer):
                                               grad_scale, found_inf, self.__dict__.setdefault("_triton_cache", {}))
             if out is None:
                 return False
+            self._remember_triton(params, tensors, shared, members)
         elif compiling:
             kind = _koala_pp_op.GIVEN if given else _koala_pp_op.MOMENTS if loss is None else _koala_pp_op.LOSS
             out = self._fused_op(tensors, shared, params, grads, first, hyper,
@@ -477,15 +498,83 @@ class KOALAPlusPlus(KalmanOptimizer):
             group_arrays, first_array, tensor_arrays, numel_array = state_arrays
             _koala_pp_op.call_kernel(suffix, hyper, group_arrays, first_array, params, grads, tensor_arrays,
                                      numel_array, measurement, given, grad_scale, found_inf, work, out)
+        self._record_fused(out, members, compiling)
+        return True
+
+    def _record_fused(self, out: Tensor, members: list[int], compiling: bool) -> None:
+        """Where each group's diagnostics lie in the kernels' output buffer (see :meth:`diagnostics`)."""
         # Compiled: the dict _init_group made, changed in place (dynamo replays that after the graph; an attribute
         # store on an optimizer it drops).
         recorded = getattr(self, "_diagnostics", None) if compiling else self.__dict__.setdefault("_diagnostics", {})
         if recorded is not None:
-            start = 0
+            n, start = sum(members), 0
             for index, count in enumerate(members):
                 recorded[index] = (out, n, start, start + count, 4 * n + index) if count else {"loss": out[-1]}
                 start += count
-        return True
+
+    def _remember_triton(self, params: list[Tensor], tensors: list[Tensor | None], shared: list[Tensor],
+                         members: list[int]) -> None:
+        """What :meth:`_fused_triton_cached` checks at the next step to reuse this step's plan: every tensor the
+        kernels read or write through a pointer, where it was found (its state dict and key) and its address."""
+        plan = self.__dict__.get("_triton_cache", {}).get("plan")
+        if plan is None:
+            self.__dict__.pop("_triton_memo", None)
+            return
+        stepped = {id(p) for p in params}
+        state, width = self.state, len(_STATE_KEYS)
+        checks = []
+        for i, p in enumerate(params):
+            st = state[p]
+            checks += [(st, key, value, value.data_ptr())
+                       for key, value in zip(_STATE_KEYS, tensors[i * width:(i + 1) * width], strict=True)
+                       if value is not None]
+        for st in (self._group_state(g) for g in self.param_groups):
+            checks += [(st, key, st[key], st[key].data_ptr())
+                       for key in ("measurement_noise", "skipped_steps", "noise_updates")]
+        self.__dict__["_triton_memo"] = _TritonMemo(
+            plan=plan, state=state, groups=[(g["params"], len(g["params"])) for g in
+                                                                  self.param_groups],
+            stepped=list(params), dtypes=[p.dtype for p in params], pointers=[p.data_ptr() for p in params],
+            dicts=[state[p] for p in params],
+            unstepped=[p for g in self.param_groups for p in g["params"] if id(p) not in stepped],
+            checks=checks, members=list(members))
+
+    def _fused_triton_cached(self, measurement: Tensor, given: bool, grad_scale: Tensor | None,
+                             found_inf: Tensor | None) -> tuple[Tensor, list[int]] | None:
+        """The Triton step on the last step's plan when nothing it was made from changed, checked in one pass: the
+        same parameters have gradients (of their dtype, dense, contiguous, on the plan's device), the same state
+        tensors sit where they were, at the same addresses, and the kernels' options are the same. The common case,
+        without the per-step list building and checks of :meth:`_fused_step` (which would cost the host more time
+        than the device spends on the step). None: something changed; :meth:`_fused_step` rebuilds the plan.
+        Returns the diagnostics buffer and the number of stepped tensors per group."""
+        memo = self.__dict__.get("_triton_memo")
+        cache = self.__dict__.get("_triton_cache")
+        if memo is None or cache is None or cache.get("plan") is not memo.plan or self.state is not memo.state:
+            return None
+        groups = self.param_groups
+        if len(groups) != len(memo.groups) or any(
+                g["params"] is not params or len(params) != count
+                for g, (params, count) in zip(groups, memo.groups, strict=True)):
+            return None
+        hyper = [x for g in groups for x in _hyper(g)]
+        if _koala_pp_triton.options_of(hyper) != memo.plan.options:
+            return None
+        device, state, grads = memo.plan.device, self.state, []
+        for p, dtype, pointer, st in zip(memo.stepped, memo.dtypes, memo.pointers, memo.dicts, strict=True):
+            g = p.grad
+            if g is None or g.dtype != dtype or g.is_sparse or not g.is_contiguous() or g.device != device \
+                    or p.data_ptr() != pointer or state.get(p) is not st:
+                return None
+            grads.append(g)
+        if any(p.grad is not None for p in memo.unstepped):
+            return None
+        for st, key, value, pointer in memo.checks:
+            found = st.get(key)
+            if found is not value or found.data_ptr() != pointer:
+                return None
+        out = _koala_pp_triton.planned_step(memo.plan, grads, hyper, measurement, given, grad_scale, found_inf,
+                                            cache)
+        return out, memo.members
 
     @staticmethod
     def _fused_op(tensors: list[Tensor | None], shared: list[Tensor], params: list[Tensor], grads: list[Tensor],
@@ -1022,6 +1111,21 @@ def _hyper(group: dict[str, Any]) -> list[float]:
             float(group["beta2"]), float(group["eps"]), float(group["momentum"]), float(max_step or 0.0),
             float(r or 0.0), float(group["alpha_r"]), float(r_clip or 0.0), float(flags),
             float(_R_STATS[group["r_stat"]])]
+
+
+class _TritonMemo(NamedTuple):
+    """What the Triton plan was made from (see :meth:`KOALAPlusPlus._remember_triton`)."""
+
+    plan: Any
+    state: Any
+    groups: list
+    stepped: list
+    dtypes: list
+    pointers: list
+    dicts: list
+    unstepped: list
+    checks: list
+    members: list
 
 
 def _materialise(recorded: Any) -> dict[str, Tensor]:

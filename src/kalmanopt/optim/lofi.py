@@ -145,7 +145,9 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
 
     Returns:
         A :class:`LofiUpdate`, or None when the small ``(k + m)`` system cannot be factorised (non-finite input),
-        or when a Gram matrix of this update or of the next one (of the new ``W``) overflows the dtype of ``W``.
+        when the Gram matrix of this update overflows the dtype of ``W``, or when the update would leave a state
+        the next one cannot use (the new ``W``'s Gram matrix beyond the dtype of ``W``, or
+        :math:`W^\top\Upsilon^{-1}W` beyond float64's resolution for factorising :math:`I + T`).
     """
     n, k = W.shape
     m = H.shape[0]
@@ -200,11 +202,12 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     evals, V = torch.linalg.eigh(torch.where(finite, gram, torch.zeros_like(gram)))  # ascending
     evals, V = evals.flip(0), V.flip(1)  # by decreasing eigenvalue
     # The state this update leaves must be one the next update can use, else every later update fails (an outlier
-    # would end the filter): that one forms W^T W in the input dtype, the new W's is diag(evals[:k]); and it
-    # factorises I + T with T's leading block W^T Upsilon^{-1} W, at most V_k^T T V_k here (the new upsilon is at
-    # least the old), which Cholesky is guaranteed to factorise in float64 while its norm (at most its trace) is
-    # below 1 / (4 (k + m) eps). An input scaled by 1e16 against R = 1e-6 broke the first (float32) and, against
-    # R = 1e3, the second (float64: a precision 1e29 times its diagonal); such an update does not happen (None).
+    # would end the filter): that one forms W^T W in the input dtype (the new W's is diag(evals[:k])), and
+    # factorises I + T, whose leading block W^T Upsilon^{-1} W is at most V_k^T T V_k here (the new upsilon is at
+    # least the old); Cholesky is guaranteed to factorise it in float64 while its norm (at most its trace) stays
+    # below 1 / (4 (k + m) eps), ~1e13 (normal streams: 1e2-1e4). An input scaled by 1e16 against R = 1e-6 broke
+    # the first (float32) and, against R = 1e3, the second (float64: a precision 1e29 times its diagonal); such an
+    # update does not happen (None).
     headroom = torch.finfo(W.dtype).max / 4  # for the next update's rounding and its new rows
     resolution = 1.0 / (4 * (k + m) * torch.finfo(f64).eps)
     kept = V[:, :k]

@@ -1,0 +1,88 @@
+"""KOALA++'s default step rule with losses below zero and a loss floor (README: "Losses below zero").
+
+The filter measures the loss above ``loss_floor`` (default 0). A loss below the floor gives no distance to the
+optimum: that step is the capped one, lr / q, never an uphill step (0.1 stepped -60 to -240 times the cap).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kalmanopt import KOALAPlusPlus
+
+PATHS = {"reference": {"foreach": False}, "foreach": {"foreach": True}, "default": {}}
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 6, generator=g)
+    return x, (x[:, :3]).argmax(1)
+
+
+def _train(shift, steps=60, **kwargs):
+    """Full-batch training of a small MLP; the filter is handed ``losses - shift(step)``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = KOALAPlusPlus(model.parameters(), **kwargs)
+    x, y = _data()
+    sizes = []
+    for step in range(steps):
+        opt.zero_grad()
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step(loss=losses - shift(step))
+        sizes.append(opt.diagnostics()[0]["step_size"].clone())
+    with torch.no_grad():
+        final = F.cross_entropy(model(x), y).item()
+    return final, torch.stack(sizes), opt
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_loss_below_the_floor_takes_the_capped_step(path):
+    lr, q = 2e-3, 0.1
+    _, sizes, opt = _train(lambda step: 10.0, steps=3, lr=lr, q=q, **PATHS[path])
+    torch.testing.assert_close(sizes, torch.full_like(sizes, lr / q))  # every tensor, every step: the cap
+    assert int(opt.state[opt.param_groups[0]["params"][0]]["skipped_steps"]) == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_shifted_losses_neither_blow_up_nor_stall(path):
+    # Here the cap binds on every step of the unshifted run (small tensors, full batch), so a run whose losses are
+    # all shifted below zero, or one whose single loss is, trains exactly as the unshifted run does.
+    plain, sizes, _ = _train(lambda step: 0.0, lr=1e-2, **PATHS[path])
+    assert bool((sizes == sizes.max()).all())  # the cap binds throughout
+    for shift in (lambda step: 10.0, lambda step: 10.0 if step == 5 else 0.0, lambda step: 1e6):
+        final, _, opt = _train(shift, lr=1e-2, **PATHS[path])
+        assert final == pytest.approx(plain, rel=1e-5, abs=1e-6)
+        assert final < 0.6 * 1.1  # it trained (the start is about ln 3 = 1.1)
+        assert all(bool(torch.isfinite(p).all()) for p in opt.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_residual_is_the_loss_above_the_floor(path):
+    # A loss of floor + 1e-6: the filter's own step, 1e-6 / S, far below the cap (a floor of 0 would give the cap).
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5))
+    opt = KOALAPlusPlus([w], lr=1e-3, loss_floor=-1.0, **PATHS[path])
+    w.grad = torch.randn(5)
+    opt.step(loss=torch.tensor(-1.0 + 1e-6, dtype=torch.float64))
+    d = opt.diagnostics()[0]
+    torch.testing.assert_close(d["step_size"], (1e-6 / d["S"]).to(d["step_size"]), rtol=1e-4, atol=0)
+    assert float(d["step_size"]) < 1e-3 / 0.1
+
+
+def test_the_paper_preset_keeps_the_papers_step():
+    # Algorithm 1 has no floor: a negative loss steps along +gain (uphill), as the paper's rule says, bit for bit.
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = KOALAPlusPlus([w], preset="paper")
+    w.grad = torch.full((3,), 0.5)
+    opt.step(loss=torch.tensor(-2.0))
+    assert float(opt.diagnostics()[0]["step_size"]) < 0 and bool((w > 1).all())
+
+
+def test_loss_floor_is_one_value_for_every_group():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="loss_floor"):
+        KOALAPlusPlus([{"params": [a]}, {"params": [b], "loss_floor": -3.0}])
+    with pytest.raises(ValueError, match="loss_floor"):
+        KOALAPlusPlus([a], loss_floor=float("nan"))
