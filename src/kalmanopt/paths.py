@@ -23,8 +23,8 @@ from pathlib import Path
 
 from kalmanopt.errors import UsageError
 
-__all__ = ["SCRATCH", "check_writable_dir", "data_dir", "home", "kernel_dir", "output_dir", "output_file",
-           "refuse_existing", "scratch_dir"]
+__all__ = ["SCRATCH", "add_output_arguments", "check_writable_dir", "data_dir", "home", "kernel_dir", "output_dir",
+           "output_file", "refuse_existing", "scratch_dir"]
 
 SCRATCH = "kalmanopt-results"
 
@@ -110,3 +110,13 @@ def output_dir(out: str | os.PathLike | None, default: str | os.PathLike, *, opt
         raise UsageError(f"{option} {path}: is a file, expected a directory")
     check_writable_dir(path, option if out is not None else f"the results folder (no {option})")
     return path
+
+
+def add_output_arguments(parser, suite: str, *, page: str, replaces: str) -> None:  # noqa: ANN001 - an ArgumentParser
+    """A suite's output options, the same in every suite: ``--out DIR``, ``--docs FILE`` and ``--overwrite``."""
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"results folder (default: {SCRATCH}/{suite} in the current directory)")
+    parser.add_argument("--docs", default=None, metavar="FILE",
+                        help=f"the markdown page regenerated from the --out folder (default: {page} in it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {replaces} in --out and the --docs page if they exist (else refused)")

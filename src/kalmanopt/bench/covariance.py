@@ -295,11 +295,6 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="also save the full P at each --save-at step under DIR (n^2 floats each; not for results/)")
     p.add_argument("--quick", action="store_true", help="40 samples (default folder covariance-quick/)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"results folder (default: {paths.SCRATCH}/covariance in the current directory)")
-    p.add_argument("--docs", default=None, metavar="FILE",
-                   help="the markdown section (default: covariance.md in the --out folder)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace covariance.json in --out and the --docs file if they exist (else refused)")
+    paths.add_output_arguments(p, "covariance", page="covariance.md", replaces="covariance.json")
     p.set_defaults(func=main)
     return p

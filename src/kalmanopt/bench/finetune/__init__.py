@@ -316,12 +316,7 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--quick", action="store_true", help="a smoke run on tiny subsets (results *-quick.json, no "
                    "figures, no page)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"results folder (default: {paths.SCRATCH}/finetune in the current directory)")
-    p.add_argument("--docs", default=None, metavar="FILE",
-                   help="the markdown page regenerated from the --out folder (default: finetune.md in it)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace this run's results files in --out and the --docs page if they exist (else refused)")
+    paths.add_output_arguments(p, "finetune", page="finetune.md", replaces="this run's results files")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs the results files already have (same settings) and run the rest")
     p.add_argument("--report-only", action="store_true",

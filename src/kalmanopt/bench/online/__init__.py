@@ -208,11 +208,6 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--quick", action="store_true", help="a smoke test in a few minutes (results file *_quick.json, "
                    "no figures, no page)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"results folder (default: {paths.SCRATCH}/online in the current directory)")
-    p.add_argument("--docs", default=None, metavar="FILE",
-                   help="the markdown page regenerated from the --out folder (default: online.md in it)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace this run's results file in --out and the --docs page if they exist (else refused)")
+    paths.add_output_arguments(p, "online", page="online.md", replaces="this run's results file")
     p.set_defaults(func=main)
     return p
