@@ -224,3 +224,11 @@ def test_linear_schedule_is_the_trainers():
     for _ in range(12):
         assert a.param_groups[0]["lr"] == pytest.approx(b.param_groups[0]["lr"], abs=1e-12)
         a.step(), b.step(), sa.step(), sb.step()
+
+
+def test_device_cpu_is_accepted_and_recorded(tiny):
+    out = tiny / "results"
+    assert main([*QUICK, "--tasks", "mnist", "--contenders", "adamw@x1", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "mnist-full-loop-quick.json").read_text())
+    assert result["provenance"]["device"] == "cpu" and "device" not in result["config"]
+    assert result["config"]["clock"] == "cpu" and result["runs"]

@@ -222,3 +222,20 @@ def test_a_run_without_out_leaves_the_recorded_results_and_page_alone(cache, tmp
     assert main([*argv, "--out", "results/online", "--docs", "docs/benchmarks/online.md"]) == 2
     assert "exists: pass --overwrite" in capsys.readouterr().err
     assert all(path.read_text() == text for path, text in recorded.items())
+
+
+def test_device_cpu_changes_nothing_and_is_recorded(cache, tmp_path):
+    import json
+
+    from kalmanopt.cli import main
+
+    task = online.load_task("digits_shift")
+    order = task.eval_pool[:8]
+    default = online.run_one(task, "LoRA", "LoKO", None, order, 0, progress=False)
+    cpu = online.run_one(task, "LoRA", "LoKO", None, order, 0, progress=False, device="cpu")
+    for key in ("correct", "loss", "confidence", "nll_per_sample", "pred_confidence"):
+        assert cpu[key] == default[key], key
+    out = tmp_path / "results"
+    assert main(["bench", "online", "--task", "digits_shift", "--quick", "--cost-only", "1", "--adapters", "LoRA",
+                 "--ablations", "none", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads((out / "cost_digits_shift_quick.json").read_text())["provenance"]["device"] == "cpu"

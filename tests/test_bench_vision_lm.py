@@ -374,3 +374,43 @@ def test_quick_lm_run_leaves_the_recorded_results_alone(moby_dir, tmp_path, monk
     assert recorded.read_text() == "recorded\n"
     scratch = checkout / "kalmanopt-results" / "lm" / "moby_dick-gpt1-d16-epochs-quick.json"
     assert json.loads(scratch.read_text())["config"]["quick"]
+
+
+def test_device_cpu_computes_what_the_default_does_and_is_recorded(fashion_dir, tmp_path):
+    need("tqdm")
+    argv = ["bench", "vision", "--data-root", str(fashion_dir), "--train-size", "100", "--valid-size", "50",
+            "--test-size", "50", "--batch-size", "25", "--epochs", "1", "--seeds", "0", "--optimizers", "sgd,adamw",
+            "--no-progress"]
+    assert cli_main([*argv, "--out", str(tmp_path / "default.json")]) == 0
+    assert cli_main([*argv, "--device", "cpu", "--out", str(tmp_path / "cpu.json")]) == 0
+    default, cpu = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("default", "cpu"))
+    assert cpu["provenance"]["device"] == "cpu" and "device_name" not in cpu["provenance"]
+    assert cpu["config"] == default["config"] and "device" not in cpu["config"]
+    for a, b in zip(default["runs"], cpu["runs"], strict=True):  # the same numbers, bit for bit
+        assert [{k: v for k, v in h.items() if k != "seconds"} for h in a["history"]] == \
+            [{k: v for k, v in h.items() if k != "seconds"} for h in b["history"]]
+
+
+def test_device_checks_and_moves(monkeypatch):
+    from kalmanopt.bench import common
+    from kalmanopt.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="^--device cuda: CUDA is not available"):
+        common.check_device(argparse.Namespace(device="cuda"))
+    assert common.check_device(argparse.Namespace()) == torch.device("cpu")  # a namespace built by hand
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, as far as the check knows
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.check_device(argparse.Namespace(device="cuda")) == torch.device("cuda")
+    with pytest.raises(UsageError, match="cuda:1: this machine has 1 CUDA device"):
+        common.check_device(argparse.Namespace(device="cuda:1"))
+    # on CUDA the host thread's CPU time does not see the work: the default clock is the wall clock
+    assert common.resolve_clock(argparse.Namespace(threads=1, clock=None, device="cuda")) == "wall"
+    assert common.resolve_clock(argparse.Namespace(threads=1, clock=None, device="cpu")) == "cpu"
+    # batches of every shape the suites make are moved (the meta device stands in for a GPU); on the CPU, not copied
+    x, ids = torch.randn(2, 3), torch.ones(2, 4, dtype=torch.long)
+    moved = common.to_device(({"input_ids": ids, "attention_mask": ids}, [x]), torch.device("meta"))
+    assert moved[0]["input_ids"].is_meta and moved[0]["attention_mask"].is_meta and moved[1][0].is_meta
+    assert common.to_device(x, torch.device("cpu")) is x
+    assert common.device_of(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    assert common.device_of(torch.nn.ReLU()) == torch.device("cpu")

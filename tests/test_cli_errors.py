@@ -374,3 +374,45 @@ def test_report_passes_over_other_suites_results_in_a_folder(tmp_path, capsys):
         (ROOT / "results" / "online" / "online_digits_shift.json").read_bytes())
     assert main(["report", str(tmp_path), "--no-plots"]) == 0
     assert "fashion_mnist" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ --device
+FINETUNE = ["bench", "finetune", "--quick", "--tasks", "mnist", "--contenders", "adamw@x1", "--no-progress"]
+DEVICE_SUITES = {"vision": VISION, "lm": LM, "online": ONLINE, "finetune": FINETUNE}
+
+
+@pytest.mark.parametrize("suite", list(DEVICE_SUITES))
+def test_device_cuda_without_cuda_is_refused_in_one_line_before_anything_is_written(work, tiny_data, tmp_path,
+                                                                                   capsys, monkeypatch, suite):
+    import torch
+
+    if suite in ("online", "finetune"):
+        pytest.importorskip("peft")
+        pytest.importorskip("sklearn")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+    ran = []
+    monkeypatch.setattr(torch, "manual_seed", lambda *a: ran.append(a))  # every suite seeds before it builds
+    before = _files(work)
+    status = _status([a.format(**tiny_data) for a in DEVICE_SUITES[suite]] + ["--device", "cuda", "--out", "r"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == "kalmanopt: error: --device cuda: CUDA is not available in this PyTorch build or on this " \
+                       "machine"
+    assert ran == [] and _files(work) == before and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("suite", list(DEVICE_SUITES))
+def test_device_cpu_is_accepted(work, tiny_data, capsys, suite):
+    if suite in ("online", "finetune"):
+        pytest.importorskip("peft")
+        pytest.importorskip("sklearn")
+    from kalmanopt.cli import _hook, build_parser
+
+    args = build_parser().parse_args([a.format(**tiny_data) for a in DEVICE_SUITES[suite]] + ["--device", "cpu"])
+    _hook(args, "check_args")(args)  # what the CLI runs first: the device, the options and the output paths
+    assert args.device == "cpu"
+    with pytest.raises(SystemExit) as e:  # neither a GPU nor a device torch cannot train on
+        build_parser().parse_args([a.format(**tiny_data) for a in DEVICE_SUITES[suite]] + ["--device", "tpu"])
+    assert e.value.code == 2 and "--device: expected cpu or cuda[:N], got 'tpu'" in capsys.readouterr().err

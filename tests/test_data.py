@@ -257,6 +257,7 @@ def test_catalogue_and_cache_dir(monkeypatch, tmp_path):
         assert all(a.checksum for a in D.DATASETS[name].artifacts)
     assert D.cache_dir() == tmp_path / "cache"
     monkeypatch.delenv("KALMANOPT_DATA")
+    monkeypatch.delenv("KALMANOPT_HOME", raising=False)
     assert "kalmanopt" in str(D.cache_dir())
     with pytest.raises(KeyError, match="unknown dataset"):
         D.load("imagenet")

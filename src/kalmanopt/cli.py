@@ -8,7 +8,7 @@ progress): those the suite lists in ``required_datasets(args)``, else those name
 option (none with ``--data-root``); a dataset loaded later in the run is fetched when it is loaded.
 
 Bad values are refused before anything runs or is written: each numeric or path option has an argparse ``type``
-from this module (:func:`integer`, :func:`number`, :data:`SEED`, :func:`existing_dir`, :func:`existing_path`), and
+from :mod:`kalmanopt.options` (``integer``, ``number``, ``SEED``, ``existing_dir``, ``existing_path``), and
 the command's module may define ``check_args(args)`` for what depends on several options (its output paths among
 them), called first. Results: see :mod:`kalmanopt.paths` (``./kalmanopt-results/`` without ``--out``; an existing
 file is replaced only with ``--overwrite``).
@@ -19,77 +19,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import math
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from kalmanopt.errors import OPTIONAL_DEPENDENCIES, UsageError, missing_dependency
-
-
-# ------------------------------------------------------------------------------------------------ option types
-# argparse ``type=`` callables: a bad value is the parser's own one-line error (status 2) before anything runs.
-def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
-    """An integer in ``[minimum, maximum]`` (either bound optional)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
-        return value
-
-    return parse
-
-
-def number(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None,
-           below: float | None = None) -> Callable[[str], float]:
-    """A finite float (NaN and infinities refused) with optional closed (``minimum``/``maximum``) or open
-    (``above``/``below``) bounds."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {value:g}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {value:g}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"must be above {above:g}, got {value:g}")
-        if below is not None and value >= below:
-            raise argparse.ArgumentTypeError(f"must be below {below:g}, got {value:g}")
-        return value
-
-    return parse
-
-
-COUNT = integer(1)  # epochs, sizes, batch sizes, rounds: at least one
-NONNEGATIVE = integer(0)  # counts where 0 means "none" or "the default"
-SEED = integer(0, 2**63 - 1)  # what torch.manual_seed and torch.Generator.manual_seed take without wrapping
-THREADS = integer(1, 4096)
-POSITIVE = number(above=0.0)
-
-
-def existing_dir(text: str) -> str:
-    """A directory that exists (read from: ``--data-root``, ``--from``)."""
-    if not Path(text).expanduser().is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
-    return text
-
-
-def existing_path(text: str) -> str:
-    """A file or directory that exists."""
-    if not Path(text).expanduser().exists():
-        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
-    return text
+from kalmanopt.options import (  # noqa: E402,F401 - the option types, also used as kalmanopt.cli.X
+    COUNT,
+    NONNEGATIVE,
+    POSITIVE,
+    SEED,
+    THREADS,
+    existing_dir,
+    existing_path,
+    integer,
+    number,
+)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -19,6 +19,10 @@ Calibration is scored on the same predictions. For every sample the result keeps
 
 Online NLL is the mean of :math:`-\log p_i(y_i)`, the expected calibration error (ECE) the standard 15-bin one,
 see :func:`expected_calibration_error`.
+
+Devices: the inputs and labels may stay in host memory; each batch is moved to the model's device (that of its first
+parameter, or ``device=``) as it is streamed, and on CUDA the step's time is read after the device has finished it
+(``torch.cuda.synchronize``): the thread CPU time then includes the host's wait, the wall time is the cost to read.
 """
 
 from __future__ import annotations
@@ -195,22 +199,41 @@ def _default_forward(model: nn.Module, batch: Any) -> Tensor:
     return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
+def _to(batch: Any, device: torch.device) -> Any:
+    """A tensor or a dict of tensors on ``device`` (the same objects when they are already there)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def run_online(model: nn.Module, optimizer: Any, inputs: Any, labels: Tensor, *, order: Sequence[int] | None = None,
                batch_size: int = 1, forward: Callable[[nn.Module, Any], Tensor] | None = None,
                collate: Callable[[Sequence[Any]], Any] = default_collate, progress: bool = True,
-               desc: str | None = None, max_samples: int | None = None) -> OnlineResult:
+               desc: str | None = None, max_samples: int | None = None,
+               device: str | torch.device | None = None) -> OnlineResult:
     """Stream ``inputs``/``labels`` once in ``order`` (default: as given), predict-then-update per batch.
 
     ``inputs`` is a tensor indexed by sample (images) or a sequence of per-sample items combined by ``collate``
     (e.g. tokenised text as dicts of ``(1, L)`` tensors; padding is the caller's business at batch size > 1).
     ``forward(model, batch)`` returns logits ``(batch, classes)``; default ``model(batch)`` (``model(**batch)``
     for dicts). The model is put in ``eval`` mode (no dropout: the filter's measurement must be deterministic).
+    Each batch and its labels are moved to ``device`` (default: where the model's parameters are).
     """
     n = len(labels)
     idx = list(range(n)) if order is None else [int(i) for i in order]
     if max_samples is not None:
         idx = idx[:max_samples]
     forward = forward or _default_forward
+    device = _model_device(model) if device is None else torch.device(device)
+    on_cuda = device.type == "cuda"
     model.eval()
     kalman = is_output_filter(optimizer)
     result = OnlineResult()
@@ -228,7 +251,9 @@ def run_online(model: nn.Module, optimizer: Any, inputs: Any, labels: Tensor, *,
             batch = inputs[chunk]
         else:
             batch = collate([inputs[i] for i in chunk])
-        target = labels[chunk]
+        batch, target = _to(batch, device), labels[chunk].to(device)
+        if on_cuda:  # the previous batch's work (and this one's copy) is not this step's
+            torch.cuda.synchronize(device)
         t0 = time.thread_time()
         if kalman:
             logits = optimizer.step(lambda batch=batch: forward(model, batch), target)
@@ -240,6 +265,8 @@ def run_online(model: nn.Module, optimizer: Any, inputs: Any, labels: Tensor, *,
                 loss.backward()
             optimizer.step()
             logits = out.detach()
+        if on_cuda:  # the step is queued, not done: wait for it before reading the clock
+            torch.cuda.synchronize(device)
         cpu += time.thread_time() - t0
         with torch.no_grad():
             logits = logits.detach()
@@ -266,6 +293,8 @@ def run_online(model: nn.Module, optimizer: Any, inputs: Any, labels: Tensor, *,
             bar.update(len(chunk))
             if (s // batch_size) % 50 == 0:
                 bar.set_postfix(acc=f"{sum(result.correct) / len(result.correct):.3f}")
+    if on_cuda:
+        torch.cuda.synchronize(device)
     result.seconds = time.perf_counter() - start
     result.cpu_seconds = cpu
     if bar is not None:

@@ -12,6 +12,13 @@ optimizer step runs in the calling thread, so ``cpu`` counts the run's own work 
 a core on a loaded, shared machine; it is the default when ``--threads 1``, ``wall`` otherwise (with several torch
 threads the work runs in other threads, which ``thread_time`` does not see). The clock bounds the equal-time budget
 (``--seconds``) and gives the seconds in the history (the time-to-accuracy figures).
+
+Device (``--device cpu|cuda[:N]``, default ``cpu``): the model is built on the CPU from the seed (the same initial
+weights on every device), then moved; the data stays where the suite loaded it and each batch is moved as it is used,
+by the training loop and by the suites' evaluations (a no-op on the CPU, so a CPU run computes exactly what it did
+before the option existed). On CUDA the queued device work is waited for (``torch.cuda.synchronize``) before every
+clock reading, and the default clock is ``wall`` (the CPU time of the host thread does not see the device's work).
+``--device cuda`` where CUDA is not available is refused before anything runs (:func:`check_device`).
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ from kalmanopt import paths
 
 from . import registry
 
-__all__ = ["CLOCKS", "Budget", "RunSpec", "add_common_arguments", "provenance", "resolve_clock", "resolve_defaults",
-           "run_suite", "train_run"]
+__all__ = ["CLOCKS", "Budget", "RunSpec", "add_common_arguments", "add_device_argument", "check_device",
+           "device_of", "provenance", "resolve_clock", "resolve_defaults", "run_suite", "synchronize", "to_device",
+           "train_run"]
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 CLOCK_LABELS = {"wall": "wall-clock", "cpu": "thread CPU time"}
@@ -107,13 +115,15 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def provenance(command: str | None = None) -> dict[str, Any]:
-    """Command line, git revision, package versions, CPU, threads, load average and date."""
+def provenance(command: str | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Command line, git revision, package versions, CPU, threads, load average, date and the device the run used
+    (with the card's name on CUDA)."""
     try:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {
+    device = torch.device(device)
+    info = {
         "command": command or shlex.join(sys.argv),
         "git_revision": _git_revision(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -124,8 +134,75 @@ def provenance(command: str | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "load_average_at_start": load,
         "platform": platform.platform(),
-        "device": "cpu",
+        "device": str(device),
     }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["packages"]["cuda"] = torch.version.cuda
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ the device
+def device_type(text: str) -> str:
+    """An argparse type: a torch device string of type cpu or cuda (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device_type, default="cpu",
+                   help="where the model trains: cpu (default) or cuda[:N] (the data is moved batch by batch; on "
+                        "CUDA the timings wait for the device and the default --clock is wall)")
+
+
+def check_device(args: argparse.Namespace) -> torch.device:
+    """``args.device`` (``cpu`` when the namespace has none) as a :class:`torch.device`; :class:`UsageError` (one
+    line) for CUDA where this PyTorch build or machine has none, before anything runs or is written."""
+    from kalmanopt.errors import UsageError
+
+    text = getattr(args, "device", None) or "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text}: expected cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {text}: expected cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: CUDA is not available in this PyTorch build or on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A tensor, or a dict / list / tuple of them, on ``device`` (the same objects when they are already there)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (else buffer) lives; the CPU for a model with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs asynchronously to the host), so that a clock read next
+    covers it; a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -155,18 +232,26 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
               steps_per_epoch: int, per_sample_loss: Callable[[nn.Module, Tensor, Tensor], Tensor],
               evaluate: Callable[[nn.Module], dict[str, float]], budget: Budget, progress: bool = True,
               desc: str = "", schedule: str = "constant", warmup_steps: int = 0,
-              clock: str = "wall") -> dict[str, Any]:
+              clock: str = "wall", device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train one fresh model; return its record (history per epoch, final metrics, time, state size, and the
     filter's diagnostics over training for the KOALA optimizers that record them). ``clock`` (``"wall"`` or
-    ``"cpu"``, see the module's docstring) measures the training time and bounds ``budget.seconds``."""
+    ``"cpu"``, see the module's docstring) measures the training time and bounds ``budget.seconds``. ``device``:
+    the model is built (from the seed) on the CPU and moved there, each batch is moved there as it is used;
+    ``evaluate`` gets the model on it (the suites' evaluations move their batches to :func:`device_of` the model)."""
     from tqdm.auto import tqdm
 
     if clock not in CLOCKS:
         raise ValueError(f"unknown clock {clock!r}; expected one of {tuple(CLOCKS)}")
-    now = CLOCKS[clock]
+    device = torch.device(device)
+    clock_now = CLOCKS[clock]
+
+    def now() -> float:  # a reading that covers the device work queued so far
+        synchronize(device)
+        return clock_now()
+
     entry = registry.get(spec.optimizer)
     torch.manual_seed(spec.seed)
-    model = make_model()
+    model = make_model().to(device)  # before the optimizer: its state is created on the device
     opt = entry.make(model, task, lr=spec.lr)
     evaluate = registry.evaluating(entry, opt, evaluate)  # Schedule-Free: evaluate at x, train at y (else no-op)
     applied = schedule if entry.scheduled else "none (sets its own step size)"
@@ -200,6 +285,7 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
             loss_sum, n_steps = 0.0, 0
             start, start_wall, start_cpu = now(), time.perf_counter(), time.thread_time()
             for x, y in epoch_batches(order):
+                x, y = to_device(x, device), to_device(y, device)
                 opt.zero_grad(set_to_none=True)
                 loss = registry.backward_and_step(entry, opt, per_sample_loss(model, x, y)).item()
                 if scheduler is not None:
@@ -219,7 +305,7 @@ def train_run(spec: RunSpec, *, task: str, make_model: Callable[[], nn.Module], 
                     break
                 if n_steps % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}", refresh=False)
-            train_seconds += now() - start
+            train_seconds += now() - start  # synchronised: the two readings below cover the device's work too
             both_clocks["wall"] += time.perf_counter() - start_wall
             both_clocks["cpu"] += time.thread_time() - start_cpu
             opt.zero_grad(set_to_none=True)  # frees create_graph graphs
@@ -304,7 +390,7 @@ def run_suite(args: argparse.Namespace, *, task: str, config: dict[str, Any], ru
     for n in names:
         registry.get(n)
     overrides = dict(_parse_lr(s) for s in (args.lr or []))
-    prov = provenance(getattr(args, "_command", None))
+    prov = provenance(getattr(args, "_command", None), getattr(args, "device", "cpu"))
     result: dict[str, Any] = {"suite": task, "config": config, "provenance": prov,
                               "optimizers": {n: {"label": registry.get(n).label, "note": registry.get(n).note,
                                                  "loss": registry.get(n).loss} for n in names},
@@ -387,15 +473,16 @@ def resolve_defaults(args: argparse.Namespace, normal: dict[str, Any], quick: di
 
 
 def resolve_clock(args: argparse.Namespace) -> str:
-    """``args.clock``, or its default: ``cpu`` (the training thread's CPU time) with one torch thread, else
-    ``wall``."""
+    """``args.clock``, or its default: ``cpu`` (the training thread's CPU time) with one torch thread on the CPU,
+    else ``wall`` (more threads, or a CUDA device, whose work the host thread's CPU time does not see)."""
     if getattr(args, "clock", None) is None:
-        args.clock = "cpu" if args.threads == 1 else "wall"
+        on_cpu = torch.device(getattr(args, "device", None) or "cpu").type == "cpu"
+        args.clock = "cpu" if args.threads == 1 and on_cpu else "wall"
     return args.clock
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iterable[str]) -> None:
-    from kalmanopt.cli import COUNT, NONNEGATIVE, POSITIVE, SEED, THREADS, existing_dir
+    from kalmanopt.options import COUNT, NONNEGATIVE, POSITIVE, SEED, THREADS, existing_dir
 
     p.add_argument("--optimizers", default=None,
                    help=f"comma-separated registry names (default: {','.join(default_optimizers)}; known: "
@@ -407,7 +494,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iter
     p.add_argument("--clock", choices=tuple(CLOCKS), default=None,
                    help="what a training second is: 'cpu', the training thread's CPU time (time.thread_time; the "
                         "default with --threads 1: robust to other jobs on a shared machine), or 'wall' "
-                        "(time.perf_counter; the default with more threads)")
+                        "(time.perf_counter; the default with more threads or on CUDA)")
     p.add_argument("--lr", action="append", metavar="NAME=LR", help="fix an optimizer's lr (skips its sweep)")
     p.add_argument("--sweep", action="store_true",
                    help="first sweep each optimizer's lr over default x (1/3, 1, 3) on one seed, select on the "
@@ -419,6 +506,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_optimizers: Iter
                         "over the epoch budget (default, the reference configurations' protocol) or constant")
     p.add_argument("--warmup-steps", type=NONNEGATIVE, default=0, help="linear warm-up steps before the schedule")
     p.add_argument("--threads", type=THREADS, default=1, help="torch.set_num_threads (default 1)")
+    add_device_argument(p)
     p.add_argument("--quick", action="store_true", help="a smoke run of about two minutes (its default results "
                    "file is named *-quick.json)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")

@@ -279,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = bench_subparsers.add_parser("covariance", help="full-covariance EKF on a narrow LeNet-5: how P evolves",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from kalmanopt.cli import COUNT, NONNEGATIVE, POSITIVE, SEED, THREADS, number
+    from kalmanopt.options import COUNT, NONNEGATIVE, POSITIVE, SEED, THREADS, number
 
     p.add_argument("--samples", type=COUNT, default=1000)
     p.add_argument("--save-at", type=NONNEGATIVE, nargs="+", default=[0, 10, 100, 300, 1000])

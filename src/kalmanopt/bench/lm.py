@@ -12,6 +12,9 @@ characters of the training split (the scale knob), ``--eval-chars`` the first N 
 pass, in a seeded random order, over the non-overlapping windows of ``context + 1`` characters of the training text.
 Every token's cross-entropy is a "sample" for the Kalman optimizers' loss statistics. Reported: loss (nats per
 character), perplexity (per character) and bits per character on valid (sweep) or test.
+
+``--device cuda`` trains and evaluates on the GPU (see :mod:`kalmanopt.bench.common`); the windows stay in host
+memory and each batch is moved as it is used.
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ def windows(ids: Tensor, context: int) -> Tensor:
 @torch.no_grad()
 def _evaluate(model: nn.Module, w: Tensor, split: str, batch: int = 64) -> dict[str, float]:
     model.eval()
+    device = common.device_of(model)
     total, count = 0.0, 0
     for i in range(0, len(w), batch):
-        chunk = w[i : i + batch]
+        chunk = w[i : i + batch].to(device)
         logits = model(chunk[:, :-1])
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
                                  reduction="sum").item()
@@ -69,6 +73,7 @@ def check_args(args: argparse.Namespace) -> None:
     args._command = common.command_line(args)  # before the defaults are filled in: the options the user gave
     from . import registry
 
+    common.check_device(args)
     if args.full:
         common.resolve_defaults(args, FULL, {})
     common.resolve_defaults(args, {**NORMAL, "optimizers": ",".join(registry.DEFAULT)}, QUICK)
@@ -92,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "out_path", None) is None:  # called directly, not through the CLI
         check_args(args)
     torch.set_num_threads(args.threads)
+    device = common.check_device(args)
     clock = common.resolve_clock(args)
     corpus = data.load(args.corpus, root=args.data_root)
     train_text = corpus.train[: args.train_chars] if args.train_chars else corpus.train
@@ -121,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
                                 steps_per_epoch=steps, per_sample_loss=per_sample_loss,
                                 evaluate=lambda m: _evaluate(m, evals[split], split), budget=budget,
                                 progress=not args.no_progress, schedule=args.schedule,
-                                warmup_steps=args.warmup_steps, clock=clock)
+                                warmup_steps=args.warmup_steps, clock=clock, device=device)
 
     out = args.out_path
     config = {"corpus": args.corpus, "model": f"GPT {args.n_layers} layers, d={args.d_model}, {args.n_heads} heads, "
@@ -130,18 +136,19 @@ def main(args: argparse.Namespace) -> int:
               "train_chars": len(train_text), "train_windows": n, "valid_chars": int(evals["valid"][:, 1:].numel()),
               "test_chars": int(evals["test"][:, 1:].numel()), "batch_size": bs, "context": args.context,
               "epochs": args.epochs, "seconds": args.seconds, "seeds": args.seeds, "quick": args.quick,
-              "schedule": args.schedule, "warmup_steps": args.warmup_steps, "clock": clock}
+              "schedule": args.schedule, "warmup_steps": args.warmup_steps, "clock": clock,
+              **({"device": str(device)} if device.type != "cpu" else {})}
     per_run = f"{args.seconds:g} s ({common.CLOCK_LABELS[clock]})" if args.seconds else f"{args.epochs} epochs"
     print(f"kalmanopt bench lm: {args.corpus}, {config['model']} ({config['parameters']:,} parameters), "
           f"{config['train_chars']:,} train chars ({n} windows, batch {bs}), {per_run} per run, seeds {args.seeds}, "
-          f"{torch.get_num_threads()} thread(s); results: {out}", flush=True)
+          f"{torch.get_num_threads()} thread(s), {device}; results: {out}", flush=True)
     common.run_suite(args, task="lm", config=config, run=run, select_key="valid_loss", higher_is_better=False,
                      out_path=out)
     return 0
 
 
 def add_parser(bench_subparsers) -> argparse.ArgumentParser:
-    from kalmanopt.cli import COUNT, number
+    from kalmanopt.options import COUNT, number
 
     from . import registry
 

@@ -330,7 +330,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the top-level ``report`` command."""
     p = subparsers.add_parser("report", help="results JSON files -> markdown tables and PNG plots",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from kalmanopt.cli import existing_path
+    from kalmanopt.options import existing_path
 
     p.add_argument("paths", nargs="+", type=existing_path, help="results files or directories (searched for *.json)")
     p.add_argument("--out", default=None, help="markdown file (default: print to stdout)")

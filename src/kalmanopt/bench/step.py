@@ -695,7 +695,7 @@ def _device(text: str) -> str:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``step`` sub-command to the subparsers of ``kalmanopt bench``."""
-    from kalmanopt.cli import COUNT, NONNEGATIVE, POSITIVE, SEED, integer, number
+    from kalmanopt.options import COUNT, NONNEGATIVE, POSITIVE, SEED, integer, number
 
     parser = subparsers.add_parser(
         "step", help="time one optimizer step: KOALA++ against AdamW and its reference",

@@ -10,6 +10,10 @@ Data: pixels scaled to [0, 1], then standardised with the training set's mean an
 validation split (``--valid-size`` images, drawn once with seed 12345) is removed from the training set and used only
 by the sweep; ``--train-size`` then keeps a fixed random subset of the rest (the scale knob for CPUs). CIFAR gets
 random crops (padding 4) and horizontal flips, drawn from the run's data-order generator.
+
+``--device cuda`` trains and evaluates on the GPU (see :mod:`kalmanopt.bench.common`): the images stay in host
+memory, each batch is moved as it is used, and the batches and augmentations are drawn on the CPU as before, so a
+seed sees the same batches on every device.
 """
 
 from __future__ import annotations
@@ -69,18 +73,20 @@ def _augment(x: Tensor, g: torch.Generator) -> Tensor:
     padded = F.pad(x, (4, 4, 4, 4))
     dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()  # one offset per batch: cheap, still random
     out = padded[:, :, dy : dy + h, dx : dx + w]
-    flip = torch.rand(n, generator=g) < 0.5
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)  # drawn on the CPU generator, used where the images are
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor, split: str, batch: int = 1000) -> dict[str, float]:
     model.eval()
+    device = common.device_of(model)
     loss, correct = 0.0, 0
     for i in range(0, len(x), batch):
-        out = model(x[i : i + batch])
-        loss += F.cross_entropy(out, y[i : i + batch], reduction="sum").item()
-        correct += (out.argmax(1) == y[i : i + batch]).sum().item()
+        xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
+        out = model(xb)
+        loss += F.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
     model.train()
     return {f"{split}_loss": loss / len(x), f"{split}_accuracy": correct / len(x)}
 
@@ -91,6 +97,7 @@ def check_args(args: argparse.Namespace) -> None:
     args._command = common.command_line(args)  # before the defaults are filled in: the options the user gave
     from . import registry
 
+    common.check_device(args)
     common.resolve_defaults(args, {**NORMAL, "optimizers": ",".join(registry.DEFAULT)}, QUICK)
     if args.sweep and args.valid_size < 1:
         raise UsageError("--sweep selects each learning rate on the validation split: give --valid-size of at "
@@ -103,6 +110,7 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "out_path", None) is None:  # called directly, not through the CLI
         check_args(args)
     torch.set_num_threads(args.threads)
+    device = common.check_device(args)
     clock = common.resolve_clock(args)
     data = prepare(args.dataset, args.data_root, train_size=args.train_size, valid_size=args.valid_size,
                    test_size=args.test_size)
@@ -129,26 +137,27 @@ def main(args: argparse.Namespace) -> int:
                                 steps_per_epoch=steps, per_sample_loss=per_sample_loss,
                                 evaluate=lambda m: _evaluate(m, x_eval, y_eval, split), budget=budget,
                                 progress=not args.no_progress, schedule=args.schedule,
-                                warmup_steps=args.warmup_steps, clock=clock)
+                                warmup_steps=args.warmup_steps, clock=clock, device=device)
 
     out = args.out_path
     config = {"dataset": args.dataset, "model": args.model, "parameters": models.n_parameters(make_model()),
               "train_size": n, "valid_size": len(data["valid"][0]), "test_size": len(data["test"][0]),
               "batch_size": bs, "epochs": args.epochs, "seconds": args.seconds, "augment": augment,
               "seeds": args.seeds, "quick": args.quick,
-              "schedule": args.schedule, "warmup_steps": args.warmup_steps, "clock": clock}
+              "schedule": args.schedule, "warmup_steps": args.warmup_steps, "clock": clock,
+              **({"device": str(device)} if device.type != "cpu" else {})}
     per_run = f"{args.seconds:g} s ({common.CLOCK_LABELS[clock]})" if args.seconds else f"{args.epochs} epochs"
     print(f"kalmanopt bench vision: {args.dataset} / {args.model} ({config['parameters']:,} parameters), "
           f"train {n} / valid {config['valid_size']} / test {config['test_size']}, batch {bs}, "
           f"{per_run} per run, seeds {args.seeds}, "
-          f"{torch.get_num_threads()} thread(s); results: {out}", flush=True)
+          f"{torch.get_num_threads()} thread(s), {device}; results: {out}", flush=True)
     common.run_suite(args, task="vision", config=config, run=run, select_key="valid_accuracy",
                      higher_is_better=True, out_path=out)
     return 0
 
 
 def add_parser(bench_subparsers) -> argparse.ArgumentParser:
-    from kalmanopt.cli import COUNT, NONNEGATIVE
+    from kalmanopt.options import COUNT, NONNEGATIVE
 
     from . import registry
 

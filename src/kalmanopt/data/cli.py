@@ -63,7 +63,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the top-level ``data`` command to ``kalmanopt``'s sub-parsers."""
-    from kalmanopt.cli import existing_dir
+    from kalmanopt.options import existing_dir
 
     data = subparsers.add_parser("data", help="datasets: list, fetch (with checksums) into the cache, path",
                                  description="Datasets: list, fetch (with checksums) into the cache, path. The "

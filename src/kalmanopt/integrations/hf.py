@@ -132,8 +132,8 @@ class KalmanTrainer(Trainer):
         # Clipping multiplies the accumulated gradient by c = min(1, max_grad_norm / norm): the filter then measures
         # c times the loss, the loss whose gradient it is (see _loss_feed, "Gradient clipping").
         total_norm = super()._clip_grad_norm(model)
-        if isinstance(total_norm, Tensor) and len(self._kalman_feed):
-            self._kalman_feed.scale(clip_factor(total_norm, self.args.max_grad_norm))
+        if total_norm is not None and len(self._kalman_feed):
+            self._kalman_feed.scale(clip_factor(torch.as_tensor(total_norm), self.args.max_grad_norm))
         return total_norm
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],

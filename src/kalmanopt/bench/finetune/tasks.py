@@ -226,11 +226,16 @@ def batches(inputs: Any, labels: Tensor, batch_size: int, order: torch.Generator
 
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: Any, labels: Tensor, batch_size: int = 64) -> dict[str, float]:
-    """Test accuracy and NLL (the mean cross-entropy) in evaluation mode."""
+    """Test accuracy and NLL (the mean cross-entropy) in evaluation mode, on the model's device (each batch is
+    moved there)."""
+    from ..common import device_of, to_device
+
     was_training = model.training
     model.eval()
+    device = device_of(model)
     nll, correct = 0.0, 0
     for x, y in batches(inputs, labels, batch_size):
+        x, y = to_device(x, device), y.to(device)
         out = logits(model, x).float()
         nll += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()

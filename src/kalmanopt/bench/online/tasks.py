@@ -397,11 +397,13 @@ def _nlp_task(name: str, max_length: int, progress: bool, long_pool: int) -> Tas
 
 
 def build(task: Task, adapter: str, optimizer: str, value: float | None, seed: int,
-          loko_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+          loko_kwargs: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """The base model of ``task`` with LoRA/DoRA and the optimizer (``LoKO``, ``AdamW``, ``AdaGrad``).
 
     ``value`` is the learning rate of AdamW/AdaGrad, or LoKO's ``p0`` (``None``: LoKO's default). LoKO gets exactly
-    ``LoKO(param_groups, **loko_kwargs)`` (plus ``p0`` when given): nothing else is set for it.
+    ``LoKO(param_groups, **loko_kwargs)`` (plus ``p0`` when given): nothing else is set for it. The base model is
+    built on the CPU (from ``seed``) and moved to ``device`` before the adapters, which PEFT creates beside the layer
+    they adapt, and the optimizer, whose state is created beside the parameters.
     """
     from peft import LoraConfig
 
@@ -415,7 +417,7 @@ def build(task: Task, adapter: str, optimizer: str, value: float | None, seed: i
         raise ValueError(f"{optimizer} needs a learning rate and takes no LoKO options")
     config = LoraConfig(r=task.rank, lora_alpha=2 * task.rank, target_modules=task.targets,
                         modules_to_save=task.modules_to_save, lora_dropout=0.0, use_dora=adapter == "DoRA")
-    base = task.make_base(seed)
+    base = task.make_base(seed).to(device)
     torch.manual_seed(seed)  # the adapters' initialisation
     if optimizer == "LoKO":
         kwargs = dict(loko_kwargs or {})
