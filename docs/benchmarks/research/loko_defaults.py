@@ -400,7 +400,7 @@ def _rev() -> str:
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except Exception:  # noqa: BLE001
         head = "?"
-    src = (ROOT / "src" / "kalmanopt" / "optim" / "loko.py").read_bytes()
+    src = b"".join(f.read_bytes() for f in sorted((ROOT / "src" / "kalmanopt" / "optim" / "loko").glob("*.py")))
     return f"{head} loko.py:{hashlib.sha1(src).hexdigest()[:10]}"
 
 

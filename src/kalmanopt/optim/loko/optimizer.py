@@ -1,108 +1,8 @@
-r"""LoKO: a diagonal extended Kalman filter over model *outputs*, for online fine-tuning of adapters.
+"""The :class:`LoKO` optimizer: the filter's state, its step (diagonal or low-rank), trust region and predictive.
 
-The state is the set of trainable parameters (LoRA ``A``/``B``, DoRA magnitudes, a classification head, or any
-subset of a plain model); the covariance is kept as its diagonal ``p``. One step observes one batch:
-
-.. math::
-    \begin{aligned}
-        &h = h(\theta; x) \in \mathbb{R}^m,\quad H = \partial h / \partial\theta \;(m \times n),\quad e = y - h \\
-        &p^- = (1 + \alpha)\,p + q \quad\text{(time update: inflation and process noise, both 0 by default)} \\
-        &S = H\,\mathrm{diag}(p^-)\,H^\top + R \quad\text{(Cholesky-factored, never inverted)} \\
-        &\textbf{fd}:\; \theta \leftarrow \theta + p^- \circ H^\top S^{-1} e,\quad
-            p \leftarrow p^- - (p^-)^2 \circ \mathrm{diag}(H^\top S^{-1} H)
-            \quad\text{(the diagonal of } (I - KH)\,\mathrm{diag}(p^-)) \\
-        &\textbf{vd}:\; 1/p \leftarrow 1/p^- + \mathrm{diag}(H^\top R^{-1} H),\quad
-            \theta \leftarrow \theta + p \circ H^\top R^{-1} e
-    \end{aligned}
-
-The Jacobian rows come from batched vector-Jacobian products (``autograd.grad(..., is_grads_batched=True)``,
-falling back to one backward per row where an operator has no batching rule).
-
-What is the paper's (Abdi et al., arXiv:2410.11551) and what is ours: the paper states a diagonal-covariance EKF on
-the adapter parameters, a "robust" initialisation of P and an EMA estimate of R. The observation models, the exact
-R recursions, the automatic P0 and the precision-matching variance update are **our formulation**, all selectable:
-
-``observation``
-    ``"softmax"``: ``h`` = class probabilities (``m = batch x classes``), ``y`` one-hot, ``e`` in [-1, 1].
-    The softmax outputs sum to one, so every Jacobian row set is rank-deficient (rows sum to zero); we keep all
-    classes and rely on ``R >= r_min I`` with ``r_min > 0`` to keep ``S`` positive definite (the innovation also
-    sums to zero, so the extra direction carries no signal). ``"logits"``: ``h`` = logits, linearised, with the
-    innovation ``e = onehot - softmax`` (equivalently a pseudo-target ``logits + onehot - softmax``), so that
-    ``H^T e`` is minus the cross-entropy gradient. ``"loss"``: one scalar measurement per batch, the mean
-    cross-entropy with target 0 and ``H = grad loss`` (a diagonal KOALA; no Jacobian rows, ``m = 1``).
-``noise`` (R)
-    ``"moment"``: moment-matched to the categorical variance at the current prediction,
-    ``R = diag(yhat) - yhat yhat^T + r_min I`` (softmax only; with it the filter is an online natural-gradient
-    method, as in Ollivier 2018 and Chang et al. 2022). ``"ema"``: the adaptive-EKF average
-    ``R <- beta R + (1 - beta)(eps eps^T + H P H^T)`` with the post-update residual ``eps = e - H dtheta``
-    (first order, no second forward pass), ``R_0 = r0 I``, plus the floor ``r_min I`` when used. ``"ema_diag"``:
-    its diagonal. ``"fixed"``: ``R = r0 I + r_min I``. R is per sample (``classes x classes``; ``1 x 1`` for
-    ``"loss"``) and block-diagonal over a batch.
-``r_clip`` (outliers in the R estimate; default 100)
-    the sample ``S = eps eps^T + H P H^T`` stored into the ``"ema"``/``"ema_diag"`` average is bounded to
-    :math:`0 \preceq S \preceq r_{\text{clip}} R`, R the noise the step used (estimate plus floor): in R's metric
-    its eigenvalues are clipped to ``[0, r_clip]`` (:func:`bounded_noise_sample`), the matrix form of KOALA's
-    ``min(statistic, r_clip R)``. One input scaled by 1e20 otherwise put R at ~4e22 with a negative eigenvalue of
-    ~2e20 (the post-update ``H P H^T`` of an outlier is a difference of huge numbers): R was indefinite beyond any
-    jitter and every later sample was skipped. With the bound an outlier leaves R at most
-    ``beta + (1 - beta) r_clip`` (5.95 at ``beta = 0.95``) times what it was, gone in about 35 steps; a sample
-    within the bounds is stored bit for bit as before. Unlike KOALA's, the bound holds from the first step:
-    ``R_0 = r0 I`` is a scale the user chose (the innovations of a classifier lie in [-1, 1]), not an arbitrary
-    start. ``r_clip=None`` keeps only the lower bound (the paper's average, kept positive semi-definite).
-    ``"moment"`` and ``"fixed"`` estimate nothing: the categorical variance is bounded by construction.
-``variance_update``
-    ``"fd"``: the variance-matching update above (the diagonal of the exact EKF update). ``"vd"``: precision
-    matching (VD-EKF), ``1/p += diag(H^T R^-1 H)``, whose mean update uses the new ``p`` and ``R^-1``.
-``p0``
-    a number per param group, or ``"auto"``. With ``auto_scope="joint"``: at the first step with a non-zero
-    Jacobian, one scalar for every ``"auto"`` group such that ``trace(H P0 H^T) = p0_scale * trace(R)``, the prior
-    explains ``p0_scale`` times the observation noise (with LoRA's ``B = 0`` start, ``dh/dA = 0`` at step 0, so
-    ``A`` gets the same scalar). With ``"group"`` (``"tensor"``): each of the U auto groups (tensors) gets its own
-    scalar at its own first non-zero Jacobian, explaining ``p0_scale * trace(R) / U``; this adapts to groups whose
-    derivatives differ by orders of magnitude (a fresh head next to LoRA factors).
-
-``rank``
-    ``0``: the diagonal filter above. ``k > 0`` (default 64): a low-rank-plus-diagonal **precision**
-    :math:`\Sigma^{-1} = \Upsilon + W W^\top` (LoFi, Chang et al. 2023; :mod:`kalmanopt.optim.lofi`), with
-    ``W`` of shape ``n x k`` over *all* trainable parameters jointly (so correlations across tensors and layers are
-    kept), stored per parameter as ``upsilon`` (``p.shape``) and ``W`` (``(*p.shape, k)``). Per step: the time
-    update (inflation, ``q``; exact in this form), the information :math:`H^\top R^{-1} H` appended to ``W``, the
-    mean moved by the exact gain of that untruncated system (Woodbury, in ``k + m`` dimensions), then ``W`` cut back
-    to its ``k`` leading directions (eigendecomposition of the ``(k+m) x (k+m)`` Gram matrix) with the dropped
-    part's squared row norms added to ``Upsilon``, so the diagonal of the precision stays exact. It is
-    precision-matching by construction: ``variance_update`` and ``p_min`` do not apply. With ``k >= n`` (or while
-    the information gathered has rank ``<= k``) it is the exact EKF (:class:`kalmanopt.FullKalman`). Memory
-    ``n (k + 1)``, time ``O(n (k + m)^2)`` per step. The prior of a tensor is ``Upsilon = 1 / p0``, ``W = 0``.
-
-Predictive distribution: :meth:`LoKO.predictive` returns the linearised distribution of the logits,
-:math:`\mathcal{N}(h, H P^- H^\top)` per sample, and class probabilities (probit, Laplace bridge, Monte Carlo);
-every ``step`` with the logit observation stores that of the outputs it measured, before learning them, in
-``opt.last_predictive`` (from the step's own Jacobian, no extra pass).
-
-Defaults: ``observation="softmax"`` with ``noise="moment"`` (the categorical variance), ``rank=64``,
-``p0=0.1`` and ``trust=3``, chosen on four tuning streams whose Jacobian scales differ 400-fold (see
-docs/algorithms.md, "Defaults and the evidence for them"). With the moment-matched R the filter is an online
-natural-gradient (Gauss-Newton) method; the low-rank precision keeps the correlations the diagonal throws away
-(accuracy rose monotonically with the rank on every stream); and the **trust region** bounds each step in function
-space: after the update the same batch is run forward once more (no gradient), and if a logit moved by more than
-``trust`` the mean step is shortened to move it by exactly ``trust`` (the covariance update is kept). Without it the
-natural-gradient filter diverges on streams whose first steps are large, at any ``p0`` large enough to learn
-quickly; with it the result is flat over ``p0`` from 0.03 to 1 on every stream. ``forward_fn`` is therefore called
-twice per step: it must be deterministic (eval mode, no dropout) and free of side effects.
-
-Everything inside one step runs in float64 for the ``m x m`` algebra and in the state dtype (float32 for 16/32-bit
-parameters, float64 for float64 ones) for the ``O(n m)`` work.
-
-Guards: the sample is skipped for non-finite outputs, Jacobian rows or innovation; for a finite input whose step
-overflows the state dtype (``H P H^T`` of the measurement or of the logits, or one of LoFi's Gram matrices, not
-finite; an automatic prior that is not a normal number; a new low-rank ``W`` whose Gram matrix the next step could
-not form), e.g. an input scaled by 1e20 into a float32 model (into a float64 model it fits and is learned); and for
-an ``S`` (or ``R`` for ``"vd"``) that stays non-positive-definite after two jitter retries. A skipped sample leaves
-parameters, ``p`` (``upsilon``, ``W``), ``R`` and the calibration's sums bit-for-bit unchanged and
-``skipped_steps`` counts it (a ``RuntimeWarning`` is issued for a failed factorisation). Since a skip leaves the
-state as it was, no committed state may make every later sample fail: it is finite, usable in its dtype, and the R
-estimate stays positive semi-definite and bounded (``r_clip``). Unlike the KOALA optimizers, LoKO synchronises with
-the host inside ``step`` (it factorises a small matrix and branches).
+The algorithm is described in :mod:`kalmanopt.optim.loko`; the pieces it is built from live in the sibling modules
+(observation models, Jacobian rows, measurement noise, predictive, hyperparameter checks) and in
+:mod:`kalmanopt.optim.lofi` (the low-rank-plus-diagonal algebra).
 """
 
 from __future__ import annotations
@@ -111,93 +11,32 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import lofi
-from .base import StateSpec, _check_number, check_group_numbers, load_state_keep_dtypes, state_dtype
-from .noise import R_CLIP
+from .. import lofi
+from ..base import StateSpec, _check_number, load_state_keep_dtypes, state_dtype
+from ..noise import R_CLIP
+from .hyperparameters import AUTO_SCOPES, VARIANCE_UPDATES, check_numbers, validate_shared
+from .jacobian import jacobian_rows
+from .measurement_noise import noise_matrix, updated_noise_estimate
+from .numerics import all_finite, cholesky_with_jitter
+from .observation import observe, softmax_rows
+from .predictive import (
+    PREDICTIVE_METHODS,
+    PREDICTIVE_SCALES,
+    Predictive,
+    _best_scale,
+    _diagonal_blocks,
+    _scaled,
+    calibrated,
+    predictive_probs,
+)
 
-__all__ = ["LoKO", "Predictive", "predictive_probs", "OBSERVATIONS", "NOISE_MODELS", "VARIANCE_UPDATES",
-           "PREDICTIVE_METHODS"]
-
-OBSERVATIONS = ("softmax", "logits", "loss")
-NOISE_MODELS = ("moment", "ema", "ema_diag", "fixed")
-VARIANCE_UPDATES = ("fd", "vd")
-JACOBIAN_MODES = ("batched", "vmap", "loop")
-PREDICTIVE_METHODS = ("probit", "laplace_bridge", "mc", "plugin")
-
-# Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
-_SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "r_clip", "p0_scale", "auto_scope",
-           "jacobian", "rank", "trust", "calibrate")
-
-# The scales of the linearised predictive covariance that ``calibrate=True`` chooses among (1 = the filter's own
-# covariance, 0 = the plug-in softmax), by the cumulative log-likelihood of the samples already seen.
-PREDICTIVE_SCALES = tuple([2.0 ** -j for j in range(11)] + [0.0])
-AUTO_SCOPES = ("joint", "group", "tensor")
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def one_hot_target(target: Tensor, outputs: Tensor) -> Tensor:
-    """Class indices ``(B,)`` or probabilities ``(B, C)`` as a float64 ``(B, C)`` target."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a tensor of class indices, got {type(target)!r}")
-    b, c = outputs.shape
-    if target.dim() == 1 and not target.is_floating_point() and not target.is_complex():
-        # any integer dtype; bool as the classes 0 and 1
-        if target.numel() != b:
-            raise ValueError(f"target has {target.numel()} labels for a batch of {b} outputs")
-        labels = target.to(device=outputs.device, dtype=torch.int64)
-        if b and not bool(((labels >= 0) & (labels < c)).all()):  # LoKO synchronises anyway
-            raise ValueError(f"target holds class indices outside [0, {c}) for outputs with {c} classes")
-        # = F.one_hot(labels, c) in float64, without its second range check (a host sync)
-        return torch.zeros((b, c), dtype=torch.float64, device=outputs.device).scatter_(1, labels.unsqueeze(1), 1.0)
-    if target.dim() == 1 and target.shape != outputs.shape:
-        raise ValueError(f"target of shape ({b},) must hold integer class indices, got dtype {target.dtype} "
-                         f"(probabilities have shape ({b}, {c}))")
-    if target.shape == outputs.shape and target.is_floating_point():
-        return target.detach().to(device=outputs.device, dtype=torch.float64)
-    raise ValueError(f"target must be class indices of shape ({b},) or probabilities of shape ({b}, {c}), "
-                     f"got {tuple(target.shape)} {target.dtype}")
-
-
-def observe(outputs: Tensor, target: Tensor, observation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The measurement: ``h`` (flat, with autograd graph), innovation ``e`` (float64, flat) and ``yhat`` (B, C).
-
-    ``yhat`` is the detached softmax (float64), used by the moment-matched R.
-    """
-    if not isinstance(outputs, Tensor) or outputs.dim() != 2:
-        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs)
-        raise ValueError(f"forward_fn must return logits of shape (batch, classes), got {shape}")
-    y = one_hot_target(target, outputs)
-    yhat = torch.softmax(outputs.detach().to(torch.float64), dim=1)
-    if observation == "softmax":
-        h = torch.softmax(outputs, dim=1).reshape(-1)
-        e = (y - yhat).reshape(-1)
-    elif observation == "logits":
-        h = outputs.reshape(-1)
-        e = (y - yhat).reshape(-1)
-    elif observation == "loss":
-        h = (-(y.to(outputs.dtype) * torch.log_softmax(outputs, dim=1)).sum(1)).mean().reshape(1)
-        e = -h.detach().to(torch.float64)
-    else:
-        raise ValueError(f"unknown observation {observation!r}; expected one of {OBSERVATIONS}")
-    return h, e, yhat
-
-
-def softmax_rows(logit_rows: list[Tensor], yhat: Tensor) -> list[Tensor]:
-    r"""The softmax's Jacobian rows from the logits': :math:`H_s = \Lambda H_z` per sample, with
-    :math:`\Lambda = \mathrm{diag}(\hat y) - \hat y \hat y^\top` (symmetric), ``yhat`` the ``(B, C)`` softmax."""
-    b, c = yhat.shape
-    lam = torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)  # (B, C, C)
-    out = []
-    for r in logit_rows:
-        flat = r.reshape(b, c, -1)
-        out.append((lam.to(flat.dtype) @ flat).reshape(r.shape))
-    return out
+__all__ = ["LoKO"]
 
 
 @dataclass
@@ -213,245 +52,6 @@ class _Pending:
             p.add_(d)
         self.moves = []
         self.state()
-
-
-_BATCHING_FAILED: set[str] = set()
-
-
-def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched") -> list[Tensor]:
-    """``dh/dtheta`` for every parameter as ``(m, *param.shape)`` tensors (zeros where unused).
-
-    ``mode="batched"`` runs the ``m`` vector-Jacobian products as one vmapped backward
-    (``autograd.grad(..., is_grads_batched=True)``, PyTorch's legacy vmap); ``"vmap"`` runs them under
-    ``torch.func.vmap``, whose batching rules fold the ``m`` rows into the batch dimension of each backward kernel
-    (1.7x faster on a small LoRA CNN, equal up to float rounding); both fall back (with a one-time warning) to the
-    next mode, and finally to a loop of backwards, where an operator has no batching rule.
-    """
-    m = h.numel()
-    if m == 1:
-        grads = torch.autograd.grad(h.sum(), params, allow_unused=True)
-        rows = [None if g is None else g.unsqueeze(0) for g in grads]
-    else:
-        rows = None
-        if mode == "vmap":
-            eye = torch.eye(m, dtype=h.dtype, device=h.device)
-
-            def vjp(v: Tensor) -> tuple[Tensor, ...]:
-                return torch.autograd.grad(h, params, grad_outputs=v, retain_graph=True, allow_unused=True,
-                                           materialize_grads=True)
-            try:
-                rows = list(torch.func.vmap(vjp)(eye))
-            except (RuntimeError, NotImplementedError) as exc:
-                key = "vmap" + type(exc).__name__ + str(exc)[:80]
-                if key not in _BATCHING_FAILED:
-                    _BATCHING_FAILED.add(key)
-                    warnings.warn(f"torch.func.vmap Jacobian failed ({str(exc)[:200]}); using the batched backward",
-                                  RuntimeWarning, stacklevel=3)
-                mode = "batched"
-        if rows is None and mode == "batched":
-            eye = torch.eye(m, dtype=h.dtype, device=h.device)
-            try:
-                rows = list(torch.autograd.grad(h, params, grad_outputs=eye, is_grads_batched=True,
-                                                retain_graph=True, allow_unused=True))
-            except (RuntimeError, NotImplementedError) as exc:
-                key = type(exc).__name__ + str(exc)[:80]
-                if key not in _BATCHING_FAILED:
-                    _BATCHING_FAILED.add(key)
-                    warnings.warn(f"batched Jacobian failed ({str(exc)[:200]}); using one backward per row",
-                                  RuntimeWarning, stacklevel=3)
-        if rows is None:
-            per_row = [torch.autograd.grad(h[j], params, retain_graph=j < m - 1, allow_unused=True)
-                       for j in range(m)]
-            rows = []
-            for i in range(len(params)):
-                col = [r[i] for r in per_row]
-                rows.append(None if all(c is None for c in col) else
-                            torch.stack([torch.zeros_like(params[i]) if c is None else c for c in col]))
-    return [torch.zeros((m, *p.shape), dtype=p.dtype, device=p.device) if r is None else r
-            for r, p in zip(rows, params, strict=True)]
-
-
-def noise_matrix(noise: str, estimate: Tensor, yhat: Tensor, r_min: float, observation: str) -> Tensor:
-    """The ``m x m`` measurement noise of this batch (float64), block-diagonal over the batch."""
-    b = yhat.shape[0]
-    if noise == "moment":
-        block = torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)  # (B, C, C)
-        eye = torch.eye(yhat.shape[1], dtype=torch.float64, device=yhat.device)
-        return torch.block_diag(*(block + r_min * eye))
-    eye = torch.eye(estimate.shape[0], dtype=torch.float64, device=estimate.device)
-    block = estimate.to(torch.float64) + r_min * eye
-    return block if (observation == "loss" or b == 1) else torch.block_diag(*([block] * b))
-
-
-def updated_noise_estimate(noise: str, estimate: Tensor, residual: Tensor, hph: Tensor, beta: float,
-                           blocks: int, r_min: float | None = None, r_clip: float | None = None) -> Tensor:
-    r"""The EMA R after a step: ``beta R + (1 - beta) S`` with the sample ``S = mean_b(eps_b eps_b^T + (H P H^T)_bb)``.
-
-    With ``r_min`` given (LoKO), the sample stored is bounded first (:func:`bounded_noise_sample`): to
-    :math:`0 \preceq S \preceq r_{\text{clip}}\,(R + r_{\min} I)`, the R this step used (``r_clip`` None: only
-    :math:`S \succeq 0`). Without it (``r_min`` None), the unbounded recursion.
-    """
-    if noise not in ("ema", "ema_diag"):
-        return estimate
-    c = estimate.shape[0]
-    eps = residual.reshape(blocks, c)
-    hph_blocks = torch.stack([hph[i * c:(i + 1) * c, i * c:(i + 1) * c] for i in range(blocks)])
-    sample = (eps.unsqueeze(2) * eps.unsqueeze(1) + hph_blocks).mean(0)
-    if noise == "ema_diag":
-        sample = torch.diag(torch.diagonal(sample))
-    estimate = estimate.to(torch.float64)
-    if r_min is not None:
-        used = estimate + r_min * torch.eye(c, dtype=torch.float64, device=estimate.device)
-        sample = bounded_noise_sample(sample, used, r_clip, diagonal=noise == "ema_diag")
-    new = beta * estimate + (1.0 - beta) * sample
-    return 0.5 * (new + new.T)
-
-
-# A whitened eigenvalue of the R sample below -NEGATIVE_TOLERANCE * max(1, largest) is cancellation, not rounding.
-NEGATIVE_TOLERANCE = 2.0 ** -26  # sqrt(float64 eps)
-
-
-def bounded_noise_sample(sample: Tensor, used: Tensor, r_clip: float | None, diagonal: bool = False) -> Tensor:
-    r"""The R sample ``S`` (``c x c``, float64) bounded to :math:`0 \preceq S \preceq r_{\text{clip}} R` with
-    ``R = used`` (the R the step used, positive definite): the matrix form of KOALA's ``min(statistic, r_clip R)``.
-
-    In R's metric, :math:`M = L^{-1} S L^{-\top}` (:math:`R = L L^\top`), every eigenvalue of ``M`` is clipped to
-    ``[0, r_clip]`` (``r_clip`` None: ``[0, inf)``), so only the offending directions are shrunk; for a diagonal
-    sample and R (``"ema_diag"``) that is ``min(max(s_i, 0), r_clip r_i)`` entry by entry. The upper bound keeps an
-    outlier's memory in the average finite (after it, R is at most ``beta + (1 - beta) r_clip`` times what it was);
-    the lower one restores what the sample is in exact arithmetic, positive semi-definite: the post-update
-    :math:`H P^+ H^\top` of an outlier is a difference of huge numbers, and a sample with a negative eigenvalue of
-    1e20 made R indefinite beyond any jitter, so that every later sample was skipped. A sample within the bounds
-    (up to rounding below 0) is returned as it is, bit for bit. A non-finite one, or one whose whitened form
-    overflows, comes back non-finite (the caller skips the step).
-    """
-    cap = math.inf if r_clip is None else float(r_clip)
-    if diagonal:
-        # an entry within the bounds is unchanged bit for bit; NaN propagates (clamp and minimum keep it)
-        d = torch.diagonal(sample).clamp_min(0.0)
-        return torch.diag(d if r_clip is None else d.minimum(cap * torch.diagonal(used)))
-    # R is positive definite but for a singular estimate with r_min = 0 (allowed with rank=0): jitter then
-    factor = cholesky_with_jitter(used)
-    if factor is None:  # a non-finite R (never committed): nothing to bound against
-        return torch.full_like(sample, math.nan)
-    whitened = torch.linalg.solve_triangular(factor, sample, upper=False)
-    whitened = torch.linalg.solve_triangular(factor, whitened.T, upper=False)  # L^-1 S L^-T (S symmetric)
-    whitened = 0.5 * (whitened + whitened.T)
-    ok = torch.isfinite(whitened).all()
-    # on non-finite input eigh need not converge: decompose zeros instead, the result is replaced below
-    lam, vec = torch.linalg.eigh(torch.where(ok, whitened, torch.zeros_like(whitened)))  # ascending
-    outside = (lam[0] < -NEGATIVE_TOLERANCE * lam[-1].clamp_min(1.0)) | (lam[-1] > cap)
-    root = factor @ vec
-    rebuilt = (root * lam.clamp(0.0, cap)) @ root.T
-    rebuilt = 0.5 * (rebuilt + rebuilt.T)
-    bounded = torch.where(outside, rebuilt, sample)
-    return torch.where(ok, bounded, torch.full_like(sample, math.nan))
-
-
-def all_finite(*tensors: Tensor) -> bool:
-    """Whether every entry of every tensor is finite (one host sync).
-
-    A sum is finite only if every term is (an inf or nan term makes it inf or nan), so the common case costs one
-    reduction per tensor instead of ``isfinite``'s four elementwise passes; only a non-finite sum (bad input, or a
-    sum of finite terms that overflows) pays for the exact check.
-    """
-    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])  # in the tensors' dtype: no upcast pass
-    if bool(torch.isfinite(sums).all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def cholesky_with_jitter(a: Tensor, retries: int = 2) -> Tensor | None:
-    """Lower Cholesky factor of the symmetric ``a``; adds relative jitter up to ``retries`` times, else None."""
-    a = 0.5 * (a + a.T)
-    factor, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0 and torch.isfinite(factor).all():
-        return factor
-    scale = torch.diagonal(a).abs().mean().clamp_min(1e-30)
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    for k in range(retries):
-        factor, info = torch.linalg.cholesky_ex(a + scale * 10.0 ** (-8 + 2 * k) * eye)
-        if int(info) == 0 and torch.isfinite(factor).all():
-            return factor
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------- predictive
-class Predictive(NamedTuple):
-    r"""The linearised predictive distribution of a batch's logits (all tensors detached).
-
-    Attributes:
-        mean: ``(batch, classes)`` logits at the current parameters (the model's dtype).
-        cov: ``(batch, classes, classes)`` float64 logit covariance per sample, :math:`H_b P H_b^\top` (plus the
-            observation noise ``R`` where asked for).
-        probs: ``(batch, classes)`` float64 class probabilities (see :func:`predictive_probs`).
-    """
-
-    mean: Tensor
-    cov: Tensor
-    probs: Tensor
-
-
-def probit(mu: Tensor, var: Tensor) -> Tensor:
-    """The multiclass probit of :func:`predictive_probs` from the logits' means and (clamped) variances
-    ``(..., c)``, softmax over the last dimension."""
-    return torch.softmax(mu / torch.sqrt(1.0 + (math.pi / 8.0) * var), dim=-1)
-
-
-def predictive_probs(mean: Tensor, cov: Tensor, method: str = "probit", *, samples: int = 1000,
-                     generator: torch.Generator | None = None) -> Tensor:
-    r"""Class probabilities of logits :math:`f \sim \mathcal{N}(\mu, \Sigma)`, per sample (float64).
-
-    .. math::
-        \textbf{probit}:\ p = \operatorname{softmax}\!\Bigl(\frac{\mu_i}{\sqrt{1 + \pi\,\Sigma_{ii}/8}}\Bigr)
-        \qquad
-        \textbf{laplace\_bridge}:\ p_i = \frac{\alpha_i}{\sum_j \alpha_j},\
-        \alpha_i = \frac{1}{\Sigma'_{ii}}\Bigl(1 - \frac{2}{C} + \frac{e^{\mu'_i}}{C^2}\sum_j e^{-\mu'_j}\Bigr)
-
-    ``"probit"`` is the multiclass probit approximation of :math:`E[\operatorname{softmax}(f)]` (MacKay 1992;
-    Gibbs 1997). ``"laplace_bridge"`` is the mean of the Dirichlet that the Laplace bridge (Hennig et al. 2012;
-    Hobbhahn et al. 2022) matches to the Gaussian, after conditioning the Gaussian on :math:`\sum_i f_i = 0`
-    (softmax ignores a common shift of the logits): :math:`\mu' = \mu - \Sigma 1\,(1^\top\mu)/(1^\top\Sigma 1)`,
-    :math:`\Sigma' = \Sigma - \Sigma 1 1^\top \Sigma / (1^\top\Sigma 1)`. ``"mc"``: the average of
-    ``softmax(f)`` over ``samples`` draws (``generator`` for reproducibility). ``"plugin"``: ``softmax(mu)``, the
-    covariance ignored.
-
-    Args:
-        mean: ``(b, c)`` logits.
-        cov: ``(b, c, c)`` logit covariances (symmetric positive semi-definite).
-        method: one of :data:`PREDICTIVE_METHODS`.
-    """
-    if method not in PREDICTIVE_METHODS:
-        raise ValueError(f"Invalid method: {method!r} (expected one of {PREDICTIVE_METHODS})")
-    mu = mean.detach().to(torch.float64)
-    cov = cov.to(torch.float64)
-    var = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0.0)
-    if method == "plugin":
-        return torch.softmax(mu, dim=1)
-    if method == "probit":
-        return probit(mu, var)
-    if method == "mc":
-        if not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"Invalid samples: {samples!r} (a positive int)")
-        lam, vec = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)))  # PSD square root, singular cov allowed
-        root = vec * lam.clamp_min(0.0).sqrt().unsqueeze(1)
-        z = torch.randn((samples, *mu.shape), dtype=torch.float64, generator=generator).to(mu.device)
-        f = mu + torch.einsum("bij,sbj->sbi", root, z)
-        return torch.softmax(f, dim=2).mean(0)
-    c = mu.shape[1]
-    s1 = cov.sum(2)  # Sigma 1, (b, c)
-    total = s1.sum(1, keepdim=True)  # 1^T Sigma 1
-    pos = total > 0
-    safe = torch.where(pos, total, torch.ones_like(total))
-    mu_c = torch.where(pos, mu - s1 * mu.sum(1, keepdim=True) / safe, mu)
-    var_c = torch.where(pos, var - s1.square() / safe, var).clamp_min(torch.finfo(torch.float64).tiny)
-    if c == 1:  # one class: probability 1 (the formula's alpha is 0 / var)
-        return torch.ones_like(mu)
-    # alpha_i = (1 - 2/C + e^{log_term_i}) / var_i, normalised: in log space, so that logits far apart (e^{1e3}
-    # overflows) give the limit instead of inf / inf
-    log_term = mu_c + torch.logsumexp(-mu_c, dim=1, keepdim=True) - 2.0 * math.log(c)
-    log_alpha = torch.logaddexp(torch.full_like(log_term, math.log1p(-2.0 / c) if c > 2 else -math.inf), log_term)
-    return torch.softmax(log_alpha - var_c.log(), dim=1)
 
 
 def _auto_priors_fit(pairs: list[tuple[dict[str, Any], Tensor]], init: list[float | None]) -> bool:
@@ -471,68 +71,6 @@ def _auto_priors_fit(pairs: list[tuple[dict[str, Any], Tensor]], init: list[floa
     return True
 
 
-def _scaled(scale: Tensor | float, cov: Tensor) -> Tensor:
-    """``scale * cov`` with ``0 * cov = 0`` exactly, also where ``cov`` overflowed (scale 0 is the plug-in)."""
-    return torch.where(torch.as_tensor(scale, dtype=cov.dtype, device=cov.device) == 0, 0.0, scale * cov)
-
-
-def _best_scale(nll: Tensor) -> Tensor:
-    """Index of the lowest cumulative NLL (ties: the first, the filter's own covariance); a NaN sum (a state saved
-    before non-finite samples were left out) never wins, where ``argmin`` would pick it."""
-    return torch.argmin(torch.nan_to_num(nll, nan=math.inf))
-
-
-def _diagonal_blocks(a: Tensor, b: int, c: int) -> Tensor:
-    """The per-sample ``(c, c)`` diagonal blocks of a ``(b c, b c)`` matrix, ``(b, c, c)``."""
-    if b == 1:  # the online protocol's case, without the gather
-        return a.unsqueeze(0)
-    idx = torch.arange(b, device=a.device)
-    return a.reshape(b, c, b, c)[idx, :, idx, :]
-
-
-def check_numbers(opt: Optimizer) -> None:
-    """Step-time check: every hyperparameter is still a finite Python number (groups may be changed after
-    construction); LoKO and FullKalman take no tensor hyperparameters."""
-    for group in opt.param_groups:
-        for key, value in group.items():
-            if key != "params" and isinstance(value, Tensor):
-                raise ValueError(f"Invalid {key}: {type(opt).__name__} takes Python numbers, got a tensor")
-        check_group_numbers(group)
-
-
-def validate_shared(opt: Optimizer, group: dict[str, Any]) -> None:
-    """Checks of the measurement hyperparameters, and that every group agrees on them."""
-    for key, value in group.items():
-        if key != "params" and isinstance(value, Tensor):
-            raise ValueError(f"Invalid {key}: {type(opt).__name__} takes Python numbers, got a tensor")
-    if group["observation"] not in OBSERVATIONS:
-        raise ValueError(f"Invalid observation: {group['observation']!r} (expected one of {OBSERVATIONS})")
-    if group["noise"] not in NOISE_MODELS:
-        raise ValueError(f"Invalid noise: {group['noise']!r} (expected one of {NOISE_MODELS})")
-    if group["noise"] == "moment" and group["observation"] != "softmax":
-        raise ValueError(f"Invalid noise: 'moment' (the categorical variance) needs observation='softmax', "
-                         f"got observation={group['observation']!r}")
-    if group["jacobian"] not in JACOBIAN_MODES:
-        raise ValueError(f"Invalid jacobian: {group['jacobian']!r} (expected one of {JACOBIAN_MODES})")
-    _check_number("beta", group["beta"], 0.0, high=1.0, high_inclusive=False, tensor_ok=False)
-    _check_number("r0", group["r0"], 0.0, tensor_ok=False)
-    _check_number("r_min", group["r_min"], 0.0, tensor_ok=False)
-    _check_number("q", group["q"], 0.0, tensor_ok=False)
-    if group["noise"] in ("ema", "ema_diag", "fixed") and group["r0"] + group["r_min"] <= 0:
-        raise ValueError("r0 and r_min cannot both be 0: R would be singular")
-    if group["noise"] == "moment" and group["r_min"] <= 0:
-        raise ValueError("Invalid r_min: 0 with noise='moment' (the categorical variance is singular; use r_min > 0)")
-    for p in group["params"]:
-        if not p.is_floating_point() or p.is_complex():
-            raise ValueError(f"{type(opt).__name__} optimizes real floating-point tensors, got {p.dtype}")
-    first = opt.param_groups[0]
-    for key in _SHARED:
-        if key in group and group[key] != first[key]:
-            raise ValueError(f"Invalid {key}: every param group must use the same {key} (the measurement is shared);"
-                             f" got {group[key]!r} and {first[key]!r}")
-
-
-# ---------------------------------------------------------------------------------------------------- LoKO
 class LoKO(Optimizer):
     r"""LoKO: an extended Kalman filter over a model's outputs for online fine-tuning (Abdi et al., 2024), with a
     low-rank-plus-diagonal precision (default) or a diagonal covariance.
@@ -755,26 +293,8 @@ class LoKO(Optimizer):
         return returned
 
     def _calibrated(self, mean: Tensor, cov: Tensor, e: Tensor, yhat: Tensor, gst: dict[str, Any]) -> Predictive:
-        """The step's predictive with its covariance scaled by the scale of :data:`PREDICTIVE_SCALES` whose
-        predictive had the lowest cumulative NLL on the samples *before* this one (prequential: the choice never
-        sees the sample it predicts); then this sample's NLL under every scale is added to the running sums."""
-        nll = gst.get("predictive_nll")
-        if nll is None:
-            nll = gst["predictive_nll"] = torch.zeros(len(PREDICTIVE_SCALES), dtype=torch.float64,
-                                                      device=mean.device)
-        scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=mean.device)
-        # every scale at once, (scales, b, c): the probit reads only the diagonal of each scaled covariance, and
-        # the diagonal of s * cov is s * diag(cov), entry for entry; scale 0 is the plug-in softmax whatever cov
-        # holds (0 * inf would be NaN)
-        var = _scaled(scales.view(-1, 1, 1), torch.diagonal(cov.to(torch.float64), dim1=1, dim2=2)).clamp_min(0.0)
-        probs = probit(mean.detach().to(torch.float64), var)
-        best = _best_scale(nll)
-        y = e.reshape(yhat.shape) + yhat  # the target (one-hot, or the given probabilities)
-        sample_nll = -(y * probs.clamp_min(1e-300).log()).sum(dim=(1, 2))
-        # the sums compare the scales on the same samples: a sample whose NLL is not finite under some scale is
-        # left out of all of them (once in a sum, a NaN or inf would decide every later choice)
-        nll += torch.where(torch.isfinite(sample_nll).all(), sample_nll, torch.zeros_like(sample_nll))
-        return Predictive(mean, _scaled(scales[best], cov), probs[best])
+        """The step's calibrated predictive (see :func:`~kalmanopt.optim.loko.predictive.calibrated`)."""
+        return calibrated(mean, cov, e, yhat, gst)
 
     @property
     def predictive_scale(self) -> float:
