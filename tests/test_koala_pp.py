@@ -270,3 +270,33 @@ def test_a_hyperparameter_beyond_the_state_dtype_raises_before_anything_is_writt
     with pytest.raises(ValueError, match=key):
         opt.step(loss=torch.tensor(1.0))
     assert all(torch.equal(before[k], opt.state[w][k]) for k in before)
+
+
+def test_a_checkpoint_of_the_old_lr_units_resumes_with_its_own_hyperparameters():
+    # A 0.1 state dict holds lr=1.0, max_step=0.01 and no loss_fraction / loss_floor: loaded, its param groups keep
+    # the paper's step rule with that cap, which is the 0.1 default, so it continues as the new default would.
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(4, 3), torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def step(opt, m):
+        opt.zero_grad()
+        losses = torch.nn.functional.cross_entropy(m(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step(loss=losses)
+
+    opt = KOALAPlusPlus(model.parameters())
+    for _ in range(3):
+        step(opt, model)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group.update(lr=1.0, max_step=0.01)
+        del group["loss_fraction"], group["loss_floor"]
+    other = torch.nn.Linear(4, 3)
+    other.load_state_dict(model.state_dict())
+    old = KOALAPlusPlus(other.parameters())
+    old.load_state_dict(saved)
+    for _ in range(3):
+        step(opt, model)
+        step(old, other)
+    torch.testing.assert_close(other.weight, model.weight, rtol=1e-6, atol=1e-7)
+    assert old.param_groups[0]["lr"] == 1.0 and old.param_groups[0].get("loss_fraction") is None
