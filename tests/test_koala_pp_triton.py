@@ -8,6 +8,7 @@ The interpreter costs about 0.3 s per step here: few, small tensors (one of seve
 import copy
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -359,6 +360,8 @@ def test_unaligned_tensors_take_the_unvectorised_kernels():
 
 @pytest.mark.skipif(not _koala_pp_triton.ptxas_available(),
                     reason="no ptxas here (Triton's CUDA backend) to compile the kernels for a GPU")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="TRITON_INTERPRET=1 for the whole process: every kernel is interpreted, none compiles")
 def test_kernels_compile_for_a_gpu():
     """What the interpreter does not check: the kernels are valid Triton for the GPU (compiled for sm_90, no GPU
     needed), in the default configuration's specialisations."""
