@@ -21,6 +21,17 @@ def optimizer_spec(request):
     return OPTIMIZERS[request.param]
 
 
+def same_step_lr(cls, lr, options=None):
+    """The ``lr`` that gives ``cls`` the steps kalmanopt 0.1's ``lr`` gave: KOALA++'s default rule takes AdamW's units,
+    1e-3 times the old number (README, "Migrating"); KOALA-V/M and KOALA++'s paper rule keep the papers' lr."""
+    from kalmanopt import KOALAPlusPlus
+
+    options = options or {}  # the other constructor arguments: the paper's rule keeps the paper's lr
+    paper_rule = options.get("preset") == "paper" or options.get("max_step") is not None \
+        or ("loss_fraction" in options and options["loss_fraction"] is None)
+    return lr * 1e-3 if issubclass(cls, KOALAPlusPlus) and not paper_rule else lr
+
+
 def tiny_mlp(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
@@ -141,3 +152,30 @@ def run_koala_pp(shapes, kwargs, *, steps, dtype=None, seed=0, none_schedule=Non
                 p.grad = None
         opt.step(loss=torch.rand(6, generator=gen, dtype=dtype) + 0.5)
     return params, opt
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests: tiny models step 1000x slower with two threads on a loaded 2-core
+    machine (thread hand-offs), and the suite must stay within minutes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def double_mlp(seed=0):
+    """The 3-4-2 float64 MLP of the resume and torch-convention tests."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+
+
+def double_losses(model, opt, k):
+    """Per-sample losses of batch ``k`` (6 samples, 2 classes) at the current parameters, their mean's gradient
+    computed."""
+    g = torch.Generator().manual_seed(k)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,), generator=g)
+    opt.zero_grad()
+    losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    losses.mean().backward()
+    return losses.detach()

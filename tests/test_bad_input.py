@@ -9,7 +9,17 @@ import torch
 from kalmanopt import KOALAM, KOALAV, FullKalman, KOALAPlusPlus, LoKO
 from kalmanopt.optim.noise import R_CLIP
 
-from conftest import NoSync, assert_unchanged, batch, per_sample_loss, skipped_steps, snapshot, tiny_mlp, train
+from conftest import (
+    NoSync,
+    assert_unchanged,
+    batch,
+    per_sample_loss,
+    same_step_lr,
+    skipped_steps,
+    snapshot,
+    tiny_mlp,
+    train,
+)
 
 INF, NAN = math.inf, math.nan
 KOALAS = [KOALAPlusPlus, KOALAV, KOALAM]
@@ -80,7 +90,7 @@ def test_non_finite_hyperparameter_is_rejected(cls, kwargs):
 @pytest.mark.parametrize("bad", [NAN, INF])
 def test_non_finite_lr_set_after_construction_raises_before_any_write(cls, bad):
     model = tiny_mlp()
-    opt = cls(model.parameters(), lr=0.5)
+    opt = cls(model.parameters(), lr=same_step_lr(cls, 0.5))
     train(model, opt, 2)
     losses = _backward(model)
     opt.param_groups[0]["lr"] = bad
@@ -211,12 +221,12 @@ def _other_shapes():
 @pytest.mark.parametrize("cls", [KOALAPlusPlus, KOALAM])  # KOALA-V's state is all scalars: it fits any parameters
 def test_load_state_of_other_parameters_raises_and_leaves_the_optimizer_alone(cls):
     source = tiny_mlp()
-    opt = cls(source.parameters(), lr=0.5)
+    opt = cls(source.parameters(), lr=same_step_lr(cls, 0.5))
     train(source, opt, 2)
     saved = opt.state_dict()
 
     other = _other_shapes()
-    target = cls(other.parameters(), lr=0.5)
+    target = cls(other.parameters(), lr=same_step_lr(cls, 0.5))
     x = torch.randn(16, 3, dtype=torch.float64)
     y = torch.randint(0, 5, (16,))
     losses = per_sample_loss(other, x, y)
@@ -233,11 +243,11 @@ def test_load_state_of_other_parameters_raises_and_leaves_the_optimizer_alone(cl
 @pytest.mark.parametrize("cls", KOALAS)
 def test_float32_checkpoint_loads_into_a_float64_model(cls):
     model32 = tiny_mlp(dtype=torch.float32)
-    opt32 = cls(model32.parameters(), lr=0.5)
+    opt32 = cls(model32.parameters(), lr=same_step_lr(cls, 0.5))
     train(model32, opt32, 2)
     model64 = tiny_mlp(dtype=torch.float64)
     model64.load_state_dict(model32.state_dict())
-    opt64 = cls(model64.parameters(), lr=0.5)
+    opt64 = cls(model64.parameters(), lr=same_step_lr(cls, 0.5))
     opt64.load_state_dict(opt32.state_dict())
     for p in model64.parameters():
         for name, value in opt64.state[p].items():

@@ -36,8 +36,8 @@ PATHS = {"reference": False, "foreach": True, "default": None}  # foreach=None: 
 SQUARE_OVERFLOWS = {torch.float64: 1e200}  # finite in the dtype, its square is not (else 1e30, for float32 state)
 
 KOALA_CONFIGS = {
-    "koala_pp": (KOALAPlusPlus, {"lr": 0.5}),
-    "koala_pp_wd": (KOALAPlusPlus, {"lr": 0.5, "weight_decay": 1e-2, "r": 0.3}),
+    "koala_pp": (KOALAPlusPlus, {"lr": 5e-4}),
+    "koala_pp_wd": (KOALAPlusPlus, {"lr": 5e-4, "weight_decay": 1e-2, "r": 0.3}),
     "koala_v": (KOALAV, {"lr": 0.5, "weight_decay": 1e-2}),
     "koala_m": (KOALAM, {"lr": 0.5}),
     "koala_m_online_qw": (KOALAM, {"lr": 0.5, "qw": None, "weight_decay": 1e-2}),

@@ -7,7 +7,17 @@ import torch
 
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
 
-from conftest import NoSync, assert_unchanged, batch, per_sample_loss, skipped_steps, snapshot, tiny_mlp, train
+from conftest import (
+    NoSync,
+    assert_unchanged,
+    batch,
+    per_sample_loss,
+    same_step_lr,
+    skipped_steps,
+    snapshot,
+    tiny_mlp,
+    train,
+)
 
 
 def _trained(optimizer_spec, steps=3):
@@ -104,7 +114,7 @@ def test_parameter_never_given_a_gradient_gets_no_state(optimizer_spec):
 @pytest.mark.parametrize("cls", [KOALAPlusPlus, KOALAV, KOALAM])
 def test_zero_gradient_leaves_tensor_and_state_alone(cls):
     model = tiny_mlp()
-    opt = cls(model.parameters(), lr=0.5)
+    opt = cls(model.parameters(), lr=same_step_lr(cls, 0.5))
     train(model, opt, 3)
     losses = _backward(model)
     zero = list(model.parameters())[1]

@@ -5,26 +5,27 @@ import torch
 
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
 
-from conftest import batch, per_sample_loss, tiny_mlp, train
+from conftest import batch, per_sample_loss, same_step_lr, tiny_mlp, train
 
 
 def test_lr_scheduler_drives_the_group_lr(optimizer_spec):
     cls, kwargs = optimizer_spec
     model = tiny_mlp()
-    opt = cls(model.parameters(), **{**kwargs, "lr": 0.4})
+    unit = same_step_lr(cls, 1.0, kwargs)  # 1e-3 for KOALA++'s AdamW units, 1 for the papers' lr
+    opt = cls(model.parameters(), **{**kwargs, "lr": 0.4 * unit})
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     lrs = []
     for k in range(5):
         train(model, opt, 1, seed=k)
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
-    assert lrs == pytest.approx([0.4, 0.2, 0.2, 0.1, 0.1])
+    assert lrs == pytest.approx([unit * lr for lr in (0.4, 0.2, 0.2, 0.1, 0.1)])
 
     # the scheduled run equals a run whose lr is set by hand at the same points
     by_hand = tiny_mlp()
-    opt2 = cls(by_hand.parameters(), **{**kwargs, "lr": 0.4})
+    opt2 = cls(by_hand.parameters(), **{**kwargs, "lr": 0.4 * unit})
     for k, lr in enumerate([0.4, 0.4, 0.2, 0.2, 0.1]):
-        opt2.param_groups[0]["lr"] = lr
+        opt2.param_groups[0]["lr"] = unit * lr
         train(by_hand, opt2, 1, seed=k)
     for a, b in zip(model.parameters(), by_hand.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -69,7 +70,7 @@ def test_zero_grad_set_to_none_then_step_changes_nothing(optimizer_spec):
 @pytest.mark.parametrize("cls", [KOALAPlusPlus, KOALAV, KOALAM])
 def test_state_dtype_and_low_precision_training(cls, dtype):
     model = tiny_mlp(dtype=dtype)
-    opt = cls(model.parameters(), lr=0.5)
+    opt = cls(model.parameters(), lr=same_step_lr(cls, 0.5))
     x, y = batch(0, n=64, dtype=dtype)
     first = per_sample_loss(model, x, y).float().mean().item()
     for _ in range(15):  # fit one fixed batch
@@ -116,7 +117,7 @@ def test_step_compiles_without_graph_breaks_and_matches_eager(cls):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 2)
-        opt = cls(model.parameters(), lr=0.5, weight_decay=1e-3)
+        opt = cls(model.parameters(), lr=same_step_lr(cls, 0.5), weight_decay=1e-3)
 
         def opt_step(losses, opt=opt):
             opt.step(loss=losses)

@@ -1,6 +1,7 @@
 """KOALA++ against Algorithm 1 written out by hand in plain Python floats, on every path a step can take."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -300,3 +301,16 @@ def test_a_checkpoint_of_the_old_lr_units_resumes_with_its_own_hyperparameters()
         step(old, other)
     torch.testing.assert_close(other.weight, model.weight, rtol=1e-6, atol=1e-7)
     assert old.param_groups[0]["lr"] == 1.0 and old.param_groups[0].get("loss_fraction") is None
+
+
+def test_an_lr_of_the_old_units_warns_and_the_new_ones_do_not():
+    # lr=0.5 was a common KOALA++ lr before lr took AdamW's units: now 500x AdamW's step, so it warns; AdamW-like
+    # values and the paper's rule (where lr is the paper's eta) do not.
+    w = torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match="AdamW's units"):
+        KOALAPlusPlus([w], lr=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KOALAPlusPlus([w], lr=5e-3)
+        KOALAPlusPlus([w], lr=0.5, preset="paper")
+        KOALAPlusPlus([w], lr=0.5, max_step=0.01)

@@ -88,9 +88,9 @@ def _assert_identical(run_a, run_b):
 @needs_kernel
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad_scaler"])
 def test_compiled_step_is_one_fused_op_call_and_matches_eager_bit_for_bit(scaler):
-    eager = _run(False, {"lr": 0.5, "weight_decay": 1e-3}, scaler=scaler)
+    eager = _run(False, {"lr": 5e-4, "weight_decay": 1e-3}, scaler=scaler)
     graphs = Graphs()
-    compiled = _run(True, {"lr": 0.5, "weight_decay": 1e-3}, scaler=scaler, backend=graphs)
+    compiled = _run(True, {"lr": 5e-4, "weight_decay": 1e-3}, scaler=scaler, backend=graphs)
     # One compilation for all seven steps (the first one included: the state is made before tracing, see
     # KalmanOptimizer._init_group), and the step in it is the kernel, not a traced multi-tensor graph.
     assert len(graphs.graphs) == 1
@@ -107,7 +107,7 @@ def test_compiled_options_float64_and_bfloat16_state():
     for kwargs, dtype in (({"lr": 0.4, "momentum": 0.0, "precondition": False, "r": 0.2, "max_step": 0.05},
                            torch.float64),
                           ({"lr": 0.5, "preset": "paper", "weight_decay": 1e-2}, torch.float64),
-                          ({"lr": 0.5, "state_dtype": torch.bfloat16}, torch.float32)):
+                          ({"lr": 5e-4, "state_dtype": torch.bfloat16}, torch.float32)):
         graphs = Graphs()
         compiled = _run(True, kwargs, steps=5, dtype=dtype, backend=graphs)
         assert graphs.targets().count(OP) == 1
@@ -116,7 +116,7 @@ def test_compiled_options_float64_and_bfloat16_state():
 
 @needs_kernel
 def test_state_dict_round_trip_after_compiled_steps():
-    kwargs = {"lr": 0.5}
+    kwargs = {"lr": 5e-4}
     whole = _run(False, kwargs, steps=6)
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(3)
@@ -139,7 +139,7 @@ def test_float_lr_schedule_matches_eager_and_tensor_lr_compiles_once():
     patched ``step`` also breaks the graph, so no fullgraph); a tensor lr is an input of one graph (it takes the
     multi-tensor path, with the same results up to rounding)."""
     runs = {}
-    for name, compiled, lr in (("eager", False, 0.5), ("float", True, 0.5), ("tensor", True, torch.tensor(0.5))):
+    for name, compiled, lr in (("eager", False, 5e-4), ("float", True, 5e-4), ("tensor", True, torch.tensor(5e-4))):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         gen = torch.Generator().manual_seed(1)
@@ -229,7 +229,7 @@ def test_a_process_whose_first_step_is_compiled_uses_the_kernel(monkeypatch):
     step run earlier."""
     monkeypatch.setattr(_koala_pp_op, "_built", None)
     graphs = Graphs()
-    _run(True, {"lr": 0.5}, steps=2, backend=graphs)
+    _run(True, {"lr": 5e-4}, steps=2, backend=graphs)
     assert graphs.targets().count(OP) == 1
 
 

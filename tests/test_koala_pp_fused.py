@@ -154,7 +154,7 @@ def test_fused_float32_close_to_multi_tensor_path(config):
 @needs_kernel
 def test_param_groups_with_their_own_options():
     def groups(params):
-        return [{"params": params[:3], "lr": 0.2, "q": 0.05, "weight_decay": 1e-2},
+        return [{"params": params[:3], "lr": 2e-4, "q": 0.05, "weight_decay": 1e-2},
                 {"params": params[3:6], "precondition": False, "momentum": 0.0, "r": 0.2, "symmetric": False},
                 {"params": params[6:], "sigma": 0.3, "max_step": None, "beta2": 0.9, "eps": 1e-6}]
     _assert_same(_run({"lr": 5e-4, "foreach": False}, groups=groups, none_schedule=lambda k, i: (i + k) % 4 == 0),

@@ -5,7 +5,7 @@ import torch
 
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus
 
-from conftest import OPTIMIZERS, run_koala_pp
+from conftest import OPTIMIZERS, run_koala_pp, same_step_lr
 
 SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (7, 1), (16, 8), (2, 2, 2, 2, 2)]
 
@@ -67,7 +67,8 @@ def test_several_param_groups_and_a_reused_scratch_buffer(optimizer_spec):
     for foreach in (False, True):
         gen = torch.Generator().manual_seed(3)
         params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
-        opt = cls([{"params": params[:3]}, {"params": params[3:], "lr": 0.2}], foreach=foreach, **kwargs)
+        second = {"params": params[3:], "lr": same_step_lr(cls, 0.2, kwargs)}
+        opt = cls([{"params": params[:3]}, second], foreach=foreach, **kwargs)
         for k in range(4):
             for i, p in enumerate(params):
                 p.grad = None if (i + k) % 4 == 0 else torch.randn(p.shape, generator=gen, dtype=torch.float64)

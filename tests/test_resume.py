@@ -13,8 +13,6 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 pytest.importorskip("hypothesis", reason="needs hypothesis: install kalmanopt[test]")
 
@@ -22,6 +20,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from kalmanopt import KOALAM, KOALAV, KOALAPlusPlus  # noqa: E402
+
+from conftest import double_losses, double_mlp  # noqa: E402
 
 CONFIGS = {
     "koala_pp": (KOALAPlusPlus, {}),  # the fused kernel where it is built
@@ -43,50 +43,29 @@ SETTINGS = dict(max_examples=8, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only wait for each other (tens of ms per op on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-
-
-def _losses(model, opt, k):
-    """Per-sample losses of batch ``k`` at the current parameters, their mean's gradient computed."""
-    g = torch.Generator().manual_seed(k)
-    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,), generator=g)
-    opt.zero_grad()
-    losses = F.cross_entropy(model(x), y, reduction="none")
-    losses.mean().backward()
-    return losses.detach()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _apply(op, k, model, opt):
     """Operation ``op`` on batch ``k``; the expected exceptions of the failing ones are swallowed here."""
     if op == "step":
-        opt.step(loss=_losses(model, opt, k))
+        opt.step(loss=double_losses(model, opt, k))
     elif op == "closure":
-        opt.step(lambda: _losses(model, opt, k))
+        opt.step(lambda: double_losses(model, opt, k))
     elif op == "nan_loss":
-        losses = _losses(model, opt, k)
+        losses = double_losses(model, opt, k)
         losses[1] = float("nan")
         opt.step(loss=losses)
     elif op == "inf_grad":
-        losses = _losses(model, opt, k)
+        losses = double_losses(model, opt, k)
         next(model.parameters()).grad[0, 0] = float("inf")
         opt.step(loss=losses)
     elif op == "fail_loss":  # per-token losses not flattened
-        losses = _losses(model, opt, k)
+        losses = double_losses(model, opt, k)
         with pytest.raises(ValueError, match="loss must be 0-d"):
             opt.step(loss=losses.reshape(2, 3))
     elif op == "fail_lr":  # a schedule that produced a NaN learning rate
-        losses = _losses(model, opt, k)
+        losses = double_losses(model, opt, k)
         lr = opt.param_groups[0]["lr"]
         opt.param_groups[0]["lr"] = float("nan")
         with pytest.raises(ValueError, match="Invalid lr"):
@@ -101,10 +80,10 @@ def _apply(op, k, model, opt):
     elif op == "predict":
         opt.predict()
     elif op == "update":
-        losses = _losses(model, opt, k)
+        losses = double_losses(model, opt, k)
         opt.update(losses.mean(), losses.square().mean())
     elif op == "nan_update":
-        _losses(model, opt, k)
+        double_losses(model, opt, k)
         opt.update(torch.tensor(float("nan"), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
     else:
         raise AssertionError(op)
@@ -134,12 +113,12 @@ def _assert_same(run_a, run_b):
 def _resumed(name, ops, cut):
     """The run of ``ops`` uninterrupted, and the same run restarted from a checkpoint taken after ``ops[:cut]``."""
     cls, kwargs = CONFIGS[name]
-    model = _model(0)
+    model = double_mlp(0)
     opt = cls(model.parameters(), **kwargs)
     for k, op in enumerate(ops[:cut]):
         _apply(op, k, model, opt)
     saved = _checkpoint(model, opt)
-    twin = _model(1)  # other weights: everything has to come from the checkpoint
+    twin = double_mlp(1)  # other weights: everything has to come from the checkpoint
     twin.load_state_dict(saved["model"])
     twin_opt = cls(twin.parameters(), **kwargs)
     twin_opt.load_state_dict(saved["optim"])
@@ -175,7 +154,7 @@ def test_koala_m_resume_after_a_skipped_update_is_bit_exact(then):
 def test_deep_copy_of_the_optimizer_keeps_the_phase(name):
     """copy.deepcopy (pickle) of a model and its optimizer, taken after a skipped update(), goes on bit for bit."""
     cls, kwargs = CONFIGS[name]
-    model = _model(0)
+    model = double_mlp(0)
     opt = cls(model.parameters(), **kwargs)
     ops = ["step", "predict", "nan_update", "predict", "update", "step"]
     for k, op in enumerate(ops[:3]):
@@ -194,13 +173,13 @@ def test_distributed_checkpoint_keeps_the_phase(tmp_path):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     ops = ["step", "step", "predict", "nan_update", "predict", "update", "step"]
-    model = _model(0)
+    model = double_mlp(0)
     opt = KOALAM(model.parameters(), lr=0.5)
     for k, op in enumerate(ops[:4]):
         _apply(op, k, model, opt)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path), no_dist=True)
-    twin = _model(1)
+    twin = double_mlp(1)
     twin_opt = KOALAM(twin.parameters(), lr=0.5)
     model_sd, optim_sd = get_state_dict(twin, twin_opt)  # the template: a fresh state, the phase included
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path), no_dist=True)

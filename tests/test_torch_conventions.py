@@ -13,11 +13,12 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kalmanopt import KOALAM, KOALAV, FullKalman, KOALAPlusPlus, LoKO
 from kalmanopt.optim import _koala_pp_op
+
+from conftest import double_losses, double_mlp
 
 KOALAS = {
     "koala_pp": (KOALAPlusPlus, {}),
@@ -38,27 +39,7 @@ NUMBERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only wait for each other (tens of ms per op on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-
-
-def _losses(model, opt, k):
-    g = torch.Generator().manual_seed(k)
-    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,), generator=g)
-    opt.zero_grad()
-    losses = F.cross_entropy(model(x), y, reduction="none")
-    losses.mean().backward()
-    return losses.detach()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _everything(model, opt):
@@ -93,11 +74,11 @@ def test_closure_may_return_a_number_or_a_one_element_tensor(name, kind):
     cls, kwargs = KOALAS[name]
     runs = []
     for reference in (False, True):
-        model = _model()
+        model = double_mlp()
         opt = cls(model.parameters(), **kwargs)
         for k in range(3):
             def closure(k=k, model=model, opt=opt, reference=reference):
-                mean = _losses(model, opt, k).mean()
+                mean = double_losses(model, opt, k).mean()
                 value = {"float": mean.item(), "int": round(mean.item() * 4),
                          "tensor_1x1": mean.reshape(1, 1), "tensor_1x1x1": mean.reshape(1, 1, 1)}[kind]
                 if reference:
@@ -117,10 +98,10 @@ def test_loss_keyword_takes_a_number_too(name):
     cls, kwargs = KOALAS[name]
     runs = []
     for as_number in (False, True):
-        model = _model()
+        model = double_mlp()
         opt = cls(model.parameters(), **kwargs)
         for k in range(2):
-            mean = _losses(model, opt, k).mean()
+            mean = double_losses(model, opt, k).mean()
             opt.step(loss=mean.item() if as_number else mean)
         runs.append(_everything(model, opt))
     _assert_same(*runs)
@@ -131,10 +112,10 @@ def test_update_takes_one_element_tensors_of_any_shape(name):
     cls, kwargs = KOALAS[name]
     runs = []
     for shape in ((), (1, 1)):
-        model = _model()
+        model = double_mlp()
         opt = cls(model.parameters(), **kwargs)
         for k in range(2):
-            losses = _losses(model, opt, k)
+            losses = double_losses(model, opt, k)
             opt.update(losses.mean().reshape(shape), losses.square().mean().reshape(shape))
         runs.append(_everything(model, opt))
     _assert_same(*runs)
@@ -142,10 +123,10 @@ def test_update_takes_one_element_tensors_of_any_shape(name):
 
 @pytest.mark.parametrize("bad", [True, "1.0", None, [1.0]], ids=["bool", "str", "none", "list"])
 def test_closure_returning_no_loss_is_a_type_error(bad):
-    model = _model()
+    model = double_mlp()
     opt = KOALAM(model.parameters())
     with pytest.raises(TypeError, match="must be the loss"):
-        opt.step(lambda: (_losses(model, opt, 0), bad)[1])
+        opt.step(lambda: (double_losses(model, opt, 0), bad)[1])
 
 
 # ----------------------------------------------------------------------------------------------- hyperparameters
@@ -158,13 +139,13 @@ def test_one_element_tensor_hyperparameters_of_any_shape(name):
     for key, value in NUMBERS[cls].items():
         runs = []
         for shape in ((), (1, 1), "later"):
-            model = _model()
+            model = double_mlp()
             tensor = torch.tensor(value, dtype=torch.float64)
             opt = cls(model.parameters(), **{**kwargs, key: tensor if shape == "later" else tensor.reshape(shape)})
             for k in range(3):
                 if shape == "later" and k == 1:
                     opt.param_groups[0][key] = tensor.reshape(1, 1, 1)
-                opt.step(loss=_losses(model, opt, k))
+                opt.step(loss=double_losses(model, opt, k))
             runs.append(_everything(model, opt))
         _assert_same(runs[0], runs[1])
         _assert_same(runs[0], runs[2])
@@ -178,13 +159,13 @@ def test_a_hyperparameter_construction_refuses_raises_before_anything_is_written
     cls, kwargs = KOALAS[name]
     bad_values = [None, "0.1", [0.1], 1j, 10**400, torch.tensor(True), torch.tensor([0.1, 0.2]), -1.0]
     for key, value in NUMBERS[cls].items():
-        model = _model()
+        model = double_mlp()
         opt = cls(model.parameters(), **kwargs)
-        opt.step(loss=_losses(model, opt, 0))
+        opt.step(loss=double_losses(model, opt, 0))
         for bad in bad_values:
             if (bad is None and key == "r_clip") or (isinstance(bad, float) and key == "lr"):  # None: no clip
                 continue
-            losses = _losses(model, opt, 1)
+            losses = double_losses(model, opt, 1)
             before = _everything(model, opt)
             opt.param_groups[0][key] = bad
             for call in (lambda opt=opt, losses=losses: opt.step(loss=losses),
@@ -194,7 +175,7 @@ def test_a_hyperparameter_construction_refuses_raises_before_anything_is_written
                     call()
                 _assert_same(before, _everything(model, opt))
             opt.param_groups[0][key] = value
-        opt.step(loss=_losses(model, opt, 2))  # and the optimizer goes on
+        opt.step(loss=double_losses(model, opt, 2))  # and the optimizer goes on
 
 
 # -------------------------------------------------------------------------------------------- loading a checkpoint
@@ -216,10 +197,10 @@ def test_a_number_step_in_a_loaded_state_dict_is_converted(name):
     if name in ("loko", "full_kalman"):
         cls, kwargs, make, advance = (LoKO if name == "loko" else FullKalman), {}, _output_model, _observe
     else:
-        (cls, kwargs), make = KOALAS[name], _model
+        (cls, kwargs), make = KOALAS[name], double_mlp
 
         def advance(model, opt, k):
-            opt.step(loss=_losses(model, opt, k))
+            opt.step(loss=double_losses(model, opt, k))
 
     model = make()
     opt = cls(model.parameters(), **kwargs)
@@ -250,7 +231,7 @@ def test_a_number_step_in_a_loaded_state_dict_is_converted(name):
 def test_a_step_that_is_no_number_refuses_the_state_dict(bad):
     """KOALA's ``step`` counts (float32), LoKO's (int64): anything else is not this optimizer's state, refused before
     anything is loaded."""
-    for cls, make, advance in ((KOALAM, _model, lambda m, o, k: o.step(loss=_losses(m, o, k))),
+    for cls, make, advance in ((KOALAM, double_mlp, lambda m, o, k: o.step(loss=double_losses(m, o, k))),
                                (LoKO, _output_model, _observe)):
         model = make()
         opt = cls(model.parameters())
@@ -270,16 +251,16 @@ def test_a_step_that_is_no_number_refuses_the_state_dict(bad):
 @pytest.mark.parametrize("name", sorted(KOALAS))
 def test_the_state_holds_tensors_only_and_the_state_dict_carries_the_phase(name):
     cls, kwargs = KOALAS[name]
-    model = _model()
+    model = double_mlp()
     opt = cls(model.parameters(), **kwargs)
     expect = []
     for k, how in enumerate(["step", "predict", "update", "update_nan", "predict"]):
         if how == "step":
-            opt.step(loss=_losses(model, opt, k))
+            opt.step(loss=double_losses(model, opt, k))
         elif how == "predict":
             opt.predict()
         else:
-            losses = _losses(model, opt, k)
+            losses = double_losses(model, opt, k)
             mean = torch.tensor(float("nan"), dtype=torch.float64) if how == "update_nan" else losses.mean()
             opt.update(mean, losses.square().mean())
         for values in opt.state.values():
@@ -300,35 +281,35 @@ def test_the_state_holds_tensors_only_and_the_state_dict_carries_the_phase(name)
 def test_a_checkpoint_with_the_phase_as_a_python_bool_still_loads(name, then):
     """Checkpoints from before the phase was saved as tensors hold ``predicted`` as a bool and no gate."""
     cls, kwargs = KOALAS[name]
-    model = _model()
+    model = double_mlp()
     opt = cls(model.parameters(), **kwargs)
-    opt.step(loss=_losses(model, opt, 0))
+    opt.step(loss=double_losses(model, opt, 0))
     if then == "update":
-        losses = _losses(model, opt, 1)
+        losses = double_losses(model, opt, 1)
         opt.update(losses.mean(), losses.square().mean())
     saved = _save_load({"model": model.state_dict(), "optim": opt.state_dict()})
     leader = saved["optim"]["state"][0]
     leader["predicted"] = bool(leader.pop("predicted"))
     del leader["prediction_gate"]
-    twin = _model(seed=1)
+    twin = double_mlp(seed=1)
     twin.load_state_dict(saved["model"])
     twin_opt = cls(twin.parameters(), **kwargs)
     twin_opt.load_state_dict(saved["optim"])
     for run in ((model, opt), (twin, twin_opt)):
         for k in range(2, 4):
-            run[1].step(loss=_losses(*run, k))
+            run[1].step(loss=double_losses(*run, k))
     _assert_same(_everything(model, opt), _everything(twin, twin_opt))
 
 
 @pytest.mark.parametrize("bad", [torch.tensor([True, False]), torch.tensor(1.0), "yes"], ids=["two", "float", "str"])
 def test_a_malformed_phase_refuses_the_state_dict(bad):
-    model = _model()
+    model = double_mlp()
     opt = KOALAM(model.parameters())
-    opt.step(loss=_losses(model, opt, 0))
+    opt.step(loss=double_losses(model, opt, 0))
     for key in ("predicted", "prediction_gate"):
         saved = copy.deepcopy(opt.state_dict())
         saved["state"][0][key] = bad
-        fresh = KOALAM(_model(seed=1).parameters())
+        fresh = KOALAM(double_mlp(seed=1).parameters())
         with pytest.raises(ValueError, match=key):
             fresh.load_state_dict(saved)
         assert not fresh.state
@@ -341,17 +322,17 @@ def test_validating_changed_groups_inside_step_never_synchronises(name):
     from conftest import NoSync
 
     cls, kwargs = KOALAS[name]
-    model = _model()
+    model = double_mlp()
     opt = cls(model.parameters(), **{**kwargs, "lr": torch.tensor(NUMBERS[cls]["lr"], dtype=torch.float64)})
-    opt.step(loss=_losses(model, opt, 0))
+    opt.step(loss=double_losses(model, opt, 0))
     saved = _save_load(opt.state_dict())
     fresh = cls(model.parameters(), **kwargs)
     fresh.load_state_dict(saved)  # the loaded group's lr is another tensor: validated again at the next step
-    losses = _losses(model, fresh, 1)
+    losses = double_losses(model, fresh, 1)
     with NoSync():
         fresh.step(loss=losses)
     fresh.param_groups[0]["alpha_r"] = torch.tensor([[0.8]], dtype=torch.float64)
-    losses = _losses(model, fresh, 2)
+    losses = double_losses(model, fresh, 2)
     with NoSync():
         fresh.step(loss=losses)
     assert fresh.param_groups[0]["alpha_r"].dim() == 0

@@ -42,6 +42,7 @@ from torch.optim import Optimizer
 
 import kalmanopt
 from kalmanopt import paths
+from kalmanopt.bench.common import check_device, device_type
 from kalmanopt.errors import UsageError
 
 __all__ = [
@@ -651,17 +652,14 @@ def check_args(args: argparse.Namespace) -> None:
     contenders, _ = _select(_optimizers(args))
     for name in names:
         _check_memory(PRESETS[name], contenders, n_params(PRESETS[name].shapes()), args.max_memory_gb)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available in this PyTorch build or on this machine")
+    check_device(args)
     args.out_path = paths.output_file(args.out, Path("step") / f"step-{preset}.json", overwrite=args.overwrite)
 
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
     """Resolve the command line into :class:`Settings` and the preset name that names the output file."""
     names, preset = _presets(args)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available in this PyTorch build or on this machine")
+    device = check_device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(
@@ -680,17 +678,6 @@ def main(args: argparse.Namespace) -> int:
     settings, _ = _settings(args)
     run(settings, args.out_path)
     return 0
-
-
-def _device(text: str) -> str:
-    """An argparse type: a torch device string of type cpu or cuda (``cpu``, ``cuda``, ``cuda:1``)."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
-    return text
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -715,7 +702,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         + ",".join(CONTENDER_KEYS))
     parser.add_argument("--threads", type=integer(0, 4096), default=0,
                         help="torch threads (default 0: PyTorch's choice)")
-    parser.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--weight-decay", type=number(0.0), default=5e-4,
                         help="weight decay for all: KOALA coupled, AdamW decoupled (default: 5e-4)")
     parser.add_argument("--seed", type=SEED, default=0,
