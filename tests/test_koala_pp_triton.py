@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install trito
 from kalmanopt import KOALAPlusPlus  # noqa: E402
 from kalmanopt.optim import _koala_pp_triton  # noqa: E402
 
-from conftest import NoSync, run_koala_pp, skipped_steps  # noqa: E402
+from conftest import NoSync, assert_unchanged, run_koala_pp, skipped_steps, snapshot  # noqa: E402
 
 SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (2500,)]  # 2500: three chunks of the interpreter's 1024
 CONFIGS = {
@@ -176,8 +176,7 @@ def test_bfloat16_state(dtype):
 @pytest.mark.parametrize("bad", ["loss", "grad", "grad_overflow", "found_inf"])
 def test_a_skipped_step_leaves_everything_bit_for_bit(bad):
     params, opt = _run({**CONFIGS["adaptive_wd_fixed_r"], "fused": True}, steps=2)
-    before_p = [p.detach().clone() for p in params]
-    before_s = copy.deepcopy(opt.state_dict())
+    before = snapshot(opt)
     loss = torch.rand(6, dtype=torch.float64) + 0.5
     for p in params:
         p.grad = torch.randn_like(p)
@@ -192,15 +191,7 @@ def test_a_skipped_step_leaves_everything_bit_for_bit(bad):
     with NoSync():
         opt.step(loss=loss)
     assert _ran_triton(opt)
-    for a, b in zip(before_p, params, strict=True):
-        assert torch.equal(a, b)
-    after = opt.state_dict()
-    for key, st in before_s["state"].items():
-        for name, value in st.items():
-            if name == "skipped_steps":
-                assert int(after["state"][key][name]) == int(value) + 1
-            elif isinstance(value, torch.Tensor):
-                assert torch.equal(value, after["state"][key][name]), name
+    assert_unchanged(opt, before)  # everything but the skip counter
     assert skipped_steps(opt) == 1
 
 
@@ -484,20 +475,14 @@ def test_cuda_low_precision(dtype, storage):
 @needs_cuda
 def test_cuda_skipped_steps_are_bit_for_bit_without_synchronising():
     params, opt = _run_cuda(CONFIGS["adaptive_wd_fixed_r"], steps=2)
-    before_p = [p.detach().clone() for p in params]
-    before_s = copy.deepcopy(opt.state_dict())
+    before = snapshot(opt)
     for p in params:
         p.grad = torch.randn_like(p)
     params[2].grad[5, 5] = math.inf
     with NoSync():
         opt.step(loss=torch.rand(4, device="cuda") + 0.5)
     torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(before_p, params, strict=True))
-    after = opt.state_dict()
-    for key, st in before_s["state"].items():
-        for name, value in st.items():
-            if isinstance(value, torch.Tensor) and name != "skipped_steps":
-                assert torch.equal(value, after["state"][key][name]), name
+    assert_unchanged(opt, before)  # everything but the skip counter
     assert skipped_steps(opt) == 1
 
 
