@@ -378,7 +378,7 @@ def test_report_passes_over_other_suites_results_in_a_folder(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ --device
 FINETUNE = ["bench", "finetune", "--quick", "--tasks", "mnist", "--contenders", "adamw@x1", "--no-progress"]
-DEVICE_SUITES = {"vision": VISION, "lm": LM, "online": ONLINE, "finetune": FINETUNE}
+DEVICE_SUITES = {"vision": VISION, "lm": LM, "online": ONLINE, "finetune": FINETUNE, "covariance": COVARIANCE}
 
 
 @pytest.mark.parametrize("suite", list(DEVICE_SUITES))

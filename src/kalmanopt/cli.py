@@ -40,12 +40,14 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from kalmanopt import KOALAPlusPlus
+    from kalmanopt.bench.common import check_device
     from kalmanopt.bench.digits import load_digits, train_digits
 
+    device = check_device(args)  # before anything runs: --device cuda without CUDA is one line
     torch.set_num_threads(args.threads) if args.threads else None
     data = load_digits()
     print(f"kalmanopt demo: 2-layer MLP on scikit-learn digits ({len(data[0])} train / {len(data[2])} test), "
-          f"{args.epochs} epochs, batch 32, seed {args.seed}")
+          f"{args.epochs} epochs, batch 32, seed {args.seed}" + ("" if device.type == "cpu" else f", {device}"))
     contenders = [
         ("KOALA++ (lr=1e-3)", lambda m: KOALAPlusPlus(m.parameters(), lr=1e-3)),  # the same lr as AdamW
         ("AdamW (lr=1e-3)", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)),
@@ -56,11 +58,12 @@ def _demo(args: argparse.Namespace) -> int:
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                r = train_digits(name, make, epochs=args.epochs, seed=args.seed, data=data)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                r = train_digits(name, make, epochs=args.epochs, seed=args.seed, data=data, device=device)
             tables.append((name, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)))
         else:
-            r = train_digits(name, make, epochs=args.epochs, seed=args.seed, data=data)
+            r = train_digits(name, make, epochs=args.epochs, seed=args.seed, data=data, device=device)
         print(f"{r.name:<20} {r.test_accuracy:>9.4f} {r.final_train_loss:>11.4f} {r.seconds:>8.2f}")
     for name, table in tables:
         print(f"\ntorch.profiler, {name} (training loop; seconds above include the profiler's overhead):\n{table}")
@@ -103,12 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from kalmanopt.bench.common import device_type  # the demo's task is a bench module's
+
     demo = sub.add_parser("demo", help="train a small MLP on scikit-learn digits with KOALA++ and AdamW")
     demo.add_argument("--epochs", type=COUNT, default=20)
     demo.add_argument("--seed", type=SEED, default=0)
     demo.add_argument("--threads", type=integer(0, 4096), default=0, help="torch threads (0: PyTorch's default)")
     demo.add_argument("--profile", type=NONNEGATIVE, default=0, metavar="ROWS",
                       help="run each optimizer under torch.profiler and print its top ROWS operators (default: 0)")
+    demo.add_argument("--device", type=device_type, default="cpu",
+                      help="where the MLP trains: cpu (default) or cuda[:N] (the digits are moved once)")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmark suites (results in ./kalmanopt-results/ or --out; see "

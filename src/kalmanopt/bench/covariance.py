@@ -17,6 +17,10 @@ Outputs, in the ``--out`` folder (default ``./kalmanopt-results/covariance/``, `
 ``covariance.md`` in the ``--out`` folder), which ``kalmanopt bench online`` appends to its page. An existing
 ``covariance.json`` or ``--docs`` file named by ``--out``/``--docs`` is replaced only with ``--overwrite``; the
 recorded ones come from ``--out results/covariance --docs docs/benchmarks/covariance.md --overwrite``.
+
+``--device cpu|cuda[:N]`` (default ``cpu``): where the filter runs. The model is built on the CPU from the seed (the
+same initial weights on every device) and moved, the digits are moved once; every saved P comes back to the CPU
+(heatmaps, ``--save-full-p``). ``--device cuda`` where CUDA is not available is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kalmanopt import paths
+
+from .common import check_device, device_type
 
 __all__ = ["NarrowLeNet5", "add_parser", "block_shares", "check_args", "main"]
 
@@ -153,15 +159,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from .common import provenance
 
+    device = check_device(args)
     torch.set_num_threads(args.threads)
     d = data.load("mnist_subset")
     x = torch.cat([d.x_train, d.x_test]).float()
     x = ((x / 255.0 if x.max() > 1.5 else x) - 0.1307) / 0.3081
-    x = x.unsqueeze(1)
-    y = torch.cat([d.y_train, d.y_test])
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:args.samples]
+    x = x.unsqueeze(1).to(device)
+    y = torch.cat([d.y_train, d.y_test]).to(device)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:args.samples].to(device)
     torch.manual_seed(args.seed)
-    model = NarrowLeNet5()
+    model = NarrowLeNet5().to(device)  # built on the CPU: the same initial weights on every device
     n = sum(p.numel() for p in model.parameters())
     opt = FullKalman(model.parameters(), p0=args.p0, r0=args.r0, observation=args.observation, noise=args.noise,
                      r_min=args.r_min, max_params=n)
@@ -178,12 +185,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   mininterval=2.0):
         P = opt.covariance()
         if P is None:  # before the first step: the prior
-            P = torch.eye(n) * args.p0
+            P = torch.eye(n, device=device) * args.p0
         if i in save_at:
-            saved[i] = P.detach().clone()
+            saved[i] = P.detach().to("cpu", copy=True)  # the figures are drawn on the CPU
             if args.save_full_p:
                 Path(args.save_full_p).mkdir(parents=True, exist_ok=True)
-                torch.save(P.clone(), Path(args.save_full_p) / f"P_step{i}.pt")
+                torch.save(saved[i], Path(args.save_full_p) / f"P_step{i}.pt")
         if i % args.every == 0 or i in save_at:
             history.append({"step": i, **block_shares(P, tensor_slices, layers)})
         if i == args.samples:
@@ -197,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _shares_plot(history, out / "covariance_block_shares.png")
     acc = [sum(correct[:k]) / k for k in range(1, len(correct) + 1)]
     result = {
-        "suite": "covariance", "provenance": provenance(),
+        "suite": "covariance", "provenance": provenance(device=device),
         "config": {"samples": args.samples, "p0": args.p0, "r_min": args.r_min, "seed": args.seed,
                    "parameters": n, "tensors": tensor_names, "layers": layer_names,
                    "layer_sizes": [s.stop - s.start for s in layers], "save_at": save_at,
@@ -219,13 +226,15 @@ def _command(command: str) -> str:
 def markdown(result: dict[str, Any], results_dir: Path, docs_dir: Path) -> str:
     cfg, prov = result["config"], result["provenance"]
     rel = os.path.relpath(results_dir, docs_dir)
+    where = (f"{prov['device_name']} ({prov['device']})" if prov.get("device_name")
+             else f"{prov['cpu']} ({prov['threads']} thread(s))")
     lines = ["## Covariance evolution (FullKalman, narrow LeNet-5, MNIST)", "",
              f"Exact EKF with a dense {cfg['parameters']:,} x {cfg['parameters']:,} covariance (P0 = {cfg['p0']} I, "
              f"{cfg['observation']} observation, R {cfg['noise']} (r0 = {cfg['r0']}, r_min = {cfg['r_min']})), "
              f"trained online (batch 1) on "
              f"{cfg['samples']} MNIST digits; average online accuracy {result['online_accuracy']:.4f}, "
-             f"{result['skipped_steps']} skipped samples, {result['seconds'] / 60:.1f} min on {prov['cpu']} "
-             f"({prov['threads']} thread(s)), {prov['date']}, revision `{prov['git_revision']}`.", "",
+             f"{result['skipped_steps']} skipped samples, {result['seconds'] / 60:.1f} min on {where}, "
+             f"{prov['date']}, revision `{prov['git_revision']}`.", "",
              f"Command: `{_command(prov['command'])}`", "",
              "| step | diagonal share | per-tensor blocks | per-layer blocks |", "|---|---|---|---|"]
     for h in result["history"]:
@@ -245,8 +254,9 @@ def write_markdown(result: dict[str, Any], results_dir: Path, docs_path: Path) -
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """``--quick``'s settings and the output paths: called by the CLI before anything runs or is written
+    """The device, ``--quick``'s settings and the output paths: called by the CLI before anything runs or is written
     (:class:`UsageError`, one line)."""
+    check_device(args)
     if args.quick:
         args.samples = min(args.samples, 40)
         args.save_at = [0, 10, 40]
@@ -291,6 +301,9 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--r-min", type=number(0.0), default=1e-3)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threads", type=THREADS, default=1)
+    p.add_argument("--device", type=device_type, default="cpu",
+                   help="where the filter runs: cpu (default) or cuda[:N] (the digits are moved once, every saved P "
+                        "comes back to the CPU)")
     p.add_argument("--save-full-p", default=None, metavar="DIR",
                    help="also save the full P at each --save-at step under DIR (n^2 floats each; not for results/)")
     p.add_argument("--quick", action="store_true", help="40 samples (default folder covariance-quick/)")

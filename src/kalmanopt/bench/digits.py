@@ -41,21 +41,24 @@ class DigitsResult:
 
 
 def train_digits(name: str, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *, epochs: int = 20,
-                 batch_size: int = 32, seed: int = 0, data: tuple[torch.Tensor, ...] | None = None) -> DigitsResult:
+                 batch_size: int = 32, seed: int = 0, data: tuple[torch.Tensor, ...] | None = None,
+                 device: str | torch.device = "cpu") -> DigitsResult:
     """Train a fresh MLP (seeded) and return its test accuracy.
 
     Kalman optimizers receive per-sample losses through ``step(loss=...)``; ``torch.optim`` ones get a plain
-    ``step()``. Both see the same data order for a given seed.
+    ``step()``. Both see the same data order for a given seed. ``device``: the MLP is built on the CPU (the same
+    initial weights everywhere) and moved there with the data; the time waits for the device's queued work.
     """
-    x_train, y_train, x_test, y_test = data if data is not None else load_digits()
+    device = torch.device(device)
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (data if data is not None else load_digits()))
     torch.manual_seed(seed)
-    model = make_mlp()
+    model = make_mlp().to(device)
     opt = make_optimizer(model)
     wants_loss = hasattr(opt, "predict")
     order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=order)
+        perm = torch.randperm(len(x_train), generator=order).to(device)
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
             opt.zero_grad(set_to_none=True)
@@ -65,6 +68,8 @@ def train_digits(name: str, make_optimizer: Callable[[nn.Module], torch.optim.Op
                 opt.step(loss=losses)
             else:
                 opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()

@@ -122,7 +122,12 @@ class LossFeed:
         if not parts:
             return None
         measured = _combine(parts)
-        return measured if factor is None else measured * factor.to(measured)
+        if factor is None:
+            return measured
+        # A factor on the CPU (a norm reported as a Python number) multiplies as a CPU scalar, read with the kernel's
+        # arguments: copied to a CUDA loss's device, it would wait for the device's queue (a host synchronisation).
+        on_host = factor.device.type == "cpu" and factor.dim() == 0
+        return measured * (factor.to(dtype=measured.dtype) if on_host else factor.to(measured))
 
     def bind(self, optimizer: Any) -> KalmanOptimizer | None:
         """Make ``optimizer.step`` take its loss from this feed (idempotent; rebinding replaces the feed).

@@ -371,6 +371,18 @@ def check_group_numbers(group: dict[str, Any]) -> list[Tensor]:
     return tensors
 
 
+def _to_device(value: Tensor, device: torch.device) -> Tensor:
+    """``value`` on ``device``. A loss (or a tensor hyperparameter's flag) on the CPU for a model on CUDA is copied
+    from pinned memory without blocking: a plain copy waits for the device's queue (a host synchronisation), and
+    left on the CPU it would pull every flag of the step back to the CPU (one synchronisation each);
+    ``torch.distributed``'s NCCL backend sums CUDA tensors only."""
+    if value.device == device:
+        return value
+    if value.device.type == "cpu" and device.type == "cuda" and not torch.compiler.is_compiling():
+        return value.pin_memory().to(device, non_blocking=True)
+    return value.to(device)
+
+
 def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     """The conjunction of two optional device flags (None: no condition)."""
     if a is None or b is None:
@@ -471,7 +483,7 @@ class KalmanOptimizer(Optimizer):
         st = self.state[leader]
         if "measurement_noise" not in st:
             kw = {"device": leader.device, "dtype": state_dtype(leader)}
-            st["measurement_noise"] = torch.tensor(R_INITIAL, **kw)
+            st["measurement_noise"] = torch.full((), R_INITIAL, **kw)  # a fill: torch.tensor copies from the host
             st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=leader.device)
             st["noise_updates"] = torch.zeros((), dtype=torch.int64, device=leader.device)  # committed R updates
             self._init_group_state(group, st, kw)
@@ -612,6 +624,10 @@ class KalmanOptimizer(Optimizer):
             self._time_update(gate=ok)
         return returned
 
+    def _measurement_device(self) -> torch.device:
+        """Where the loss is measured: the device of the first parameter, which holds the first group's R."""
+        return self.param_groups[0]["params"][0].device
+
     def _checked_loss(self, loss: Any, what: str) -> Tensor:
         """The loss handed to :meth:`step` as a checked tensor (see :func:`~kalmanopt.optim.noise.check_loss`).
 
@@ -623,11 +639,11 @@ class KalmanOptimizer(Optimizer):
             if loss.dim() > 1 and loss.numel() == 1:
                 loss = loss.reshape(())
         elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-            loss = torch.tensor(float(loss), dtype=torch.float64)
+            loss = torch.full((), float(loss), dtype=torch.float64, device=self._measurement_device())
         else:
             raise TypeError(f"{type(self).__name__}.step(): {what} must be the loss, a tensor (0-d batch mean or 1-d "
                             f"per-sample losses) or a Python number, got {type(loss)!r}")
-        measured = check_loss(loss)
+        measured = _to_device(check_loss(loss), self._measurement_device())
         for group in self.param_groups:
             check_statistic(measured, group["r_stat"])
         return measured
@@ -664,8 +680,9 @@ class KalmanOptimizer(Optimizer):
         original KOALA passes ``mean(loss_i ** 2)``). If :meth:`predict` was not called since the last update,
         it is called first.
         """
-        mean = self._as_scalar("loss_mean", loss_mean)
-        var = self._as_scalar("loss_var", loss_var)
+        device = self._measurement_device()
+        mean = _to_device(self._as_scalar("loss_mean", loss_mean), device)
+        var = _to_device(self._as_scalar("loss_var", loss_var), device)
         if not isinstance(loss_var, Tensor) and loss_var < 0:
             raise ValueError(f"loss_var must be non-negative, got {loss_var}")
         self._validate_changed_groups()
@@ -688,8 +705,8 @@ class KalmanOptimizer(Optimizer):
         flags = [torch.isfinite(t.detach()).all() for g in self.param_groups for t in check_group_numbers(g)]
         if not flags:
             return None
-        device = flags[0].device
-        return torch.stack([f.to(device) for f in flags]).all()
+        device = self._measurement_device()  # a CPU tensor lr for a CUDA model: its flag goes there, unblocking
+        return torch.stack([_to_device(f, device) for f in flags]).all()
 
     def _distributed(self) -> bool:
         """Whether the loss statistics are summed over more than one rank (see :meth:`_all_reduce`)."""

@@ -108,6 +108,7 @@ class FullKalman(Optimizer):
             diag = torch.cat([torch.full((p.numel(),), float(gr["p0"]), dtype=state_dtype(leader),
                                          device=leader.device) for gr, p in pairs])
             st["P"] = torch.diag(diag)
+            # host-side counters, on the CPU on every device (as torch.optim's step): read without a synchronisation
             st["step"] = torch.zeros((), dtype=torch.int64)
             st["skipped_steps"] = torch.zeros((), dtype=torch.int64)
             c = 1 if g["observation"] == "loss" else classes

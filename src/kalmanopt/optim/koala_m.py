@@ -89,7 +89,8 @@ class KOALAM(KalmanOptimizer):
         _check_number("qv", group["qv"], 0.0)
 
     def _init_group_state(self, group: dict[str, Any], st: dict[str, Any], kw: dict[str, Any]) -> None:
-        st["P"] = torch.tensor([group["sw"], group["sc"], group["sv"]], **kw)  # posterior [P11, P12, P22]
+        # posterior [P11, P12, P22], filled on the device (torch.tensor would copy it from the host, and wait)
+        st["P"] = torch.stack([torch.full((), float(group[key]), **kw) for key in ("sw", "sc", "sv")])
         st["P_prior"] = st["P"].clone()  # F P F^T + Q, set by predict
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> None:

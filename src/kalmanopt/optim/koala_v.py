@@ -67,7 +67,7 @@ class KOALAV(KalmanOptimizer):
         _check_number("q", group["q"], 0.0)
 
     def _init_group_state(self, group: dict[str, Any], st: dict[str, Any], kw: dict[str, Any]) -> None:
-        st["sigma"] = torch.tensor(float(group["sigma"]), **kw)  # posterior
+        st["sigma"] = torch.full((), float(group["sigma"]), **kw)  # posterior (a fill: no copy from the host)
         st["sigma_prior"] = st["sigma"].clone()  # sigma + q, set by predict
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> None:

@@ -82,7 +82,9 @@ def predictive_probs(mean: Tensor, cov: Tensor, method: str = "probit", *, sampl
             raise ValueError(f"Invalid samples: {samples!r} (a positive int)")
         lam, vec = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)))  # PSD square root, singular cov allowed
         root = vec * lam.clamp_min(0.0).sqrt().unsqueeze(1)
-        z = torch.randn((samples, *mu.shape), dtype=torch.float64, generator=generator).to(mu.device)
+        # drawn where the generator lives (a CPU one gives the same draws on every device), else on the device
+        draw_on = mu.device if generator is None else generator.device
+        z = torch.randn((samples, *mu.shape), dtype=torch.float64, generator=generator, device=draw_on).to(mu.device)
         f = mu + torch.einsum("bij,sbj->sbi", root, z)
         return torch.softmax(f, dim=2).mean(0)
     c = mu.shape[1]
