@@ -81,6 +81,8 @@ def build(name, kw, params):
         import prodigyopt; return prodigyopt.Prodigy(params, **kw), "plain"
     if name == "kpp_lib": return kalmanopt.KOALAPlusPlus(params, **kw), "kalman"
     if name == "kpp": return KPP(params, **kw), "kpp"
+    if name in ("kpp_hd", "kpp_dist"):
+        import self_sized; return self_sized.build(name, kw)(params), "kalman"
     raise ValueError(name)
 
 def evaluate(model, x, y):
@@ -124,7 +126,8 @@ def run(task, seed, spec, d, epochs, bs):
         acc, tl = evaluate(model, xt, yt)
         accs.append(acc); trl.append(tot / nb)
         if not math.isfinite(tot): break
-    return dict(task=task, seed=seed, spec=spec, accs=accs, train_loss=trl, secs=time.time() - t0)
+    extra = {"cap_trace": [round(m, 4) for m in opt.trace[::max(1, len(opt.trace) // 20)]]} if hasattr(opt, "trace") else {}
+    return dict(task=task, seed=seed, spec=spec, accs=accs, train_loss=trl, secs=time.time() - t0, **extra)
 
 if __name__ == "__main__":
     task, seed = sys.argv[1], int(sys.argv[2])

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 OUT = Path("results/research/lr_sensitivity.jsonl")
-DEFAULT_LR = {"adamw": 1e-3, "kpp_lib": 1e-3, "sf": 2.5e-3, "momoadam": 1e-2, "prodigy": 1.0}
+DEFAULT_LR = {"adamw": 1e-3, "kpp_lib": 1e-3, "sf": 2.5e-3, "momoadam": 1e-2, "prodigy": 1.0, "kpp_hd": 1e-3, "kpp_dist": 1e-3}
 
 
 def with_lr(spec: str, mult: float) -> str:

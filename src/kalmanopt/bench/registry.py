@@ -126,6 +126,12 @@ def _entries() -> list[OptimizerEntry]:
                        "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
                        note="the library's default preset ('adaptive'): per-tensor blocks, diagonal metric, R = 0, "
                             "step min(loss/S, lr/q) with lr in AdamW's units, momentum 0.9"),
+        OptimizerEntry("koala++-lra", "KOALA++ (lr adaptation)",
+                       lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd,
+                                                                       **{"lr_adaptation": 0.05, **kw}),
+                       "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
+                       note="the default preset with lr_adaptation = 0.05: the cap lr/q follows the hypergradient "
+                            "of the step size, starting at lr"),
         OptimizerEntry("koala++-paper", "KOALA++ (paper)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, sigma=0.1, q=0.1, weight_decay=wd,
                                                                        preset="paper", **kw),

@@ -178,6 +178,14 @@ class KOALAPlusPlus(KalmanOptimizer):
             ``torch.ops.kalmanopt.koala_pp_fused_step``, one opaque node of the graph, with the eager step's results
             bit for bit; as with ``torch.optim``, a float ``lr`` is a constant of the compiled graph (a scheduler's
             new value compiles again) and a tensor ``lr`` takes the multi-tensor path.
+        lr_adaptation (float or None, optional): :math:`\kappa`, the rate at which the step cap follows its
+            hypergradient (default: None, a fixed cap ``lr / q``). Each step moves the cap's multiplier
+            :math:`s` by :math:`\log s \mathrel{+}= \kappa\cos(h_k, m_{k-1})`: up where the new gradient still
+            points along the last update (the step was too short), down where it turned against it (the step
+            overshot); within ``[lr / 1000, lr * 1000]``. ``lr`` is then where the cap starts, and the result depends
+            less on it (BENCHMARKS.md, learning-rate sensitivity: 0.05 there). Needs the default step rule and
+            momentum; it runs on the multi-tensor path (``fused=True`` raises). :meth:`diagnostics` reports
+            ``lr_scale``; the multiplier is group state (``lr_log_scale``), saved and resumed with the rest.
         state_dtype (torch.dtype or None, optional): how the four per-element state tensors (previous gradient,
             gain numerator, second moment, momentum buffer) are stored. ``None`` (default): in the compute dtype
             (float32, or float64 for float64 parameters). ``torch.bfloat16``: half the state memory and less memory
@@ -212,7 +220,7 @@ class KOALAPlusPlus(KalmanOptimizer):
                  eps: float = 1e-8, momentum: Any = PRESET, loss_fraction: Any = PRESET, max_step: Any = PRESET,
                  loss_floor: Any = PRESET, r_stat: str = "second_moment", r_clip: Any = PRESET,
                  foreach: bool | None = None, fused: bool | None = None, state_dtype: torch.dtype | None = None,
-                 process_group: Any = None) -> None:
+                 lr_adaptation: float | None = None, process_group: Any = None) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
         chosen = dict(lr=lr, r=r, block=block, precondition=precondition, momentum=momentum,
@@ -228,7 +236,7 @@ class KOALAPlusPlus(KalmanOptimizer):
                           "r > 0 or r=None", stacklevel=2)
         defaults = dict(sigma=0.1 if sigma is PRESET else sigma, q=q, alpha_r=alpha_r, weight_decay=weight_decay,
                         symmetric=symmetric, beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, fused=fused,
-                        state_dtype=state_dtype, **chosen)
+                        state_dtype=state_dtype, lr_adaptation=lr_adaptation, **chosen)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -276,6 +284,17 @@ class KOALAPlusPlus(KalmanOptimizer):
                               "kalmanopt 0.2 lr is in AdamW's units (default 1e-3: pass the lr you use with "
                               "AdamW); the old lr (the fraction of the loss a step removes) is loss_fraction, and "
                               "the old lr=X is lr=X*1e-3 now", stacklevel=4)
+        rate = group.setdefault("lr_adaptation", None)
+        _check_number("lr_adaptation", rate, 0.0, optional=True, tensor_ok=False)
+        if rate is not None:
+            if group["loss_fraction"] is None:
+                raise ValueError("lr_adaptation adapts the step cap lr / q of the default step rule: it needs "
+                                 "loss_fraction (the paper's step rule has no cap in AdamW's units)")
+            if not group["momentum"]:
+                raise ValueError("lr_adaptation measures the last update from the momentum buffer: it needs "
+                                 "momentum > 0")
+            if group.get("fused"):
+                raise RuntimeError("fused=True: lr_adaptation runs on the multi-tensor and reference paths only")
         storage = group.setdefault("state_dtype", None)
         if storage not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {storage!r} (expected None, i.e. the parameter's dtype, or "
@@ -308,6 +327,10 @@ class KOALAPlusPlus(KalmanOptimizer):
             st["exp_avg_sq"] = torch.zeros(p.shape, **per_element)  # the diagonal metric's second moment
         if group.get("momentum"):
             st["momentum_buffer"] = torch.zeros(p.shape, **per_element)  # the average of the corrections
+
+    def _init_group_state(self, group: dict[str, Any], st: dict[str, Any], kw: dict[str, Any]) -> None:
+        if group.get("lr_adaptation") is not None:
+            st["lr_log_scale"] = _new_log_scale(kw["device"])
 
     def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
         # While loading, the loaded group's state_dtype decides (its hyperparameters replace this group's).
@@ -360,7 +383,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         ``foreach`` both None). :meth:`_fused_step` checks that the device's kernel is there (the C kernel on CPU,
         Triton on CUDA) and the tensors themselves, and falls back when they are not the kernel's."""
         fused = group.get("fused")
-        if fused is False or group["block"] != "tensor":
+        if fused is False or group["block"] != "tensor" or group.get("lr_adaptation") is not None:
             return False
         return fused is not None or group["foreach"] is None
 
@@ -642,6 +665,11 @@ class KOALAPlusPlus(KalmanOptimizer):
                     st["exp_avg_sq"] = torch.zeros_like(st["gain"])
                 if group["momentum"] and "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(st["gain"])
+        if group.get("lr_adaptation") is not None:
+            scale = _adapt_lr_scale(group_state, buckets, group["lr_adaptation"], ok)
+            max_step = max_step * scale
+            recorded["lr_scale"] = scale
+        for b in buckets:
             diag = koala_pp(
                 b.params, b.h,
                 [st["prev_grad"] for st in b.states], [st["gain"] for st in b.states],
@@ -679,6 +707,47 @@ class KOALAPlusPlus(KalmanOptimizer):
             return [chunk.view(h.shape) for chunk, h in zip(flat.split(sizes), bucket.h, strict=True)]
 
         return views
+
+
+LR_SCALE_BOUND = 1000.0  # lr_adaptation keeps the cap within [lr / 1000, lr * 1000]
+
+
+def _new_log_scale(device: torch.device) -> Tensor:
+    """``lr_adaptation``'s state: the log of the cap multiplier, a 0-d float64 (float32 where the device has none)."""
+    return torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+
+
+def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate: float, ok: Tensor) -> Tensor:
+    r"""``lr_adaptation``: move the group's cap multiplier :math:`s_k` along the hypergradient of the step size.
+
+    The derivative of the new minibatch loss with respect to the size of the last update
+    :math:`\Delta_{k-1} = \theta_{k-1} - \theta_{k-2}` is :math:`h_k\cdot\Delta_{k-1}` (up to the size); with
+    momentum :math:`\Delta_{k-1} = -m_{k-1}/(1-\mu^{k-1})`, so its normalised form is
+    :math:`c_k = \cos(h_k, m_{k-1})`: positive where the loss still falls along the last step (it was too short),
+    negative where it overshot. :math:`\log s_k = \operatorname{clip}(\log s_{k-1} + \kappa c_k, \pm\log 1000)`
+    (Baydin et al. 2018, multiplicative and normalised), and the cap is :math:`s_k\,\mathrm{lr}/Q`. One cosine over
+    the whole group (all its tensors, all shards); a skipped step, a first step (no momentum yet) or a non-finite
+    cosine leaves :math:`s` as it was. Returns :math:`s_k` (0-d, on the leader's device).
+    """
+    log_scale = group_state.get("lr_log_scale")
+    if log_scale is None:  # the option switched on after the group state was made
+        log_scale = group_state["lr_log_scale"] = _new_log_scale(group_state["measurement_noise"].device)
+    wide = log_scale.dtype
+    dot = hh = mm = torch.zeros((), dtype=wide, device=log_scale.device)
+    for b in buckets:
+        ms = [st["momentum_buffer"] for st in b.states]
+        parts = torch.stack([torch.stack([h.to(wide).flatten().dot(m.to(wide).flatten()),
+                                          h.to(wide).flatten().dot(h.to(wide).flatten()),
+                                          m.to(wide).flatten().dot(m.to(wide).flatten())])
+                             for h, m in zip(b.h, ms, strict=True)])  # (tensors, 3)
+        if b.shard_sum is not None:  # local shards: the per-tensor partial sums over all shards
+            parts = torch.stack([b.shard_sum(parts[:, j]) for j in range(3)], dim=1)
+        dot, hh, mm = (x + y.to(log_scale.device) for x, y in zip((dot, hh, mm), parts.sum(0), strict=True))
+    cosine = dot / (hh * mm).sqrt()
+    moved = (log_scale + rate * cosine).clamp(-math.log(LR_SCALE_BOUND), math.log(LR_SCALE_BOUND))
+    valid = ok.to(log_scale.device) & (hh > 0) & (mm > 0) & torch.isfinite(cosine)
+    log_scale.copy_(torch.where(valid, moved, log_scale))
+    return log_scale.exp()
 
 
 def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], gains: list[Tensor],
@@ -813,7 +882,8 @@ def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq,
                                                                                "grad_sq")}
     for members in blocks:
         # In a group block, tensors without a gradient now (h = 0) sit out: their history is masked out of the sums.
-        active = {i: ht[i].dot(ht[i]) > 0 if block == "group" else torch.tensor(True) for i in members}
+        active = {i: ht[i].dot(ht[i]) > 0 if block == "group" else torch.ones((), dtype=torch.bool, device=ht[i].device)
+                  for i in members}  # on the tensors' device: the flags meet them in torch.where
 
         def cat(xs: list[Tensor], members: list[int] = members, active: dict = active) -> Tensor:
             return torch.cat([xs[i] * active[i].to(xs[i].dtype) for i in members])
