@@ -13,6 +13,10 @@ from kalmanopt import KOALAPlusPlus
 
 from conftest import OPTIMIZERS, assert_unchanged, snapshot, tiny_mlp
 
+# KOALA++ with lr_adaptation: its cosine sums the per-tensor partial dot products over the shards (a large rate, so
+# that the multiplier moves within the few steps and a shard-local cosine would show)
+SHARDED = {**OPTIMIZERS, "koala_pp_lra": (KOALAPlusPlus, {"lr": 5e-3, "weight_decay": 1e-2, "lr_adaptation": 0.3})}
+
 STEPS, BATCH = 4, 16
 
 
@@ -133,7 +137,7 @@ def _fsdp_worker(rank, world, init_file, out_dir, name):
     try:
         from torch.distributed.fsdp import fully_shard
 
-        cls, kwargs = OPTIMIZERS[name]
+        cls, kwargs = SHARDED[name]
         model = tiny_mlp()  # Linear(5, 7), Linear(7, 3): shards of uneven size, the last bias split 2 + 1
         for layer in (model[0], model[2]):
             fully_shard(layer)
@@ -151,12 +155,12 @@ def _fsdp_worker(rank, world, init_file, out_dir, name):
     _leave()
 
 
-@pytest.mark.parametrize("name", ["koala_pp_wd", "koala_v", "koala_m_online_qw"])
+@pytest.mark.parametrize("name", ["koala_pp_wd", "koala_v", "koala_m_online_qw", "koala_pp_lra"])
 def test_fsdp2_matches_the_unsharded_run(tmp_path, name):
     world = 2
     mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "init"), str(tmp_path), name), nprocs=world, join=True)
     sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = SHARDED[name]
     model = tiny_mlp()
     opt = cls(model.parameters(), **kwargs)
     _train(model, opt, _batches(), reduce=False)

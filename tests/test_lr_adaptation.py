@@ -132,3 +132,20 @@ def test_off_by_default_and_the_default_path_is_untouched():
 def test_invalid_uses_raise_before_anything_is_made(options, error, match):
     with pytest.raises(error, match=match):
         KOALAPlusPlus(double_mlp().parameters(), **options)
+
+
+def test_bfloat16_state_and_float32_parameters():
+    """The cosine in the compute dtype, a bfloat16 momentum buffer widened to it: same multiplier as float32 state
+    up to the buffer's rounding."""
+    scales = []
+    for storage in (None, torch.bfloat16):
+        model = tiny_mlp(torch.float32)
+        opt = KOALAPlusPlus(model.parameters(), lr=1e-3, lr_adaptation=KAPPA, state_dtype=storage)
+        for k in range(6):
+            x, y = batch(k, dtype=torch.float32)
+            opt.zero_grad()
+            losses = per_sample_loss(model, x, y)
+            losses.mean().backward()
+            opt.step(loss=losses.detach())
+        scales.append(float(opt.diagnostics()[0]["lr_scale"]))
+    assert scales[0] != 1.0 and scales[1] == pytest.approx(scales[0], rel=2e-2)

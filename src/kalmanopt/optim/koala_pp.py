@@ -735,11 +735,9 @@ def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate
     wide = log_scale.dtype
     dot = hh = mm = torch.zeros((), dtype=wide, device=log_scale.device)
     for b in buckets:
-        ms = [st["momentum_buffer"] for st in b.states]
-        parts = torch.stack([torch.stack([h.to(wide).flatten().dot(m.to(wide).flatten()),
-                                          h.to(wide).flatten().dot(h.to(wide).flatten()),
-                                          m.to(wide).flatten().dot(m.to(wide).flatten())])
-                             for h, m in zip(b.h, ms, strict=True)])  # (tensors, 3)
+        # in the compute dtype (a bfloat16 momentum buffer widened to it), one batched reduction each; summed wide
+        ms = [st["momentum_buffer"].to(h.dtype) for st, h in zip(b.states, b.h, strict=True)]
+        parts = torch.stack([dots(b.h, ms), squared_norms(b.h), squared_norms(ms)], dim=1).to(wide)  # (tensors, 3)
         if b.shard_sum is not None:  # local shards: the per-tensor partial sums over all shards
             parts = torch.stack([b.shard_sum(parts[:, j]) for j in range(3)], dim=1)
         dot, hh, mm = (x + y.to(log_scale.device) for x, y in zip((dot, hh, mm), parts.sum(0), strict=True))
