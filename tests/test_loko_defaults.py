@@ -38,6 +38,7 @@ def test_the_defaults():
     g = opt.param_groups[0]
     assert (g["observation"], g["noise"], g["rank"], g["trust"], g["p0"], g["jacobian"]) == (
         "softmax", "moment", 64, 3.0, 0.1, "vmap")
+    assert (g["trust_check"], g["truncation"], g["classes"]) == ("predicted", "whitened", 0)
     # the moment-matched R belongs to the softmax observation: another observation gets a fixed R by default
     assert LoKO(model.parameters(), observation="logits").param_groups[0]["noise"] == "fixed"
     assert LoKO(model.parameters(), observation="loss").param_groups[0]["noise"] == "fixed"
@@ -89,7 +90,7 @@ def test_trust_region_that_does_not_bind_changes_nothing():
 @pytest.mark.parametrize("rank", [0, 8])
 def test_non_finite_outputs_after_the_step_undo_it_bit_for_bit(rank):
     model, x, y = model_and_data()
-    opt = LoKO(model.parameters(), rank=rank)
+    opt = LoKO(model.parameters(), rank=rank, trust_check="forward")  # the check that runs the model again
     opt.step(lambda: model(x), y)  # some state first
     before = params(model).clone()
     state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
@@ -114,7 +115,7 @@ def test_non_finite_outputs_after_the_step_undo_it_bit_for_bit(rank):
 
 def test_forward_fn_that_changes_shape_on_its_second_call_is_an_error_that_loses_nothing():
     model, x, y = model_and_data()
-    opt = LoKO(model.parameters())
+    opt = LoKO(model.parameters(), trust_check="forward")
     before = params(model).clone()
     calls = []
 

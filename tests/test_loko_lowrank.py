@@ -90,9 +90,10 @@ def test_rank_covering_the_information_is_exact():
 
 
 # ---------------------------------------------------------------------------------------------------- dense oracle
-def dense_lofi_step(theta, ups, W, H, R, e, k, a, q):
+def dense_lofi_step(theta, ups, W, H, R, e, k, a, q, truncation="gram"):
     """LoFi written densely from its definition: exact predicted precision, exact posterior mean, and the
-    posterior precision's rank-k truncation by eigendecomposition of the n x n information beyond the diagonal."""
+    posterior precision's rank-k truncation by eigendecomposition of the n x n information beyond the diagonal
+    (``"whitened"``: of that information whitened by the predicted diagonal, ``Ups^-1/2 low Ups^-1/2``)."""
     n = theta.numel()
     Sigma = torch.linalg.inv(torch.diag(ups) + W @ W.T)
     Sigma_pred = torch.diag(a.sqrt()) @ Sigma @ torch.diag(a.sqrt()) + torch.diag(q)
@@ -102,21 +103,23 @@ def dense_lofi_step(theta, ups, W, H, R, e, k, a, q):
     Lam_post = Lam_pred + H.T @ Rinv @ H
     theta_new = theta + torch.linalg.solve(Lam_post, H.T @ Rinv @ e)
     low = Lam_post - torch.diag(ups_pred)  # PSD, rank <= k + m
-    lam, vec = torch.linalg.eigh(low)
-    keep = vec[:, n - k:] * lam[n - k:].clamp_min(0).sqrt()
+    scale = ups_pred.rsqrt() if truncation == "whitened" else torch.ones_like(ups_pred)
+    lam, vec = torch.linalg.eigh(scale[:, None] * low * scale[None, :])
+    keep = (vec[:, n - k:] * lam[n - k:].clamp_min(0).sqrt()) / scale[:, None]
     drop = low - keep @ keep.T
     return theta_new, ups_pred + torch.diagonal(drop), keep, Lam_post, Lam_pred, ups_pred
 
 
+@pytest.mark.parametrize("truncation", ["gram", "whitened"])
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_one_step_from_a_random_state_against_dense_oracle(k):
+def test_one_step_from_a_random_state_against_dense_oracle(k, truncation):
     """From an arbitrary (upsilon, W) with two param groups of different inflation and q: exact mean, the
     predicted precision exact, the new W W^T the best rank-k part of the information, and the diagonal of the
     precision exact (LoFi's invariant)."""
     model = tiny()
     ps = list(model.parameters())
     groups = [{"params": ps[:2], "inflation": 0.1, "q": 1e-3}, {"params": ps[2:], "inflation": 0.0, "q": 0.02}]
-    opt = LoKO(groups, p0=0.3, r0=0.5, rank=k)
+    opt = LoKO(groups, p0=0.3, r0=0.5, rank=k, truncation=truncation)
     g = torch.Generator().manual_seed(3)
     ups = torch.rand(N_TINY, generator=g, dtype=torch.float64) * 3 + 0.5
     W = torch.randn(N_TINY, k, generator=g, dtype=torch.float64)
@@ -130,7 +133,7 @@ def test_one_step_from_a_random_state_against_dense_oracle(k):
     e = (torch.nn.functional.one_hot(y, 3).double() - torch.softmax(logits.view(2, 3), 1)).reshape(-1)
     R = (0.5 + 1e-3) * torch.eye(6, dtype=torch.float64)
     theta_ref, ups_ref, keep, Lam_post, Lam_pred, ups_pred = dense_lofi_step(flat_params(model), ups, W, H, R, e,
-                                                                             k, a, q)
+                                                                             k, a, q, truncation)
     # the time update alone is exact
     up, Wp = lofi.predict(ups, W, a - 1, q)
     torch.testing.assert_close(torch.diag(up) + Wp @ Wp.T, Lam_pred, rtol=1e-9, atol=1e-10)
@@ -144,8 +147,8 @@ def test_one_step_from_a_random_state_against_dense_oracle(k):
     torch.testing.assert_close(ups_new, ups_ref, rtol=1e-8, atol=1e-9)
     # LoFi's invariant: the diagonal of the precision is that of the full update
     torch.testing.assert_close(ups_new + W_new.square().sum(1), torch.diagonal(Lam_post), rtol=1e-10, atol=1e-10)
-    # columns of W ordered by decreasing norm
-    norms = W_new.norm(dim=0)
+    # columns of W ordered by decreasing norm (in the predicted diagonal's metric for "whitened")
+    norms = (W_new * (ups_pred.rsqrt()[:, None] if truncation == "whitened" else 1.0)).norm(dim=0)
     assert torch.all(norms[:-1] >= norms[1:] - 1e-12)
 
 

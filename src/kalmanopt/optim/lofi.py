@@ -118,6 +118,24 @@ class LofiUpdate(NamedTuple):
     rows_hph: Tensor | None = None
 
 
+def workspace_buffer(workspace: dict[str, Tensor] | None, name: str, shape: tuple[int, ...],
+                     like: Tensor) -> Tensor | None:
+    """A persistent buffer ``workspace[name]`` of ``shape`` with ``like``'s dtype and device (None without a
+    workspace): the ``out=`` of an ``n``-dimensional temporary.
+
+    On the CPU a fresh multi-megabyte temporary is memory the allocator maps from the system (glibc returns large
+    freed blocks to it), and every one of its pages is faulted in again at the first write: on the long BBC stream
+    (n = 14,213, k + m = 69) about 3,700 page faults a step, 4-5 ms of a 36 ms step. A buffer kept between steps is
+    written in place.
+    """
+    if workspace is None:
+        return None
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
 def _sym_solve(L: Tensor, b: Tensor) -> Tensor:
     return torch.cholesky_solve(b, L)
 
@@ -129,19 +147,30 @@ def _conjugate(A: Tensor, B: Tensor, k: int) -> Tensor:
 
 
 def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, prior: bool = True,
-           posterior: bool = True, mix: Tensor | None = None, rows_prior: bool = False) -> LofiUpdate | None:
+           posterior: bool = True, mix: Tensor | None = None, rows_prior: bool = False,
+           truncation: str = "gram", workspace: dict[str, Tensor] | None = None) -> LofiUpdate | None:
     r"""Measurement update of the precision ``diag(upsilon) + W W^T`` (see the module docs).
 
     Args:
         upsilon: ``(n,)`` prior diagonal (after :func:`predict`), positive.
         W: ``(n, k)`` prior low-rank factor, ``k >= 1``.
-        H: ``(m, n)`` Jacobian of the outputs, in the dtype of ``W``.
+        H: ``(m, n)`` Jacobian of the outputs, in the dtype of ``W`` (``(r, n)`` rows with a rectangular ``mix``).
         chol_R: ``(m, m)`` float64 lower Cholesky factor of the observation noise ``R``.
         e: ``(m,)`` float64 innovation.
         prior, posterior: compute ``prior_hph`` / ``post_hph`` and ``h_delta`` (else they are None).
-        mix: ``(m, m)`` float64: the measurement's Jacobian is ``mix @ H`` (LoKO's softmax rows from the logits'
-            ``H``), applied to the small matrices only; None: ``H`` itself.
+        mix: ``(m, m)`` or ``(m, r)`` float64: the measurement's Jacobian is ``mix @ H`` (LoKO's softmax rows from
+            the logits' ``H``, or from ``r = m + 1`` rows per sample with ``classes``), applied to the small matrices
+            only; None: ``H`` itself.
         rows_prior: also return ``rows_hph``, :math:`H \Sigma^- H^\top` of the rows ``H`` as given (before ``mix``).
+        truncation: ``"gram"`` (LoFi's): keep the ``k`` leading eigenvectors of the Gram matrix
+            :math:`\tilde W^\top\tilde W`, the best rank-``k`` approximation of :math:`\tilde W\tilde W^\top` in
+            Frobenius norm. ``"whitened"``: those of :math:`\tilde W^\top\Upsilon^{-1}\tilde W` (the matrix
+            the mean update has already formed), the best rank-``k`` approximation of the whitened
+            :math:`\Upsilon^{-1/2}\tilde W\tilde W^\top\Upsilon^{-1/2}`: the directions in which the low-rank
+            part of the precision dominates its diagonal most. It saves the ``n (k + m)^2`` Gram product; the
+            diagonal of the precision stays exact either way (any rotation of :math:`\tilde W` keeps its row norms).
+        workspace: persistent buffers for the ``n (k + m)`` temporaries (:func:`workspace_buffer`; LoKO passes one
+            on the CPU). The returned ``W`` is then a view of a workspace buffer, valid until the next call with it.
 
     Returns:
         A :class:`LofiUpdate`, or None when the small ``(k + m)`` system cannot be factorised (non-finite input),
@@ -150,7 +179,7 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
         :math:`W^\top\Upsilon^{-1}W` beyond float64's resolution for factorising :math:`I + T`).
     """
     n, k = W.shape
-    m = H.shape[0]
+    m = H.shape[0] if mix is None else mix.shape[0]  # measurements (H may hold other rows, mixed into them)
     f64 = torch.float64
     # The whitened Jacobian G = L_R^{-1} mix H (H^T R^{-1} H = G^T G for the measured rows) is never formed in n
     # dimensions: W~ = [W, G^T] = Wz E^T with Wz = [W, H^T] and E = diag(I_k, B), B = L_R^{-1} mix, so every
@@ -159,8 +188,9 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     B = torch.linalg.solve_triangular(chol_R, torch.eye(m, dtype=f64, device=H.device) if mix is None else mix,
                                       upper=False)
     e_w = torch.linalg.solve_triangular(chol_R, e.unsqueeze(1), upper=False).squeeze(1)  # whitened innovation
-    Wz = torch.cat([W, H.T], dim=1)  # (n, k + m)
-    U = Wz / upsilon.unsqueeze(1)  # Upsilon^{-1} Wz
+    cols = k + H.shape[0]
+    Wz = torch.cat([W, H.T], dim=1, out=workspace_buffer(workspace, "Wz", (n, cols), W))  # (n, k + m)
+    U = torch.div(Wz, upsilon.unsqueeze(1), out=workspace_buffer(workspace, "U", (n, cols), W))  # Upsilon^-1 Wz
     Tz = (Wz.T @ U).to(f64)  # Wz^T Upsilon^{-1} Wz (symmetric up to rounding: T and rows_hph are symmetrised)
     T = _conjugate(Tz, B, k)  # W~^T Upsilon^{-1} W~
     T = 0.5 * (T + T.T)
@@ -194,8 +224,11 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
         h_delta = chol_R @ (T[k:, :] @ coef)
     # truncation: rotate W~ onto the eigenvectors of its Gram matrix, keep the k largest (one product: the kept
     # columns and the dropped ones side by side)
-    gram = _conjugate((Wz.T @ Wz).to(f64), B, k)
-    gram = 0.5 * (gram + gram.T)
+    if truncation == "whitened":  # T is finite here (its Cholesky factor was)
+        gram = T
+    else:
+        gram = _conjugate((Wz.T @ Wz).to(f64), B, k)
+        gram = 0.5 * (gram + gram.T)
     # Wz^T Wz (unlike Wz^T Upsilon^{-1} Wz, checked above) can overflow the input dtype, and eigh raises on
     # non-finite input instead of returning NaN: decompose zeros then, and give up below
     finite = torch.isfinite(gram).all()
@@ -211,7 +244,14 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     headroom = torch.finfo(W.dtype).max / 4  # for the next update's rounding and its new rows
     resolution = 1.0 / (4 * (k + m) * torch.finfo(f64).eps)
     kept = V[:, :k]
-    usable = finite & (evals[0] <= headroom) & ((kept * (T @ kept)).sum() <= resolution)
+    if truncation == "whitened":
+        # evals are T's, and the new W's Gram matrix is not diagonal: its largest eigenvalue is at most its trace
+        # sum_i w_i^2 <= max(upsilon) sum_i w_i^2 / upsilon_i = max(upsilon) sum(evals[:k]) (no n k pass); the
+        # next I + T's leading block is at most diag(evals[:k])
+        gram_bound = upsilon.max().to(f64) * evals[:k].clamp_min(0.0).sum()
+        usable = finite & (gram_bound <= headroom) & (evals[:k].clamp_min(0.0).sum() <= resolution)
+    else:
+        usable = finite & (evals[0] <= headroom) & ((kept * (T @ kept)).sum() <= resolution)
     if not bool(usable):
         return None
     # Directions whose eigenvalue is within the Gram matrix's own rounding of zero (while the information has
@@ -220,7 +260,8 @@ def update(upsilon: Tensor, W: Tensor, H: Tensor, chol_R: Tensor, e: Tensor, *, 
     # slowly (the Gram products of the next steps took 5-10x their usual time). They are set to their exact value.
     null = evals <= evals[0].clamp_min(0.0) * ((k + m) * torch.finfo(f64).eps)
     V = V.masked_fill(null, 0.0)
-    rotated = Wz @ torch.cat([V[:k], B.T @ V[k:]]).to(W.dtype)  # W~ V = Wz (E^T V)
+    rotated = torch.mm(Wz, torch.cat([V[:k], B.T @ V[k:]]).to(W.dtype),  # W~ V = Wz (E^T V)
+                       out=workspace_buffer(workspace, "rotated", (n, k + m), W))
     W_new = rotated[:, :k]
     ups_new = upsilon + rotated[:, k:].square().sum(1)
     return LofiUpdate(delta, ups_new, W_new, prior_hph, post_hph, h_delta, rows_hph)

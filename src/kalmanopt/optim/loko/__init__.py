@@ -87,8 +87,16 @@ natural-gradient (Gauss-Newton) method; the low-rank precision keeps the correla
 space: after the update the same batch is run forward once more (no gradient), and if a logit moved by more than
 ``trust`` the mean step is shortened to move it by exactly ``trust`` (the covariance update is kept). Without it the
 natural-gradient filter diverges on streams whose first steps are large, at any ``p0`` large enough to learn
-quickly; with it the result is flat over ``p0`` from 0.03 to 1 on every stream. ``forward_fn`` is therefore called
-twice per step: it must be deterministic (eval mode, no dropout) and free of side effects.
+quickly; with it the result is flat over ``p0`` from 0.03 to 1 on every stream. The second forward pass is run only
+where it can matter (``trust_check="predicted"``): the step's own Jacobian predicts the change of the logits,
+:math:`H_z \delta`, and a step predicted to move no logit by more than ``trust / 2`` is taken without it (2-20 % of
+the steps on the benchmark streams ran it; ``"forward"`` runs it at every step, as before). ``forward_fn`` is
+therefore called up to twice per step: it must be deterministic (eval mode, no dropout) and free of side effects.
+
+Cost options (issue 22; each keeps the exact path): ``trust_check`` (above), ``truncation="whitened"`` (default;
+LoFi's truncation from the matrix the mean update already has, one ``n (k + m)^2`` product less than LoFi's
+``"gram"``) and ``classes=c`` (observe the softmax of the ``c`` most probable classes and the label, ``c + 2``
+vector-Jacobian products instead of ``C``; off by default: it cost NLL on MNIST).
 
 Everything inside one step runs in float64 for the ``m x m`` algebra and in the state dtype (float32 for 16/32-bit
 parameters, float64 for float64 ones) for the ``O(n m)`` work.
@@ -122,8 +130,15 @@ from .measurement_noise import (  # noqa: F401
     updated_noise_estimate,
 )
 from .numerics import all_finite, cholesky_with_jitter  # noqa: F401
-from .observation import OBSERVATIONS, observe, one_hot_target, softmax_rows  # noqa: F401
-from .optimizer import LoKO, _auto_priors_fit, _Pending  # noqa: F401
+from .observation import (  # noqa: F401
+    OBSERVATIONS,
+    class_subset,
+    observe,
+    one_hot_target,
+    softmax_rows,
+    subset_logit_covariance,
+)
+from .optimizer import TRUNCATIONS, TRUST_CHECKS, TRUST_MARGIN, LoKO, _auto_priors_fit, _Pending  # noqa: F401
 from .predictive import (  # noqa: F401
     PREDICTIVE_METHODS,
     PREDICTIVE_SCALES,

@@ -22,7 +22,7 @@ AUTO_SCOPES = ("joint", "group", "tensor")
 
 # Hyperparameters of the measurement, which every param group shares (the observation is one for the model).
 _SHARED = ("observation", "noise", "variance_update", "beta", "r0", "r_min", "r_clip", "p0_scale", "auto_scope",
-           "jacobian", "rank", "trust", "calibrate")
+           "jacobian", "rank", "trust", "calibrate", "trust_check", "truncation")
 
 
 def check_numbers(opt: Optimizer) -> None:

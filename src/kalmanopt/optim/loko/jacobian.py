@@ -18,8 +18,12 @@ JACOBIAN_MODES = ("batched", "vmap", "loop")
 _BATCHING_FAILED: set[str] = set()
 
 
-def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched") -> list[Tensor]:
+def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched", vectors: Tensor | None = None
+                  ) -> list[Tensor]:
     """``dh/dtheta`` for every parameter as ``(m, *param.shape)`` tensors (zeros where unused).
+
+    ``vectors`` ``(r, m)``: the rows ``v_j^T dh/dtheta`` instead, ``(r, *param.shape)`` (the vector-Jacobian
+    products with the rows of ``vectors``; None: the identity, every output's row).
 
     ``mode="batched"`` runs the ``m`` vector-Jacobian products as one vmapped backward
     (``autograd.grad(..., is_grads_batched=True)``, PyTorch's legacy vmap); ``"vmap"`` runs them under
@@ -27,14 +31,14 @@ def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched") -> lis
     (1.7x faster on a small LoRA CNN, equal up to float rounding); both fall back (with a one-time warning) to the
     next mode, and finally to a loop of backwards, where an operator has no batching rule.
     """
-    m = h.numel()
-    if m == 1:
+    m = h.numel() if vectors is None else vectors.shape[0]
+    if m == 1 and vectors is None:
         grads = torch.autograd.grad(h.sum(), params, allow_unused=True)
         rows = [None if g is None else g.unsqueeze(0) for g in grads]
     else:
         rows = None
         if mode == "vmap":
-            eye = torch.eye(m, dtype=h.dtype, device=h.device)
+            eye = torch.eye(m, dtype=h.dtype, device=h.device) if vectors is None else vectors.to(h.dtype)
 
             def vjp(v: Tensor) -> tuple[Tensor, ...]:
                 return torch.autograd.grad(h, params, grad_outputs=v, retain_graph=True, allow_unused=True,
@@ -49,7 +53,7 @@ def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched") -> lis
                                   RuntimeWarning, stacklevel=3)
                 mode = "batched"
         if rows is None and mode == "batched":
-            eye = torch.eye(m, dtype=h.dtype, device=h.device)
+            eye = torch.eye(m, dtype=h.dtype, device=h.device) if vectors is None else vectors.to(h.dtype)
             try:
                 rows = list(torch.autograd.grad(h, params, grad_outputs=eye, is_grads_batched=True,
                                                 retain_graph=True, allow_unused=True))
@@ -60,7 +64,9 @@ def jacobian_rows(h: Tensor, params: list[Tensor], mode: str = "batched") -> lis
                     warnings.warn(f"batched Jacobian failed ({str(exc)[:200]}); using one backward per row",
                                   RuntimeWarning, stacklevel=3)
         if rows is None:
-            per_row = [torch.autograd.grad(h[j], params, retain_graph=j < m - 1, allow_unused=True)
+            per_row = [torch.autograd.grad(h[j] if vectors is None else h, params,
+                                           grad_outputs=None if vectors is None else vectors[j].to(h.dtype),
+                                           retain_graph=j < m - 1, allow_unused=True)
                        for j in range(m)]
             rows = []
             for i in range(len(params)):

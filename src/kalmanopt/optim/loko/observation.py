@@ -3,14 +3,18 @@ r"""LoKO's observation models: the measurement ``h``, the innovation ``e`` and t
 ``observe`` turns a batch's logits and targets into what the filter measures (``observation="softmax"``,
 ``"logits"`` or ``"loss"``; see :mod:`kalmanopt.optim.loko`), and ``softmax_rows`` maps the logits' Jacobian rows
 to the softmax's (:math:`H_s = \Lambda H_z`, :math:`\Lambda = \mathrm{diag}(\hat y) - \hat y \hat y^\top`).
+``class_subset`` and ``subset_logit_covariance`` are the softmax observation of a few classes (``classes=c``).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["OBSERVATIONS", "observe", "one_hot_target", "softmax_rows"]
+__all__ = ["OBSERVATIONS", "ClassSubset", "class_subset", "observe", "one_hot_target", "softmax_rows",
+           "subset_logit_covariance"]
 
 OBSERVATIONS = ("softmax", "logits", "loss")
 
@@ -72,3 +76,65 @@ def softmax_rows(logit_rows: list[Tensor], yhat: Tensor) -> list[Tensor]:
         flat = r.reshape(b, c, -1)
         out.append((lam.to(flat.dtype) @ flat).reshape(r.shape))
     return out
+
+
+class ClassSubset(NamedTuple):
+    r"""The classes a step observes with ``classes=c`` (see :func:`class_subset`).
+
+    Attributes:
+        index: ``(B, c + 1)`` class indices per sample: the ``c`` most probable (by decreasing probability), then
+            the label, or the ``(c + 1)``-th most probable where the label is among the first ``c``.
+        vectors: ``(B (c + 2), B C)`` the vector-Jacobian products to take of the flat logits: per sample the
+            ``c + 1`` logits of ``index`` and the probability-weighted mean logit :math:`\hat y^\top z`.
+        mix: ``(B (c + 1), B (c + 2))`` float64, block-diagonal: the softmax rows of the observed classes from
+            those, :math:`\partial \hat y_i / \partial\theta = \hat y_i (J_i - \sum_j \hat y_j J_j)`.
+    """
+
+    index: Tensor
+    vectors: Tensor
+    mix: Tensor
+
+
+def class_subset(yhat: Tensor, e: Tensor, count: int) -> ClassSubset:
+    r"""The observed classes of ``classes=count``: the ``count`` most probable and the label (the largest entry of
+    the target ``y = e + yhat``), ``count + 1`` per sample, and what the step needs to observe their softmax
+    probabilities exactly with ``count + 2`` vector-Jacobian products instead of ``C``.
+
+    The measurement is the marginal of the softmax observation on those classes: ``h_S = yhat_S``,
+    ``e_S = y_S - yhat_S``, ``R_S = diag(yhat_S) - yhat_S yhat_S^T + r_min I`` (the submatrix of the moment-matched
+    R). The classes left out are the least probable ones, whose rows enter the Fisher information
+    :math:`J^\top(\mathrm{diag}(\hat y) - \hat y\hat y^\top)J` with the weight of their probability.
+    """
+    b, c = yhat.shape
+    label = (e.reshape(b, c) + yhat).argmax(1)
+    top = yhat.topk(count + 1, dim=1).indices  # (B, count + 1), by decreasing probability
+    among = (top[:, :count] == label.unsqueeze(1)).any(1)
+    extra = torch.where(among, top[:, count], label)
+    index = torch.cat([top[:, :count], extra.unsqueeze(1)], dim=1)  # (B, s), s = count + 1
+    s = count + 1
+    rows = torch.arange(b, device=yhat.device)
+    vectors = torch.zeros((b, s + 1, b, c), dtype=torch.float64, device=yhat.device)
+    vectors[rows.unsqueeze(1), torch.arange(s, device=yhat.device), rows.unsqueeze(1), index] = 1.0
+    vectors[rows, s, rows] = yhat
+    probs = yhat.gather(1, index)  # (B, s)
+    block = torch.cat([torch.diag_embed(probs), -probs.unsqueeze(2)], dim=2)  # (B, s, s + 1)
+    mix = block[0] if b == 1 else torch.block_diag(*block)
+    return ClassSubset(index, vectors.reshape(b * (s + 1), b * c), mix)
+
+
+def subset_logit_covariance(blocks: Tensor, index: Tensor, count: int, classes: int) -> Tensor:
+    """The ``(B, C, C)`` logit covariance the predictive uses with ``classes=count``, from the ``(B, s + 1, s + 1)``
+    covariance of the rows :func:`class_subset` measured.
+
+    Only the ``count`` most probable classes enter (the label's row does not: the predictive must not depend on
+    the label it predicts): their block is exact; every other class gets the mean of their variances on the
+    diagonal (the probit reads only the diagonal) and no covariance.
+    """
+    b = blocks.shape[0]
+    top = index[:, :count]
+    known = blocks[:, :count, :count]
+    fill = torch.diagonal(known, dim1=1, dim2=2).mean(1)  # (B,)
+    cov = torch.diag_embed(fill.unsqueeze(1).expand(b, classes).clone())
+    rows = torch.arange(b, device=blocks.device).view(b, 1, 1)
+    cov[rows, top.unsqueeze(2), top.unsqueeze(1)] = known
+    return cov
