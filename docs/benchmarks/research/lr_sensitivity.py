@@ -54,9 +54,43 @@ def table() -> None:
             print(f"| {base} | " + " | ".join(row) + f" | {worst:.4f} | {statistics.median(finals):.4f} |")
 
 
+# the rows of docs/benchmarks/lr_sensitivity.md (python docs/benchmarks/research/lr_sensitivity.py --markdown)
+LABELS = {"adamw": "AdamW", "kpp_lib": "KOALA++ (default)",
+          "kpp_lib:lr_adaptation=0.05": "**KOALA++ (`lr_adaptation=0.05`)**", "sf": "Schedule-Free AdamW",
+          "prodigy": "Prodigy", "kpp_dist": "KOALA++, distance-estimated cap (research)",
+          "kpp_hd:norm=ema,kappa=0.02": "KOALA++, EMA-normalised hypergradient (research)"}
+TITLES = {"fm10k": "Fashion-MNIST 10k (accuracy)", "mnist": "MNIST subset (accuracy)",
+          "lm": "character GPT (perplexity)"}
+
+
+def markdown() -> None:
+    runs = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+    cells: dict = defaultdict(list)
+    for r in runs:
+        cells[r["task"], r["base"], r["mult"]].append(r["accs"][-1] if r["accs"] else float("nan"))
+    print("| task | optimizer | 0.1x | 1x | 10x | worst | median |")
+    print("|---|---|---|---|---|---|---|")
+    for task, title in TITLES.items():
+        lm, first = task == "lm", True
+        for base, label in LABELS.items():
+            values = [cells.get((task, base, m)) for m in (0.1, 1.0, 10.0)]
+            if not all(values):
+                continue
+            means = [statistics.fmean(v) for v in values]
+            show = (lambda x: f"{x:.2f}") if lm else (lambda x: f"{100 * x:.1f}")
+            worst, median = (max if lm else min)(means), statistics.median(means)
+            print(f"| {title if first else ''} | {label} | "
+                  + " | ".join(f"{show(m)} ({len(v)})" for m, v in zip(means, values, strict=True))
+                  + f" | {show(worst)} | {show(median)} |")
+            first = False
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--table"]:
         table()
+        sys.exit(0)
+    if sys.argv[1:] == ["--markdown"]:
+        markdown()
         sys.exit(0)
     import ablation
 
