@@ -39,6 +39,7 @@ def test_the_cap_multiplier_is_the_hypergradient_definition(foreach):
             dot = sum((a * d).sum() for a, d in zip(h, delta, strict=True))
             norms = math.sqrt(sum(a.square().sum() for a in h)) * math.sqrt(sum(d.square().sum() for d in delta))
             log_s = min(max(log_s + KAPPA * float(-dot) / norms, -math.log(1000)), math.log(1000))
+        log_s = float(torch.tensor(log_s, dtype=torch.float32))  # as the optimizer stores it
         oracle.param_groups[0]["lr"] = 3e-3 * math.exp(log_s)
         before = [p.detach().clone() for p in plain.parameters()]
         opt.step(loss=per_sample_loss(adapted, x, y).detach())
@@ -149,3 +150,20 @@ def test_bfloat16_state_and_float32_parameters():
             opt.step(loss=losses.detach())
         scales.append(float(opt.diagnostics()[0]["lr_scale"]))
     assert scales[0] != 1.0 and scales[1] == pytest.approx(scales[0], rel=2e-2)
+
+
+def test_compiled_step_adapts_as_the_eager_one():
+    """torch.compile (AOT autograd's functionalisation, where an in-place write to 0-d float64 CPU state was lost)."""
+    models = [tiny_mlp(torch.float32), tiny_mlp(torch.float32)]
+    opts = [KOALAPlusPlus(m.parameters(), lr=1e-3, lr_adaptation=KAPPA, foreach=True) for m in models]
+    compiled = torch.compile(lambda losses: opts[1].step(loss=losses), fullgraph=True, backend="aot_eager")
+    for k in range(4):
+        x, y = batch(k, dtype=torch.float32)
+        for model, opt, step in zip(models, opts, (lambda losses: opts[0].step(loss=losses), compiled), strict=True):
+            opt.zero_grad()
+            losses = per_sample_loss(model, x, y)
+            losses.mean().backward()
+            step(losses.detach())
+    eager, traced = (o.state[m[0].weight]["lr_log_scale"] for o, m in zip(opts, models, strict=True))
+    assert float(eager) != 0.0
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)

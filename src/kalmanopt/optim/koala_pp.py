@@ -713,8 +713,9 @@ LR_SCALE_BOUND = 1000.0  # lr_adaptation keeps the cap within [lr / 1000, lr * 1
 
 
 def _new_log_scale(device: torch.device) -> Tensor:
-    """``lr_adaptation``'s state: the log of the cap multiplier, a 0-d float64 (float32 where the device has none)."""
-    return torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    """``lr_adaptation``'s state: the log of the cap multiplier, a 0-d float32 (ample for a value within +-7 moved by
+    steps of about 1e-3; and torch.compile drops in-place writes to 0-d float64 CPU state, measured with torch 2.13)."""
+    return torch.zeros((), dtype=torch.float32, device=device)
 
 
 def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate: float, ok: Tensor) -> Tensor:
@@ -732,7 +733,7 @@ def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate
     log_scale = group_state.get("lr_log_scale")
     if log_scale is None:  # the option switched on after the group state was made
         log_scale = group_state["lr_log_scale"] = _new_log_scale(group_state["measurement_noise"].device)
-    wide = log_scale.dtype
+    wide = torch.float32 if log_scale.device.type == "mps" else torch.float64  # the sums and the cosine
     dot = hh = mm = torch.zeros((), dtype=wide, device=log_scale.device)
     for b in buckets:
         # in the compute dtype (a bfloat16 momentum buffer widened to it), one batched reduction each; summed wide
@@ -742,10 +743,10 @@ def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate
             parts = torch.stack([b.shard_sum(parts[:, j]) for j in range(3)], dim=1)
         dot, hh, mm = (x + y.to(log_scale.device) for x, y in zip((dot, hh, mm), parts.sum(0), strict=True))
     cosine = dot / (hh * mm).sqrt()
-    moved = (log_scale + rate * cosine).clamp(-math.log(LR_SCALE_BOUND), math.log(LR_SCALE_BOUND))
+    moved = (log_scale.to(wide) + rate * cosine).clamp(-math.log(LR_SCALE_BOUND), math.log(LR_SCALE_BOUND))
     valid = ok.to(log_scale.device) & (hh > 0) & (mm > 0) & torch.isfinite(cosine)
-    log_scale.copy_(torch.where(valid, moved, log_scale))
-    return log_scale.exp()
+    log_scale.copy_(torch.where(valid, moved, log_scale.to(wide)))
+    return log_scale.to(wide).exp()
 
 
 def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], gains: list[Tensor],
