@@ -1,5 +1,8 @@
 """``kalmanopt bench online``: the streams it builds (fast ones only; the MiniLM and MNIST streams need caches)."""
 
+import argparse
+import copy
+
 import pytest
 import torch
 
@@ -239,3 +242,70 @@ def test_device_cpu_changes_nothing_and_is_recorded(cache, tmp_path):
     assert main(["bench", "online", "--task", "digits_shift", "--quick", "--cost-only", "1", "--adapters", "LoRA",
                  "--ablations", "none", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
     assert json.loads((out / "cost_digits_shift_quick.json").read_text())["provenance"]["device"] == "cpu"
+
+
+def _bert_classifier(hidden: int, layers: int, heads: int, intermediate: int, classes: int):
+    """A randomly initialised BERT encoder (no download) in the classifier the MiniLM streams use, pooler included."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=32, hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=intermediate,
+                                     max_position_embeddings=16)
+    torch.manual_seed(0)
+    return online.EncoderClassifier(transformers.BertModel(config).requires_grad_(False), classes)
+
+
+def _wide_task(make_base, name="nlp_bbc_wide", classes=5):
+    from kalmanopt.bench.online.tasks import NLP_ADAPTERS
+
+    targets, rank, adapted = NLP_ADAPTERS[name]
+    return online.Task(name, "", [], torch.zeros(0, dtype=torch.long), [], [], make_base, list(targets), rank,
+                       classes, modules_to_save=["head"], adapted=adapted)
+
+
+@pytest.mark.parametrize("adapter", ["LoRA", "DoRA"])
+def test_wide_stream_adapts_every_linear_layer_of_every_block_and_nothing_else(adapter):
+    """``nlp_bbc_wide``: LoRA/DoRA on query, key, value, attention output and both MLP layers of each block (not the
+    pooler, whose output is never read), and every adapter gets a gradient."""
+    task = _wide_task(lambda seed: _bert_classifier(16, 2, 2, 32, 3), classes=3)
+    model, opt = online.build(task, adapter, "AdamW", 1e-3, 0)
+    adapted = {n.split(".lora_A")[0].split("base_model.model.")[-1] for n, _ in model.named_parameters()
+               if ".lora_A" in n}
+    expected = {f"encoder.encoder.layer.{i}.{m}" for i in range(2) for m in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")}
+    assert adapted == expected
+    ids = torch.randint(0, 32, (1, 7), generator=torch.Generator().manual_seed(0))
+    torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                                      torch.tensor([1])).backward()
+    lora_b = [(n, p) for n, p in model.named_parameters() if ".lora_B" in n]
+    assert len(lora_b) == 12 and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in lora_b)
+
+
+def test_wide_stream_is_about_nine_times_the_every_block_query_value_adapter():
+    """At MiniLM-L6's sizes (384 wide, 1,536 MLP, 6 blocks; random weights): 665,477 trainable parameters with the
+    5-class head (DoRA 686,213) against nlp_bbc's 75,653 (DoRA 80,261), the counts the docs state."""
+    base = _bert_classifier(384, 6, 12, 1536, 5)
+    counts = {}
+    for name in ("nlp_bbc", "nlp_bbc_wide"):
+        task = _wide_task(lambda seed: copy.deepcopy(base), name)
+        for adapter in ("LoRA", "DoRA"):
+            _, opt = online.build(task, adapter, "AdamW", 1e-3, 0)
+            counts[name, adapter] = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert counts == {("nlp_bbc", "LoRA"): 75_653, ("nlp_bbc", "DoRA"): 80_261,
+                      ("nlp_bbc_wide", "LoRA"): 665_477, ("nlp_bbc_wide", "DoRA"): 686_213}
+
+
+def test_wide_stream_is_a_task_of_the_cli(tmp_path, capsys):
+    from kalmanopt.bench.online import SUITES, required_datasets, resolve_ablations
+    from kalmanopt.cli import main
+
+    assert "nlp_bbc_wide" in online.TASKS and SUITES["nlp_wide"] == ("nlp_bbc_wide",)
+    assert required_datasets(argparse.Namespace(suite="all", task="nlp_bbc_wide")) == ["bbc_news"]
+    assert list(resolve_ablations(None, "nlp_bbc_wide")) == online.ablation_presets()["core"]
+    out = tmp_path / "results"
+    for argv, match in ((["--adapters", "LoRA,VeRA"], "unknown adapter 'VeRA'"), (["--ablations", "nope=1"],
+                                                                                  "has no option 'nope'")):
+        assert main(["bench", "online", "--task", "nlp_bbc_wide", "--cost-only", "1", "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err
+    assert not out.exists()

@@ -135,7 +135,7 @@ def test_calibrated_predictive_uses_the_scale_with_the_lowest_past_nll_and_leave
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
     twin = clone(model)
-    calibrated = LoKO(model.parameters(), rank=8)
+    calibrated = LoKO(model.parameters(), rank=8, calibrate="scale")
     plain = LoKO(twin.parameters(), rank=8, calibrate=False)
     xs = 2.0 * torch.randn(25, 1, 4, dtype=torch.float64)
     ys = torch.randint(0, 3, (25, 1))

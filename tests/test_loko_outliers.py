@@ -131,7 +131,7 @@ def test_an_outlier_is_skipped_bit_for_bit_or_learned_and_the_filter_recovers(ob
         if observation != "loss":
             pred = opt.last_predictive
             assert pred is not None and torch.isfinite(pred.cov).all() and torch.isfinite(pred.probs).all()
-            assert torch.isfinite(leader["predictive_nll"]).all()
+            assert torch.isfinite(leader["predictive_brier"]).all()
         if noise in ("ema", "ema_diag"):
             old = before[1][0].get("noise_estimate")
             if old is None:  # the first step: R_0 = r0 I
@@ -177,7 +177,7 @@ def test_huge_input_that_overflows_float32_is_a_counted_skip_and_calibration_sur
     _assert_same(m, opt, before)
     for i in (4, 6):
         opt.step(lambda i=i: m(x[i:i + 2]), y[i:i + 2])
-        assert torch.isfinite(opt.state[m.weight]["predictive_nll"]).all()
+        assert torch.isfinite(opt.state[m.weight]["predictive_brier"]).all()
         assert torch.isfinite(opt.last_predictive.cov).all()
     assert opt.skipped_steps == 1
 
@@ -218,7 +218,7 @@ def test_a_huge_input_that_fits_float64_is_learned_with_a_finite_calibration():
     opt = LoKO(m.parameters(), rank=0)
     for i in range(0, 8, 2):
         opt.step(lambda i=i: m(x[i:i + 2] * (1e20 if i == 2 else 1)), y[i:i + 2])
-        assert torch.isfinite(opt.state[m.weight]["predictive_nll"]).all()
+        assert torch.isfinite(opt.state[m.weight]["predictive_brier"]).all()
     assert opt.skipped_steps == 0
 
 
@@ -228,7 +228,7 @@ def test_calibration_leaves_a_non_finite_sample_out_of_every_sum():
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 3).double()
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
-    opt = LoKO(m.parameters(), rank=0)
+    opt = LoKO(m.parameters(), rank=0, calibrate="scale")
     opt.step(lambda: m(x[:2]), y[:2])
     gst = opt.state[m.weight]
     sums = gst["predictive_nll"].clone()
@@ -256,7 +256,7 @@ def test_predictive_at_scale_zero_is_the_plugin_even_where_the_covariance_overfl
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 3)
     x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
-    opt = LoKO(m.parameters(), rank=0)
+    opt = LoKO(m.parameters(), rank=0, calibrate="scale")
     opt.step(lambda: m(x[:2]), y[:2])
     opt.state[m.weight]["predictive_nll"][-1] = -1e9  # the plug-in wins
     assert opt.predictive_scale == 0.0
@@ -317,7 +317,7 @@ def test_a_nan_sum_from_an_old_checkpoint_is_never_the_chosen_scale():
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 3)
     x, y = torch.randn(2, 4), torch.randint(0, 3, (2,))
-    opt = LoKO(m.parameters(), rank=0)
+    opt = LoKO(m.parameters(), rank=0, calibrate="scale")
     opt.step(lambda: m(x), y)
     opt.state[m.weight]["predictive_nll"][-1] = math.nan
     assert opt.predictive_scale != 0.0

@@ -237,3 +237,152 @@ def test_bad_arguments():
         opt.predictive(lambda: model(x).reshape(-1))
     with pytest.raises(ValueError, match="samples"):
         opt.predictive(lambda: model(x), "mc", samples=0)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def _under_confident_stream(n=200, c=4, sharpness=3.0, seed=0):
+    """Logits whose softmax is under-confident: the labels are drawn from ``softmax(sharpness * mean)``, with a small
+    logit covariance (a filter that has learned): only a temperature below 1 calibrates them."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, 1, c, generator=g, dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(sharpness * mean[:, 0], 1), 1, generator=g).squeeze(1)
+    a = 0.3 * torch.randn(n, c, c, generator=g, dtype=torch.float64)
+    cov = (a @ a.transpose(1, 2)).unsqueeze(1)
+    return mean, cov, labels
+
+
+def _replay(rule, mean, cov, labels):
+    """The calibrated predictive of every sample of a stream (batch 1), and the rule's final state."""
+    from kalmanopt.optim.loko.predictive import calibrated
+
+    gst, probs, temps = {}, [], []
+    c = mean.shape[-1]
+    for mu, sigma, y in zip(mean, cov, labels, strict=True):
+        target = torch.nn.functional.one_hot(y.view(1), c).double()
+        yhat = torch.softmax(mu, 1)
+        pred = calibrated(mu, sigma, target - yhat, yhat, gst, rule)
+        probs.append(pred.probs)
+        temps.append(float((mu / pred.mean)[0, 0]))
+    return torch.cat(probs), temps, gst
+
+
+def test_temperature_calibration_sharpens_under_confident_logits():
+    """Issue 22: LoKO's logits were under-confident, and the covariance scale (``"scale"``, the earlier default)
+    can only lower the confidence, so its best is the plug-in softmax, still under-confident. ``"temperature"``, the
+    default now, picks a temperature below 1 and has a lower NLL, Brier score and ECE on the same stream."""
+    from kalmanopt.online import expected_calibration_error
+
+    mean, cov, labels = _under_confident_stream()
+    scores = {}
+    for rule in ("scale", "temperature"):
+        probs, temps, _ = _replay(rule, mean, cov, labels)
+        conf, pred = probs.max(1)
+        nll = float(-probs.gather(1, labels.view(-1, 1)).log().mean())
+        onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).double()
+        brier = float((probs - onehot).square().sum(1).mean())
+        ece = expected_calibration_error(conf.tolist(), (pred == labels).long().tolist())
+        scores[rule] = (nll, brier, ece, temps[-1])
+    assert scores["scale"][3] == 1.0  # the earlier rule never touches the mean
+    assert scores["temperature"][3] < 0.6  # about 1 / 3, the stream's sharpness
+    assert scores["temperature"][0] < scores["scale"][0] - 0.05
+    assert scores["temperature"][1] < scores["scale"][1]
+    assert scores["temperature"][2] < scores["scale"][2] - 0.05
+
+
+def test_temperature_calibration_is_the_pair_with_the_lowest_past_brier_score():
+    """Prequential: sample t's predictive is the (temperature, scale) pair with the lowest Brier score summed over
+    samples 0..t-1 (ties: the first, T = s = 1), returned as N(mu / T, s Sigma) with its probit probabilities."""
+    from kalmanopt.optim.loko import PREDICTIVE_SCALES, PREDICTIVE_TEMPERATURES, probit
+
+    mean, cov, labels = _under_confident_stream(n=30, seed=1)
+    pairs = [(t, s) for t in PREDICTIVE_TEMPERATURES for s in PREDICTIVE_SCALES]
+    t_all = torch.tensor([t for t, _ in pairs], dtype=torch.float64).view(-1, 1)
+    s_all = torch.tensor([s for _, s in pairs], dtype=torch.float64).view(-1, 1)
+    past = torch.zeros(len(pairs), dtype=torch.float64)
+    probs, temps, gst = _replay("temperature", mean, cov, labels)
+    for i, (mu, sigma, y) in enumerate(zip(mean, cov, labels, strict=True)):
+        var = torch.diagonal(sigma, dim1=1, dim2=2)
+        best = min(range(len(pairs)), key=lambda j: (float(past[j]), j))
+        t, s = pairs[best]
+        torch.testing.assert_close(probs[i:i + 1], probit(mu / t, s * var), rtol=1e-12, atol=1e-15)
+        assert temps[i] == pytest.approx(t, rel=1e-12)
+        onehot = torch.nn.functional.one_hot(y.view(1), mu.shape[1]).double()
+        every = torch.softmax(mu / t_all / torch.sqrt(1.0 + math.pi * s_all * var / 8.0), dim=1)  # (pairs, c)
+        past += (every - onehot).square().sum(1)
+    assert temps[0] == 1.0 and len(set(temps)) > 1
+    torch.testing.assert_close(gst["predictive_brier"], past, rtol=1e-12, atol=1e-12)
+
+
+def test_loko_calibrate_options_and_predictive_use_the_chosen_temperature():
+    """``calibrate=True`` is ``"temperature"`` (in the param group); ``"scale"`` is the earlier rule, bit for bit
+    the earlier state (``predictive_nll`` only, temperature 1); neither touches training; ``predictive()`` and
+    ``last_predictive`` divide the logits by the chosen temperature; the state dict carries the sums."""
+    from kalmanopt.optim.loko import LoKO as DefaultLoKO
+    from kalmanopt.optim.loko import predictive_probs
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    twins = {rule: copy.deepcopy(model) for rule in ("scale", False)}
+    opts = {True: DefaultLoKO(model.parameters(), rank=4)}
+    opts |= {rule: DefaultLoKO(twins[rule].parameters(), rank=4, calibrate=rule) for rule in twins}
+    models = {True: model, **twins}
+    assert opts[True].param_groups[0]["calibrate"] == "temperature"
+    g = torch.Generator().manual_seed(0)
+    xs = 2.0 * torch.randn(10, 1, 4, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 3, (10, 1), generator=g)
+    for x, y in zip(xs, ys, strict=True):
+        for rule, opt in opts.items():
+            opt.step(lambda x=x, m=models[rule]: m(x), y)
+        raw = opts[False].last_predictive
+        got = opts[True].last_predictive
+        torch.testing.assert_close(got.probs, predictive_probs(got.mean, got.cov, "probit"), rtol=1e-12, atol=1e-15)
+        ratio = raw.mean / got.mean
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0, 0])), rtol=1e-12, atol=0.0)
+    for rule in ("scale", False):
+        for p, q in zip(model.parameters(), twins[rule].parameters(), strict=True):
+            assert torch.equal(p, q)  # the calibration never touches the filter
+    leader = lambda opt: opt.state[next(iter(opt.param_groups[0]["params"]))]  # noqa: E731
+    assert "predictive_brier" in leader(opts[True]) and "predictive_nll" not in leader(opts[True])
+    assert "predictive_nll" in leader(opts["scale"]) and "predictive_brier" not in leader(opts["scale"])
+    assert opts["scale"].predictive_temperature == 1.0 and opts[False].predictive_temperature == 1.0
+    temperature, scale = opts[True].predictive_temperature, opts[True].predictive_scale
+    assert temperature != 1.0
+    x = xs[0]
+    got = opts[True].predictive(lambda: model(x))
+    raw = opts[False].predictive(lambda: twins[False](x))
+    torch.testing.assert_close(got.mean, raw.mean / temperature, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got.cov, scale * raw.cov, rtol=1e-9, atol=1e-15)
+    restored = DefaultLoKO(copy.deepcopy(model).parameters(), rank=4)
+    restored.load_state_dict(opts[True].state_dict())
+    assert (restored.predictive_temperature, restored.predictive_scale) == (temperature, scale)
+
+
+def test_bad_calibrate():
+    from kalmanopt.optim.loko import LoKO as DefaultLoKO
+    from kalmanopt.optim.loko.predictive import calibrated
+
+    model = tiny()
+    for bad in ("nll", 1, None, "Temperature"):
+        with pytest.raises(ValueError, match="calibrate"):
+            DefaultLoKO(model.parameters(), calibrate=bad)
+    z = torch.zeros(1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="rule"):
+        calibrated(z, torch.zeros(1, 3, 3, dtype=torch.float64), z, z, {}, "brier")
+
+
+def test_temperature_calibration_leaves_a_non_finite_sample_out_of_every_sum():
+    """A sample whose Brier score is NaN under some candidate (a NaN covariance) adds nothing to any sum (once in a
+    sum, a NaN would decide every later choice); the next finite sample adds to all of them."""
+    from kalmanopt.optim.loko.predictive import calibrated
+
+    mean, cov, labels = _under_confident_stream(n=3, seed=2)
+    _, _, gst = _replay("temperature", mean, cov, labels)
+    before = gst["predictive_brier"].clone()
+    bad = cov[0].clone()
+    bad[0, 1, 1] = math.nan
+    target = torch.nn.functional.one_hot(labels[:1], mean.shape[-1]).double()
+    yhat = torch.softmax(mean[0], 1)
+    calibrated(mean[0], bad, target - yhat, yhat, gst, "temperature")
+    assert torch.equal(gst["predictive_brier"], before)
+    calibrated(mean[0], cov[0], target - yhat, yhat, gst, "temperature")
+    assert torch.isfinite(gst["predictive_brier"]).all() and (gst["predictive_brier"] > before).all()

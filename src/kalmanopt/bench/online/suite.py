@@ -127,7 +127,7 @@ def resolve_ablations(choice: list[str] | None, task: str) -> dict[str, dict[str
     """
     presets = ablation_presets()
     if not choice:
-        choice = ["core" if task in ("nlp_bbc", "nlp_spam") else "all"]
+        choice = ["core" if task in ("nlp_bbc", "nlp_spam", "nlp_bbc_wide") else "all"]
     out: dict[str, dict[str, Any]] = {}
     for item in choice:
         for spec in presets.get(item, [item]):
