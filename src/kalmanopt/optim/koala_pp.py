@@ -733,15 +733,16 @@ def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate
     log_scale = group_state.get("lr_log_scale")
     if log_scale is None:  # the option switched on after the group state was made
         log_scale = group_state["lr_log_scale"] = _new_log_scale(group_state["measurement_noise"].device)
-    wide = torch.float32 if log_scale.device.type == "mps" else torch.float64  # the sums and the cosine
-    dot = hh = mm = torch.zeros((), dtype=wide, device=log_scale.device)
+    wide = _scalar_dtype(log_scale)  # the sums and the cosine
+    totals = torch.zeros(3, dtype=wide, device=log_scale.device)  # h.m, ||h||^2, ||m||^2 over the group
     for b in buckets:
         # in the compute dtype (a bfloat16 momentum buffer widened to it), one batched reduction each; summed wide
         ms = [st["momentum_buffer"].to(h.dtype) for st, h in zip(b.states, b.h, strict=True)]
-        parts = torch.stack([dots(b.h, ms), squared_norms(b.h), squared_norms(ms)], dim=1).to(wide)  # (tensors, 3)
-        if b.shard_sum is not None:  # local shards: the per-tensor partial sums over all shards
-            parts = torch.stack([b.shard_sum(parts[:, j]) for j in range(3)], dim=1)
-        dot, hh, mm = (x + y.to(log_scale.device) for x, y in zip((dot, hh, mm), parts.sum(0), strict=True))
+        sums = torch.stack([dots(b.h, ms), squared_norms(b.h), squared_norms(ms)], dim=1).to(wide).sum(0)
+        if b.shard_sum is not None:  # local shards: the bucket's three sums over all shards, one all-reduce
+            sums = b.shard_sum(sums)
+        totals = totals + sums.to(log_scale.device)
+    dot, hh, mm = totals.unbind()
     cosine = dot / (hh * mm).sqrt()
     moved = (log_scale.to(wide) + rate * cosine).clamp(-math.log(LR_SCALE_BOUND), math.log(LR_SCALE_BOUND))
     valid = ok.to(log_scale.device) & (hh > 0) & (mm > 0) & torch.isfinite(cosine)

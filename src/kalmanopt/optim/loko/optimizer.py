@@ -426,19 +426,19 @@ class LoKO(Optimizer):
         ``"predicted"``/``"linear"`` first compute the linearised change :math:`H_z \delta` from ``rows`` (the
         logits' Jacobian rows of ``all_params``); see the class docs.
         """
+        params, steps = [p for p, _ in pending.moves], [d for _, d in pending.moves]
         predicted = self._predicted_change(pending, rows, all_params) if check != "forward" else None
         if predicted is not None and (check == "linear" or predicted <= TRUST_MARGIN * trust):
-            if pending.moves:
+            if params:
                 alpha = 1.0
                 if predicted > trust:  # "linear" only
                     alpha = trust / predicted
                     self.trust_scaled_steps += 1
-                torch._foreach_add_([p for p, _ in pending.moves], [d for _, d in pending.moves], alpha=alpha)
+                torch._foreach_add_(params, steps, alpha=alpha)
             pending.moves = []  # applied
             return pending
         self.trust_forwards += 1
-        saved = [p.detach().clone() for p, _ in pending.moves]
-        params, steps = [p for p, _ in pending.moves], [d for _, d in pending.moves]
+        saved = [p.detach().clone() for p in params]
         if params:
             torch._foreach_add_(params, steps)  # = p.add_(d) for each, in one dispatch
         after = forward_fn()

@@ -32,8 +32,13 @@ PREDICTIVE_SCALES = tuple([2.0 ** -j for j in range(11)] + [0.0])
 # are under-confident on our streams (mean confidence 0.09 below accuracy on digits_shift), which no covariance
 # scale can fix (a covariance only lowers the confidence): a temperature below 1 sharpens them. Computed as
 # :func:`_candidates` computes them on the device (to the last bit on the CPU).
-_POWERS = torch.exp2(torch.arange(-8, 9, dtype=torch.float64) / 8.0).tolist()
-PREDICTIVE_TEMPERATURES = tuple(_POWERS[8:9] + _POWERS[:8] + _POWERS[9:])
+def _temperatures(device: torch.device | None = None) -> Tensor:
+    """2^(k/8), k = -8..8, made on ``device`` (no upload), reordered to put k = 0 (T = 1) first."""
+    powers = torch.exp2(torch.arange(-8, 9, dtype=torch.float64, device=device) / 8.0)
+    return torch.cat([powers[8:9], powers[:8], powers[9:]])
+
+
+PREDICTIVE_TEMPERATURES = tuple(_temperatures().tolist())
 
 # The online calibration rules of ``LoKO(calibrate=...)`` (see :func:`calibrated`).
 CALIBRATIONS = ("temperature", "scale")
@@ -146,10 +151,7 @@ def _candidates(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     per candidate of ``"temperature"`` (temperature-major) its temperature and its scale, ``(T S,)`` each. Made
     afresh at each call (a cache would outlive a fake or meta tensor mode); only the 12 scales are uploaded."""
     scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=device)
-    # made on the device, not uploaded (no host-to-device copy beyond the scales' 12 numbers): 2^(k/8), k = -8..8,
-    # reordered to put k = 0 (T = 1) first as in PREDICTIVE_TEMPERATURES
-    powers = torch.exp2(torch.arange(-8, 9, dtype=torch.float64, device=device) / 8.0)
-    temps = torch.cat([powers[8:9], powers[:8], powers[9:]])
+    temps = _temperatures(device)  # made on the device: no host-to-device copy beyond the scales' 12 numbers
     return (scales, temps.view(-1, 1, 1, 1), temps.repeat_interleave(len(PREDICTIVE_SCALES)),
             scales.repeat(len(PREDICTIVE_TEMPERATURES)))
 
