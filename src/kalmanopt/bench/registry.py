@@ -112,6 +112,17 @@ def _baseline(name: str):
     return getattr(baselines, name)
 
 
+def _lr_adaptation_entry(name: str, kappa: float) -> OptimizerEntry:
+    """KOALA++'s default preset with ``lr_adaptation=kappa`` (the rates the lr-sensitivity research compares)."""
+    label = "KOALA++ (lr adaptation)" if kappa == 0.05 else f"KOALA++ (lr adaptation {kappa:g})"
+    return OptimizerEntry(name, label,
+                          lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd,
+                                                                          **{"lr_adaptation": kappa, **kw}),
+                          "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
+                          note=f"the default preset with lr_adaptation = {kappa:g}: the cap lr/q follows the "
+                               "hypergradient of the step size, starting at lr")
+
+
 def _entries() -> list[OptimizerEntry]:
     no_wd = {"vision": 0.0, "lm": 0.0}
     # The KOALA family on the language model: R from r_stat="mean_variance" (the variance of the batch-mean loss,
@@ -126,12 +137,8 @@ def _entries() -> list[OptimizerEntry]:
                        "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
                        note="the library's default preset ('adaptive'): per-tensor blocks, diagonal metric, R = 0, "
                             "step min(loss/S, lr/q) with lr in AdamW's units, momentum 0.9"),
-        OptimizerEntry("koala++-lra", "KOALA++ (lr adaptation)",
-                       lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd,
-                                                                       **{"lr_adaptation": 0.05, **kw}),
-                       "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
-                       note="the default preset with lr_adaptation = 0.05: the cap lr/q follows the hypergradient "
-                            "of the step size, starting at lr"),
+        *(_lr_adaptation_entry(name, kappa) for name, kappa in
+          (("koala++-lra", 0.05), ("koala++-lra0.1", 0.1), ("koala++-lra0.2", 0.2))),
         OptimizerEntry("koala++-paper", "KOALA++ (paper)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, sigma=0.1, q=0.1, weight_decay=wd,
                                                                        preset="paper", **kw),

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._inplace import copy_into
 from ._reductions import squared_norms
 from ._sharding import local_state, local_tensor, reduce_if, shard_reducer, shard_state
 from .noise import (
@@ -838,7 +839,7 @@ class KalmanOptimizer(Optimizer):
             previous = st["measurement_noise"]
             group_ok = ok.to(previous.device)
             noise = torch.where(group_ok, noise, previous)
-            previous.copy_(torch.where(group_ok, stored, previous))
+            copy_into(previous, torch.where(group_ok, stored, previous))
             st["skipped_steps"].add_((~group_ok).to(torch.int64))
             st["noise_updates"].add_(group_ok.to(torch.int64))
             self._correct_group(group, st, buckets, group_loss, noise, group_ok)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _docs
+from ._inplace import copy_into
 from ._reductions import squared_norms
 from ._sharding import local_tensor, shard_reducer
 from .base import GradBucket, KalmanOptimizer, _check_number, narrowest_state_dtype, state_dtype
@@ -114,7 +115,7 @@ class KOALAM(KalmanOptimizer):
         go = torch.isfinite(prior.to(narrowest_state_dtype(group))).all()
         if gate is not None:
             go = go & gate
-        group_state["P_prior"].copy_(torch.where(go, prior, group_state["P_prior"]))
+        copy_into(group_state["P_prior"], torch.where(go, prior, group_state["P_prior"]))
         if online is not None and online[1]:
             # Selected, not masked by a zero weight: a gated-off prediction may be one whose q_w overflowed because a
             # difference theta_bar - theta did (a non-finite weight), and 0 * inf would write NaN into the average.
@@ -165,7 +166,7 @@ class KOALAM(KalmanOptimizer):
         prior = group_state["P_prior"]
         apply_buckets(buckets, momentum_key="momentum", ok=ok, foreach=self._use_foreach(group))
         posterior = self._posterior(prior, planned_largest(buckets, prior[0]))
-        group_state["P"].copy_(torch.where(ok, posterior, group_state["P"]))
+        copy_into(group_state["P"], torch.where(ok, posterior, group_state["P"]))
 
     def _check_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                      loss_mean: Tensor, noise: Tensor) -> Tensor:

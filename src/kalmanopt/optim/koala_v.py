@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _docs
+from ._inplace import copy_into
 from .base import GradBucket, KalmanOptimizer, _check_number, narrowest_state_dtype
 from .noise import R_CLIP
 from .scalar_filter import apply_buckets, plan_buckets, planned_largest, shrink
@@ -78,7 +79,7 @@ class KOALAV(KalmanOptimizer):
         prior = group_state["sigma"] + group["q"]
         if gate is not None:
             prior = torch.where(gate, prior, group_state["sigma_prior"])
-        group_state["sigma_prior"].copy_(prior)
+        copy_into(group_state["sigma_prior"], prior)
 
     def _check_group(self, group: dict[str, Any], group_state: dict[str, Any], buckets: list[GradBucket],
                      loss_mean: Tensor, noise: Tensor) -> Tensor:
@@ -97,4 +98,4 @@ class KOALAV(KalmanOptimizer):
         apply_buckets(buckets, momentum_key=None, ok=ok, foreach=self._use_foreach(group))
         # sigma_prior - sigma_prior^2 * largest, in the form that stays in [0, sigma_prior] (see shrink)
         posterior = prior * shrink(prior, largest)
-        group_state["sigma"].copy_(torch.where(ok, posterior, group_state["sigma"]))
+        copy_into(group_state["sigma"], torch.where(ok, posterior, group_state["sigma"]))
