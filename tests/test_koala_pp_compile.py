@@ -184,7 +184,7 @@ def _stepped_pair():
 @needs_kernel
 def test_operator_rejects_state_it_cannot_write_through():
     gen, params, opt, state, shared = _stepped_pair()
-    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0]
+    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0, 0.0]
     grads = [p.grad for p in params]
     measurement = torch.tensor([1.0, 1.0, 1.0])  # moments (kind 0)
     bad = list(state)
@@ -238,7 +238,7 @@ def test_operator_cache_of_pointer_arrays_rechecks_other_tensors_at_the_same_add
     """The operator's pointer arrays are cached by the state's addresses; another tensor at an address the cache
     knows (here a view, which shares it) or another parameter size must be checked again, not written through."""
     gen, params, opt, state, shared = _stepped_pair()
-    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0]
+    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0, 0.0]
     grads = [p.grad for p in params]
     measurement = torch.tensor([1.0, 1.0, 1.0])
     _koala_pp_op.fused_step(params, grads, state + shared, [0, 2], hyper, measurement, 0, None, None)  # cached now
@@ -278,8 +278,8 @@ def test_operator_schema_and_fake_implementation_agree_with_the_kernel(kind):
     hyper, state, shared = [], [], []
     for j, group in enumerate(opt.param_groups):
         hyper += [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9 if j == 0 else 0.0, 0.01, 0.0, 0.9, 2.0, 7.0 if j == 0 else 3.0,
-                  0.0]
-        flags = int(hyper[-2])
+                  0.0, 0.0]
+        flags = int(hyper[-3])
         state += [opt.state[p][key] for p in group["params"] for key in _koala_pp_op.STATE_KEYS
                   if _koala_pp_op.uses(key, flags)]
         lead = opt.state[group["params"][0]]
@@ -294,3 +294,35 @@ def test_operator_schema_and_fake_implementation_agree_with_the_kernel(kind):
     assert any(not torch.equal(a, b) for a, b in zip(before, args[0] + args[2], strict=True))  # the step was taken
     result = torch.library.opcheck(OP, args, test_utils=("test_schema", "test_faketensor"))
     assert set(result.values()) == {"SUCCESS"}
+
+
+@needs_kernel
+def test_compiled_lr_adaptation_is_the_eager_fused_step_bit_for_bit():
+    """lr_adaptation through the operator (its lr_log_scale in the state list, the group without it left out):
+    one graph, one operator call, the eager kernel's step bit for bit, skipped steps (a NaN loss, GradScaler's
+    overflow) included, and the multiplier in the diagnostics."""
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        gen = torch.Generator().manual_seed(3)
+        params = _params(gen, torch.float32)
+        opt = KOALAPlusPlus([{"params": params[:3], "lr_adaptation": 0.3}, {"params": params[3:]}], lr=5e-4,
+                            weight_decay=1e-3)
+
+        def step(losses, opt=opt):
+            opt.step(loss=losses)
+
+        graphs = Graphs()
+        if compiled:
+            step = torch.compile(step, fullgraph=True, backend=graphs)
+        _train(opt, params, gen, 7, step, scaler=True)
+        runs.append((params, opt))
+    (eager_params, eager), (_, traced) = runs
+    assert "_fused_work" in eager.__dict__
+    assert len(graphs.graphs) == 1 and graphs.targets().count(OP) == 1
+    assert not any("foreach" in str(t) for t in graphs.targets())
+    _assert_identical(*runs)
+    assert float(eager.state[eager_params[0]]["lr_log_scale"]) != 0.0 and "lr_log_scale" not in \
+        eager.state[eager_params[3]]
+    assert "lr_scale" in traced.diagnostics()[0] and "lr_scale" not in traced.diagnostics()[1]
+    assert skipped_steps(traced) == 2 * 2  # two skipped steps, counted per group

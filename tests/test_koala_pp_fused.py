@@ -101,10 +101,14 @@ def test_every_kernel_slot_is_read_from_its_own_place(monkeypatch):
     """Any two hyperparameter slots swapped in the kernel's argument array (koala_pp._hyper) move the fused step away
     from the reference: the fused tests would see such a bug."""
     group = KOALAPlusPlus([torch.zeros(1, requires_grad=True)], **DISTINCT["distinct_fixed_r"]).param_groups[0]
-    width = len(koala_pp._hyper(group))
+    # The last slot, lr_adaptation's kappa, is read only with lr_adaptation, which needs the default step rule (these
+    # configurations cap the paper's): test_lr_adaptation_matches_the_multi_tensor_path, whose groups differ in
+    # kappa, sees it. The others are swapped here.
+    width = len(koala_pp._hyper(group)) - 1
+    assert koala_pp._hyper(group)[width:] == [0.0]
     for kwargs in DISTINCT.values():  # the premise: every slot holds a value of its own
         values = koala_pp._hyper(KOALAPlusPlus([torch.zeros(1, requires_grad=True)], **kwargs).param_groups[0])
-        assert len(set(values)) == len(values) == width, values
+        assert len(set(values[:width])) == width, values
     reference = {name: _run({**kwargs, "foreach": False}, steps=5)[0] for name, kwargs in DISTINCT.items()}
     right = koala_pp._hyper
     for i, j in itertools.combinations(range(width), 2):

@@ -44,8 +44,9 @@ def _interpreter_problem():
     """Why this Triton's interpreter cannot run the kernels here (None: it can). Triton 3.6's interpreter converts a
     loop bound with ``int()`` of a one-element array, which numpy 2.4 no longer allows: the kernels' loops over a
     tensor's chunks or the tensors cannot run there (compiled for a GPU they can)."""
-    partials, chunk_range, sums = torch.zeros(2, 5, dtype=torch.float64), torch.tensor([0, 2], dtype=torch.int32), \
-        torch.empty(1, 5, dtype=torch.float64)
+    width = _koala_pp_triton._SUMS  # the kernels' sums per chunk and tensor
+    partials, chunk_range, sums = torch.zeros(2, width, dtype=torch.float64), \
+        torch.tensor([0, 2], dtype=torch.int32), torch.empty(1, width, dtype=torch.float64)
     try:
         with _koala_pp_triton._launch_context(torch.device("cpu"), interpret=True):
             _koala_pp_triton.kernels(True).koala_pp_sums[(1,)](partials, chunk_range, sums, 1, BLOCK_C=16)
@@ -329,6 +330,62 @@ def test_hyperparameters_changed_between_steps_take_effect():
     _assert_same(runs[1], runs[0], rtol=1e-12, atol=1e-12)
 
 
+def _adapting_groups(params):
+    """lr_adaptation with kappas of their own, one group without the metric, one without adaptation."""
+    return [{"params": params[:2], "lr_adaptation": 0.3, "weight_decay": 1e-2},
+            {"params": params[2:3], "lr_adaptation": 0.7, "precondition": False},
+            {"params": params[3:4]},
+            {"params": params[4:], "lr_adaptation": 0.05}]
+
+
+def _log_scales(params, opt):
+    return [opt.state[params[i]].get("lr_log_scale") for i in (0, 2, 3, 4)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_lr_adaptation_matches_reference(dtype):
+    """The cap's multiplier (the cosine summed over each group in the reduction and scalar passes): the reference's
+    step, float64 to rounding, float32 up to the order of summation; float32 without missing gradients, so that the
+    steps after the first take the cached plan."""
+    schedule = ROTATING if dtype == torch.float64 else None
+    reference = _run({"lr": 2e-3, "foreach": False}, groups=_adapting_groups, none_schedule=schedule, dtype=dtype)
+    triton = _run({"lr": 2e-3, "fused": True}, groups=_adapting_groups, none_schedule=schedule, dtype=dtype)
+    assert _ran_triton(triton[1])
+    if dtype == torch.float64:
+        _assert_same(reference, triton, rtol=1e-12, atol=1e-12)
+        for a, b in zip(reference[1].diagnostics(), triton[1].diagnostics(), strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12, msg=key)
+    else:
+        _assert_same(reference, triton, rtol=1e-6, atol=1e-6, state_rtol=1e-4, state_atol=1e-6)
+    scales = _log_scales(*triton)
+    assert scales[2] is None and all(abs(float(x)) > 0.02 for x in scales if x is not None)  # they moved
+    assert len({float(x) for x in scales if x is not None}) == 3  # each group its own
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=0) for x, y in zip(scales, _log_scales(*reference), strict=True)
+               if x is not None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bad", ["loss", "found_inf"])
+def test_lr_adaptation_skipped_step_leaves_the_multiplier_bit_for_bit(bad):
+    params, opt = _run({"lr": 2e-3, "fused": True}, groups=_adapting_groups, steps=3)
+    before = snapshot(opt)
+    loss = torch.rand(6, dtype=torch.float64) + 0.5
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if bad == "loss":
+        loss[2] = math.nan
+    else:
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0)  # GradScaler's protocol
+    with NoSync():
+        opt.step(loss=loss)
+    assert _ran_triton(opt)
+    assert_unchanged(opt, before)  # the multipliers too: everything but the skip counters
+    assert skipped_steps(opt) == 4  # one per group
+
+
 @needs_interpreter
 def test_unaligned_tensors_take_the_unvectorised_kernels():
     """Vectorised loads need 16-byte aligned tensors: parameters that are views into a flat buffer at an odd offset
@@ -345,7 +402,7 @@ def test_unaligned_tensors_take_the_unvectorised_kernels():
                 p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
             opt.step(loss=torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
         runs.append((params, opt))
-    assert [launch[7] for launch in runs[0][1]._triton_cache["plan"].launches] == [False]
+    assert [launch[-1] for launch in runs[0][1]._triton_cache["plan"].launches] == [False]  # aligned: no
     _assert_same(runs[1], runs[0], rtol=1e-12, atol=1e-12)
 
 
@@ -385,16 +442,17 @@ def test_the_operator_has_a_cuda_implementation_and_its_fake_works_for_cuda_tens
 
 @needs_interpreter
 def test_the_operators_triton_implementation_is_the_eager_step(monkeypatch):
-    """The operator's CUDA implementation takes the operator's layout (the optional buffers only where used), the
-    eager Triton step the optimizer's: run through the operator's layout here, the steps are the same bit for bit."""
+    """The operator's CUDA implementation takes the operator's layout (the optional buffers only where used, the
+    adapting groups' lr_log_scale), the eager Triton step the optimizer's: run through the operator's layout here, the
+    steps are the same bit for bit."""
     from kalmanopt.optim import _koala_pp_op
 
     eager, calls = _koala_pp_triton.fused_step, []
 
     def through_the_operator(params, grads, tensors, shared, first, hyper, measurement, given, grad_scale,
-                             found_inf, cache):
+                             found_inf, cache, scales=None):
         calls.append(len(params))
-        state = [t for t in tensors if t is not None] + shared
+        state = [t for t in tensors if t is not None] + [t for t in scales or [] if t is not None] + shared
         kind = _koala_pp_op.GIVEN if given else _koala_pp_op.MOMENTS
         _koala_pp_triton.fused_step = eager  # what the operator calls
         try:
@@ -404,9 +462,11 @@ def test_the_operators_triton_implementation_is_the_eager_step(monkeypatch):
             _koala_pp_triton.fused_step = through_the_operator
 
     def groups(params):
-        return [{"params": params[:2], "precondition": False, "momentum": 0.0}, {"params": params[2:]}]
+        return [{"params": params[:2], "precondition": False, "momentum": 0.0},
+                {"params": params[2:4], "lr_adaptation": 0.3}, {"params": params[4:]}]
 
     direct = _run({"lr": 2e-3, "fused": True}, groups=groups, steps=3, none_schedule=ROTATING)
+    assert float(direct[1].state[direct[0][2]]["lr_log_scale"]) != 0.0
     monkeypatch.setattr(_koala_pp_triton, "fused_step", through_the_operator)
     operator = _run({"lr": 2e-3, "fused": True}, groups=groups, steps=3, none_schedule=ROTATING)
     assert len(calls) == 3
@@ -491,6 +551,16 @@ def test_cuda_grad_scaler_protocol():
     reference = _run_cuda({**CONFIGS["adaptive"], "foreach": False}, scaler=True, bad_step=1)
     triton = _run_cuda(CONFIGS["adaptive"], scaler=True, bad_step=1)
     assert skipped_steps(triton[1]) == 1
+    _assert_same(reference, triton, rtol=1e-5, atol=1e-6, state_rtol=1e-3, state_atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_lr_adaptation_matches_the_reference():
+    kw = {**CONFIGS["adaptive"], "lr_adaptation": 0.3}
+    reference = _run_cuda({**kw, "foreach": False}, bad_step=2)
+    triton = _run_cuda(kw, bad_step=2)
+    assert _ran_triton(triton[1]) and skipped_steps(triton[1]) == 1
+    assert float(triton[1].state[triton[0][0]]["lr_log_scale"]) != 0.0
     _assert_same(reference, triton, rtol=1e-5, atol=1e-6, state_rtol=1e-3, state_atol=1e-6)
 
 

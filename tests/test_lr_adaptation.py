@@ -11,8 +11,22 @@ import pytest
 import torch
 
 from kalmanopt import KOALAPlusPlus
+from kalmanopt.optim import _koala_pp_fused
 
-from conftest import NoSync, assert_unchanged, batch, double_mlp, per_sample_loss, snapshot, tiny_mlp
+from conftest import (
+    NoSync,
+    assert_unchanged,
+    batch,
+    double_mlp,
+    per_sample_loss,
+    run_koala_pp,
+    skipped_steps,
+    snapshot,
+    tiny_mlp,
+)
+
+needs_kernel = pytest.mark.skipif(_koala_pp_fused.load() is None,
+                                  reason=f"no fused kernel here: {_koala_pp_fused.unavailable_reason()}")
 
 KAPPA = 0.3  # large, so that the multiplier moves far within a few steps and an error in it shows
 
@@ -128,7 +142,7 @@ def test_off_by_default_and_the_default_path_is_untouched():
     (dict(lr_adaptation=float("nan")), ValueError, "lr_adaptation"),
     (dict(lr_adaptation=0.05, momentum=0.0), ValueError, "momentum"),
     (dict(lr_adaptation=0.05, preset="paper"), ValueError, "loss_fraction"),
-    (dict(lr_adaptation=0.05, fused=True), RuntimeError, "lr_adaptation"),
+    (dict(lr_adaptation=0.05, fused=True, block="group"), RuntimeError, "block"),
 ])
 def test_invalid_uses_raise_before_anything_is_made(options, error, match):
     with pytest.raises(error, match=match):
@@ -167,3 +181,154 @@ def test_compiled_step_adapts_as_the_eager_one():
     eager, traced = (o.state[m[0].weight]["lr_log_scale"] for o, m in zip(opts, models, strict=True))
     assert float(eager) != 0.0
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- the fused C kernel
+SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (16, 8), (3000,)]  # 3000: several of the kernel's blocks
+ROTATING = lambda k, i: (k + i) % 4 == 0  # noqa: E731 (a gradient of None now and then, per tensor)
+
+
+def _groups(params):
+    """kappas of their own, one group without the metric, one without adaptation (same hyperparameters otherwise:
+    its cap must stay lr / q)."""
+    return [{"params": params[:2], "lr_adaptation": 0.3, "weight_decay": 1e-2},
+            {"params": params[2:4], "lr_adaptation": 0.7, "precondition": False},
+            {"params": params[4:5]},
+            {"params": params[5:], "lr_adaptation": 0.05}]
+
+
+def _log_scales(params, opt):
+    """Each group's lr_log_scale (None without adaptation), from the state of its first parameter."""
+    return [opt.state[params[i]].get("lr_log_scale") for i in (0, 2, 4, 5)]
+
+
+def _fused_run(kwargs, *, dtype=torch.float64, steps=8, none_schedule=ROTATING, seed=0):
+    return run_koala_pp(SHAPES, {"lr": 2e-3, **kwargs}, steps=steps, dtype=dtype, seed=seed, groups=_groups,
+                        none_schedule=none_schedule)
+
+
+@needs_kernel
+def test_fused_kernel_matches_the_reference_float64():
+    """Several groups, kappas of their own, one without the metric, one without adaptation, gradients missing now
+    and then: the fused kernel (fused=True) is the reference's step to float64 rounding, the multiplier too."""
+    reference = _fused_run({"foreach": False})
+    fused = _fused_run({"fused": True})
+    assert "_fused_work" in fused[1].__dict__  # the kernel really ran
+    for a, b in zip(reference[0], fused[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        sa, sb = reference[1].state[a], fused[1].state[b]
+        assert sa.keys() == sb.keys()
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == sb[key].dtype, key
+                torch.testing.assert_close(value, sb[key], rtol=1e-12, atol=1e-12, msg=key)
+    scales = _log_scales(*fused)
+    assert scales[2] is None and all(abs(float(s)) > 0.05 for s in scales if s is not None)  # they moved
+    assert len({float(s) for s in scales if s is not None}) == 3  # each group its own
+    for a, b in zip(reference[1].diagnostics(), fused[1].diagnostics(), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12, msg=key)
+
+
+def _normwise(x, y):
+    return float((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30))
+
+
+@needs_kernel
+@pytest.mark.parametrize("storage", [None, torch.bfloat16], ids=["float32_state", "bfloat16_state"])
+def test_fused_kernel_close_to_the_multi_tensor_path_float32(storage):
+    """float32 parameters (and bfloat16 state): the kernel and the multi-tensor path sum the cosine's dot products in
+    another order; the multipliers agree to a few float32 ulps, the parameters and state as in
+    test_koala_pp_fused.test_fused_float32_close_to_multi_tensor_path."""
+    fused = _fused_run({"fused": True, "state_dtype": storage}, dtype=torch.float32, none_schedule=None)
+    multi = _fused_run({"foreach": True, "state_dtype": storage}, dtype=torch.float32, none_schedule=None)
+    assert "_fused_work" in fused[1].__dict__
+    tol = 2e-6 if storage is None else 1e-3  # bfloat16: a stored element may round the other way
+    for a, b in zip(fused[0], multi[0], strict=True):
+        assert _normwise(a, b) <= tol
+        for key in ("prev_S", "gain", "prev_grad", "exp_avg_sq", "momentum_buffer"):
+            if key in fused[1].state[a]:
+                assert _normwise(fused[1].state[a][key], multi[1].state[b][key]) <= tol, key
+    for x, y in zip(_log_scales(*fused), _log_scales(*multi), strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert abs(float(x)) > 0.05
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", ["loss", "grad", "found_inf"])
+def test_fused_skipped_step_leaves_the_multiplier_and_everything_bit_for_bit(bad):
+    params, opt = _fused_run({"fused": True}, steps=4)
+    before = snapshot(opt)
+    loss = torch.rand(6, dtype=torch.float64) + 0.5
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if bad == "loss":
+        loss[2] = math.nan
+    elif bad == "grad":
+        params[4].grad[0, 0] = math.inf  # in the group without adaptation: the adapting groups' cosines are finite
+    else:
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0, dtype=torch.float32), torch.tensor(1.0)  # GradScaler's
+    with NoSync():
+        opt.step(loss=loss)
+    assert_unchanged(opt, before)  # the multipliers too: everything but the skip counters
+    assert skipped_steps(opt) == 4  # one per group
+    opt.grad_scale = opt.found_inf = None
+    params[4].grad[0, 0] = 0.0
+    opt.step(loss=torch.rand(6, dtype=torch.float64) + 0.5)  # a good step is accepted: the multipliers move
+    assert all(not torch.equal(s, before[1][id(params[i])]["lr_log_scale"])
+               for s, i in zip(_log_scales(params, opt), (0, 2, 4, 5), strict=True) if s is not None)
+
+
+@needs_kernel
+def test_fused_resume_from_a_checkpoint_is_bit_exact():
+    """state_dict through torch.save / torch.load(weights_only=True) mid-run: the fused run continues bit for bit."""
+    def run(interrupt_at=None):
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
+        opt = KOALAPlusPlus(_groups(params), lr=2e-3, fused=True)
+        for k in range(7):
+            if k == interrupt_at:
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                opt = KOALAPlusPlus(_groups(params), lr=2e-3, fused=True)
+                opt.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+            for p in params:
+                g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                p.grad = g if p.grad is None else 0.7 * p.grad + 0.3 * g
+            opt.step(loss=torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+        assert "_fused_work" in opt.__dict__
+        return params, opt
+
+    (pa, oa), (pb, ob) = run(), run(interrupt_at=4)
+    for a, b in zip(pa, pb, strict=True):
+        assert torch.equal(a, b)
+        for key, value in oa.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, ob.state[b][key]), key
+    assert all(float(s) != 0.0 for s in _log_scales(pa, oa) if s is not None)
+
+
+@needs_kernel
+def test_fused_true_runs_the_kernel_and_the_multiplier_switched_on_later_is_made():
+    """fused=True with lr_adaptation runs on the C kernel; a group that turns lr_adaptation on after its state was
+    made (e.g. a checkpoint from before it) gets its multiplier at the next step, as on the multi-tensor path."""
+    runs = []
+    for kwargs in ({"fused": True}, {"foreach": True}):
+        params, opt = run_koala_pp(SHAPES, {"lr": 2e-3, **kwargs}, steps=2)
+        opt.param_groups[0]["lr_adaptation"] = 0.4
+        gen = torch.Generator().manual_seed(9)
+        for _ in range(4):
+            for p in params:
+                p.grad = 0.5 * p.grad + torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step(loss=torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+        runs.append((params, opt))
+    (pf, of), (pm, om) = runs
+    assert "_fused_work" in of.__dict__
+    assert float(of.state[pf[0]]["lr_log_scale"]) != 0.0
+    torch.testing.assert_close(of.state[pf[0]]["lr_log_scale"], om.state[pm[0]]["lr_log_scale"], rtol=1e-12,
+                               atol=0)
+    for a, b in zip(pf, pm, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -12,6 +12,10 @@
  * are added in double. Nothing is written unless the whole step is accepted (the guards), and a tensor whose own
  * step is not committed (zero gradient, S not positive and finite) is not written at all: skipped state stays
  * bit for bit what it was.
+ *
+ * lr_adaptation (koala_pp._adapt_lr_scale, flag F_LR_ADAPTATION): pass 1 also sums h.m and ||m||^2 (m the momentum
+ * buffer before the step), the scalar pass moves the group's log multiplier by kappa cos(h, m) on an accepted step
+ * and scales the group's cap by it.
  */
 #include <math.h>
 #include <stddef.h>
@@ -22,16 +26,19 @@
 #define KOALA_COMMON
 /* Per-group hyperparameters (doubles), KOALA_NHP of them per group. */
 enum { HP_LR, HP_SIGMA, HP_Q, HP_WD, HP_BETA2, HP_EPS, HP_MOMENTUM, HP_MAX_STEP, HP_R, HP_ALPHA_R, HP_R_CLIP,
-       HP_FLAGS, HP_R_STAT, KOALA_NHP };
-enum { F_SYMMETRIC = 1, F_PRECONDITION = 2, F_MOMENTUM = 4, F_FIXED_R = 8, F_MAX_STEP = 16, F_R_CLIP = 32 };
+       HP_FLAGS, HP_R_STAT, HP_LR_ADAPTATION, KOALA_NHP };
+enum { F_SYMMETRIC = 1, F_PRECONDITION = 2, F_MOMENTUM = 4, F_FIXED_R = 8, F_MAX_STEP = 16, F_R_CLIP = 32,
+       F_LR_ADAPTATION = 64 };
 enum { R_SECOND_MOMENT = 0, R_SQUARED_MEAN = 1, R_MEAN_VARIANCE = 2 };
 /* The measurement: the loss moments [sum, sum of squares, count] (noise.loss_moments, summed over data-parallel
  * ranks), or [mean, statistic] handed over by update(), in float32 or float64. */
 enum { MOMENTS_F32 = 0, MOMENTS_F64 = 1, GIVEN_F32 = 2, GIVEN_F64 = 3 };
 #define KOALA_CHUNK 1024
 #define KOALA_PARALLEL_BLOCKS 64 /* tensors of fewer blocks run on the calling thread only */
+#define KOALA_SUMS 7             /* pass 1's sums per tensor (see reduce_body) */
+#define KOALA_LOG_SCALE_BOUND 6.907755278982137 /* log(1000): lr_adaptation's multiplier within [1/1000, 1000] */
 
-int koala_abi_version(void) { return 4; }
+int koala_abi_version(void) { return 5; }
 
 /* bfloat16 <-> float as torch's CPU kernels do it: widening is exact (the bits shifted up); narrowing rounds to
  * nearest, ties to even (c10::round_to_nearest_even), overflow to +-inf, and every NaN becomes 0xFFFF, the NaN torch's
@@ -88,22 +95,29 @@ static inline int FN(finite)(double x) { return isfinite((REAL)x); }
 static inline double FN(round)(double x) { return (double)(REAL)x; }
 
 /* Pass 1 over one block of a tensor (elements start .. end - 1): acc = [||h||^2, ||theta||^2, ||h~||^2, h~.H_prev,
- * h~.gain_prev], with h = g * inv_scale + wd * theta and h~ = D^{1/2} h under the diagonal metric (h~ = h without
- * it). Summed in REAL within the block (vectorised), in double across blocks. Without weight decay the parameter is
- * not read at all (||theta||^2 is then unused and left 0): the pass is bound by the bytes it reads. */
+ * h~.gain_prev, h.m, ||m||^2], with h = g * inv_scale + wd * theta and h~ = D^{1/2} h under the diagonal metric
+ * (h~ = h without it). The last two only with lr_adaptation (adapt): the cosine of the effective gradient h (not h~:
+ * koala_pp._adapt_lr_scale reads the bucket's h) with the momentum buffer m before this step's update; else left 0
+ * and m not read. Summed in REAL within the block (vectorised), in double across blocks. Without weight decay the
+ * parameter is not read at all (||theta||^2 is then unused and left 0): the pass is bound by the bytes it reads. */
 static inline __attribute__((always_inline)) void FN(reduce_body)(
     int64_t start, int64_t end, const REAL *restrict g, const REAL *restrict th, const STATE *restrict s,
-    const STATE *restrict H, const STATE *restrict G, REAL inv_scale, REAL wd, int use_wd, int precondition,
-    REAL beta2, REAL one_minus_beta2, REAL inv_correction, REAL eps, double *acc) {
-    REAL a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
+    const STATE *restrict H, const STATE *restrict G, const STATE *restrict m, REAL inv_scale, REAL wd, int use_wd,
+    int precondition, int adapt, REAL beta2, REAL one_minus_beta2, REAL inv_correction, REAL eps, double *acc) {
+    REAL a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0;
     if (precondition) {
-#pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6)
         for (int64_t j = start; j < end; ++j) {
             REAL h = g[j] * inv_scale;
             if (use_wd) {
                 REAL t = th[j];
                 h += wd * t;
                 a1 += t * t;
+            }
+            if (adapt) {
+                REAL b = S_LOAD(m[j]);
+                a5 += h * b;
+                a6 += b * b;
             }
             REAL sq = S_LOAD(s[j]) * beta2 + one_minus_beta2 * (h * h);
             REAL root = (REAL)1 / SQRT(SQRT(sq * inv_correction) + eps);
@@ -114,7 +128,7 @@ static inline __attribute__((always_inline)) void FN(reduce_body)(
             a4 += ht * S_LOAD(G[j]);
         }
     } else {
-#pragma omp simd reduction(+ : a0, a1, a3, a4)
+#pragma omp simd reduction(+ : a0, a1, a3, a4, a5, a6)
         for (int64_t j = start; j < end; ++j) {
             REAL h = g[j] * inv_scale;
             if (use_wd) {
@@ -122,58 +136,68 @@ static inline __attribute__((always_inline)) void FN(reduce_body)(
                 h += wd * t;
                 a1 += t * t;
             }
+            if (adapt) {
+                REAL b = S_LOAD(m[j]);
+                a5 += h * b;
+                a6 += b * b;
+            }
             a0 += h * h;
             a3 += h * S_LOAD(H[j]);
             a4 += h * S_LOAD(G[j]);
         }
         a2 = a0;
     }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4;
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6;
 }
 
-/* The four specialisations of pass 1 (the flags are constants inside each, so every loop is branch-free). */
+/* The eight specialisations of pass 1 (the flags are constants inside each, so every loop is branch-free). */
 static void FN(reduce_block)(int64_t start, int64_t end, const REAL *g, const REAL *th, const STATE *s,
-                             const STATE *H, const STATE *G, REAL inv_scale, REAL wd, int use_wd, int precondition,
-                             REAL beta2, REAL one_minus_beta2, REAL inv_correction, REAL eps, double *acc) {
-#define KOALA_REDUCE(W, P)                                                                                        \
-    FN(reduce_body)(start, end, g, th, s, H, G, inv_scale, wd, W, P, beta2, one_minus_beta2, inv_correction, eps, \
-                    acc)
-    if (use_wd) { if (precondition) KOALA_REDUCE(1, 1); else KOALA_REDUCE(1, 0); }
-    else { if (precondition) KOALA_REDUCE(0, 1); else KOALA_REDUCE(0, 0); }
+                             const STATE *H, const STATE *G, const STATE *m, REAL inv_scale, REAL wd, int use_wd,
+                             int precondition, int adapt, REAL beta2, REAL one_minus_beta2, REAL inv_correction,
+                             REAL eps, double *acc) {
+#define KOALA_REDUCE(W, P, A)                                                                                     \
+    FN(reduce_body)(start, end, g, th, s, H, G, m, inv_scale, wd, W, P, A, beta2, one_minus_beta2, inv_correction, \
+                    eps, acc)
+#define KOALA_REDUCE_A(W, P) do { if (adapt) KOALA_REDUCE(W, P, 1); else KOALA_REDUCE(W, P, 0); } while (0)
+    if (use_wd) { if (precondition) KOALA_REDUCE_A(1, 1); else KOALA_REDUCE_A(1, 0); }
+    else { if (precondition) KOALA_REDUCE_A(0, 1); else KOALA_REDUCE_A(0, 0); }
+#undef KOALA_REDUCE_A
 #undef KOALA_REDUCE
 }
 
-/* Pass 1 over one tensor, out = the five sums. With threads > 1 the blocks of a large tensor are shared out, each
- * block's sums are kept apart and added in block order afterwards: the result does not depend on the thread count. */
+/* Pass 1 over one tensor, out = the KOALA_SUMS sums. With threads > 1 the blocks of a large tensor are shared out,
+ * each block's sums are kept apart and added in block order afterwards: the result does not depend on the thread
+ * count. */
 static void FN(reduce)(int64_t n, const REAL *g, const REAL *th, const STATE *s, const STATE *H, const STATE *G,
-                       REAL inv_scale, REAL wd, int use_wd, int precondition, REAL beta2, REAL one_minus_beta2,
-                       REAL inv_correction, REAL eps, int threads, double *out) {
+                       const STATE *m, REAL inv_scale, REAL wd, int use_wd, int precondition, int adapt, REAL beta2,
+                       REAL one_minus_beta2, REAL inv_correction, REAL eps, int threads, double *out) {
     int64_t blocks = (n + KOALA_CHUNK - 1) / KOALA_CHUNK;
-    double sums[5] = {0, 0, 0, 0, 0}, acc[5];
-    double *part = threads > 1 && blocks >= KOALA_PARALLEL_BLOCKS ? malloc(5 * blocks * sizeof(double)) : NULL;
+    double sums[KOALA_SUMS] = {0}, acc[KOALA_SUMS];
+    double *part = threads > 1 && blocks >= KOALA_PARALLEL_BLOCKS ? malloc(KOALA_SUMS * blocks * sizeof(double))
+                                                                  : NULL;
     if (part != NULL) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t b = 0; b < blocks; ++b) {
             int64_t end = (b + 1) * KOALA_CHUNK < n ? (b + 1) * KOALA_CHUNK : n;
-            FN(reduce_block)(b * KOALA_CHUNK, end, g, th, s, H, G, inv_scale, wd, use_wd, precondition, beta2,
-                             one_minus_beta2, inv_correction, eps, part + 5 * b);
+            FN(reduce_block)(b * KOALA_CHUNK, end, g, th, s, H, G, m, inv_scale, wd, use_wd, precondition, adapt,
+                             beta2, one_minus_beta2, inv_correction, eps, part + KOALA_SUMS * b);
         }
     }
     for (int64_t b = 0; b < blocks; ++b) {
         const double *block = part;
         if (part != NULL) {
-            block = part + 5 * b;
+            block = part + KOALA_SUMS * b;
         } else {
             int64_t end = (b + 1) * KOALA_CHUNK < n ? (b + 1) * KOALA_CHUNK : n;
-            FN(reduce_block)(b * KOALA_CHUNK, end, g, th, s, H, G, inv_scale, wd, use_wd, precondition, beta2,
-                             one_minus_beta2, inv_correction, eps, acc);
+            FN(reduce_block)(b * KOALA_CHUNK, end, g, th, s, H, G, m, inv_scale, wd, use_wd, precondition, adapt,
+                             beta2, one_minus_beta2, inv_correction, eps, acc);
             block = acc;
         }
-        for (int k = 0; k < 5; ++k) sums[k] += block[k];
+        for (int k = 0; k < KOALA_SUMS; ++k) sums[k] += block[k];
     }
     free(part);
     if (!precondition) sums[2] = sums[0];
-    for (int k = 0; k < 5; ++k) out[k] = sums[k];
+    for (int k = 0; k < KOALA_SUMS; ++k) out[k] = sums[k];
 }
 
 /* Pass 2 over one committed tensor: gain = a gain + c H_prev + b h~; H_prev = h~; s = new second moment;
@@ -296,13 +320,14 @@ static void FN(update_any)(int64_t n, const REAL *g, REAL *th, STATE *s, STATE *
  * gradient. Returns ok: 1 if the step was taken, 0 if a guard skipped it (then only skipped_steps moved).
  *
  * Per group j (n_groups): hp[j * KOALA_NHP ...], R_state[j] (0-d, REAL), skipped[j] / updates[j] (0-d int64),
- * tensors first[j] .. first[j + 1] - 1. Per tensor i: param, grad (same dtype, contiguous), prev_grad, gain,
- * exp_avg_sq (NULL without the metric), momentum_buffer (NULL without momentum) (STATE), the 0-d prev_S, prev_grad_sq,
- * prev_grad_v, prev_q (REAL) and step (float32), numel. work: 5 * n doubles of scratch.
+ * lr_log_scale[j] (0-d float32, lr_adaptation's log s; NULL without it), tensors first[j] .. first[j + 1] - 1. Per
+ * tensor i: param, grad (same dtype, contiguous), prev_grad, gain, exp_avg_sq (NULL without the metric),
+ * momentum_buffer (NULL without momentum) (STATE), the 0-d prev_S, prev_grad_sq, prev_grad_v, prev_q (REAL) and step
+ * (float32), numel. work: KOALA_SUMS * n + 2 * n_groups doubles of scratch.
  * out (REAL): 4 n diagnostics (step_size, S, h.v, ||h~||^2 per tensor) then the R used by each group, then the loss.
  */
 int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_t **skipped, int64_t **updates,
-                      const int32_t *first, REAL **param, REAL **grad, STATE **prev_grad, STATE **gain,
+                      float **lr_log_scale, const int32_t *first, REAL **param, REAL **grad, STATE **prev_grad, STATE **gain,
                       STATE **exp_avg_sq, STATE **momentum_buffer, REAL **prev_S, REAL **prev_grad_sq,
                       REAL **prev_grad_v, REAL **prev_q, float **step, const int64_t *numel,
                       const void *measurement, int kind, const float *grad_scale, const float *found_inf,
@@ -353,16 +378,18 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
             }
         }
         ok = ok && FN(finite)(noise) && FN(finite)(stored);
-        work[5 * n + 2 * j] = noise, work[5 * n + 2 * j + 1] = stored;
+        work[KOALA_SUMS * n + 2 * j] = noise, work[KOALA_SUMS * n + 2 * j + 1] = stored;
 
         double wd = hp[HP_WD], beta2 = hp[HP_BETA2];
         int use_wd = wd != 0, precondition = (flags & F_PRECONDITION) != 0;
+        int adapt = (flags & F_LR_ADAPTATION) != 0;
         for (int i = first[j]; i < first[j + 1]; ++i) {
             double correction = FN(round)(1.0 - pow(beta2, (double)*step[i] + 1.0));
             FN(reduce)(numel[i], grad[i], param[i], precondition ? exp_avg_sq[i] : NULL, prev_grad[i], gain[i],
-                       inv_scale, (REAL)wd, use_wd, precondition, (REAL)beta2, (REAL)(1.0 - beta2),
-                       (REAL)(1.0 / correction), (REAL)hp[HP_EPS], threads, work + 5 * i);
-            double *w = work + 5 * i;
+                       adapt ? momentum_buffer[i] : NULL, inv_scale, (REAL)wd, use_wd, precondition, adapt,
+                       (REAL)beta2, (REAL)(1.0 - beta2), (REAL)(1.0 / correction), (REAL)hp[HP_EPS], threads,
+                       work + KOALA_SUMS * i);
+            double *w = work + KOALA_SUMS * i;
             ok = ok && FN(finite)(w[0]);
             if (use_wd) ok = ok && FN(finite)(w[1]) && FN(finite)(loss_T + 0.5 * wd * FN(round)(w[1]));
         }
@@ -373,9 +400,9 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
         const double *hp = hp_all + (size_t)j * KOALA_NHP;
         int flags = (int)hp[HP_FLAGS];
         double previous = (double)*R_state[j];
-        double noise = ok ? work[5 * n + 2 * j] : previous;
+        double noise = ok ? work[KOALA_SUMS * n + 2 * j] : previous;
         if (ok) {
-            *R_state[j] = (REAL)work[5 * n + 2 * j + 1];
+            *R_state[j] = (REAL)work[KOALA_SUMS * n + 2 * j + 1];
             *updates[j] += 1;
         } else {
             *skipped[j] += 1;
@@ -385,8 +412,30 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
         double mu = hp[HP_MOMENTUM];
         int symmetric = (flags & F_SYMMETRIC) != 0, precondition = (flags & F_PRECONDITION) != 0;
         int momentum = (flags & F_MOMENTUM) != 0, use_wd = wd != 0;
+        double cap = lr * hp[HP_MAX_STEP];
+        if (flags & F_LR_ADAPTATION) {
+            /* lr_adaptation (koala_pp._adapt_lr_scale): log s += kappa cos(h, m) over the whole group, h the
+             * effective gradient and m the momentum buffer before this step, each tensor's sums rounded to REAL (as
+             * torch forms them per tensor) and added in double. Moved only on an accepted step with a finite cosine
+             * and both norms positive; the cap is lr max_step s with the s as stored (float32). */
+            double dot = 0, hh = 0, mm = 0;
+            for (int i = first[j]; i < first[j + 1]; ++i) {
+                const double *w = work + KOALA_SUMS * i;
+                dot += FN(round)(w[5]), hh += FN(round)(w[0]), mm += FN(round)(w[6]);
+            }
+            double cosine = dot / sqrt(hh * mm);
+            float log_scale = *lr_log_scale[j];
+            if (ok && hh > 0 && mm > 0 && isfinite(cosine)) {
+                double moved = (double)log_scale + hp[HP_LR_ADAPTATION] * cosine;
+                moved = moved < -KOALA_LOG_SCALE_BOUND ? -KOALA_LOG_SCALE_BOUND
+                        : moved > KOALA_LOG_SCALE_BOUND ? KOALA_LOG_SCALE_BOUND : moved;
+                log_scale = (float)moved;
+                *lr_log_scale[j] = log_scale;
+            }
+            cap = lr * (hp[HP_MAX_STEP] * exp((double)log_scale));
+        }
         for (int i = first[j]; i < first[j + 1]; ++i) {
-            const double *w = work + 5 * i;
+            const double *w = work + KOALA_SUMS * i;
             double hh = FN(round)(w[2]), h_prev = FN(round)(w[3]), h_gain = FN(round)(w[4]);
             double prev_sq = *prev_grad_sq[i], prev_v = *prev_grad_v[i], S_prev = *prev_S[i], q_prev = *prev_q[i];
             double h_v = h_gain - q_prev * h_prev;
@@ -405,9 +454,9 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
             double residual = use_wd ? loss_T + 0.5 * wd * FN(round)(w[1]) : loss_T;
             double step_size = lr * residual / S;
             if (flags & F_MAX_STEP) {
-                step_size = koala_min_nan(step_size, lr * hp[HP_MAX_STEP]);
+                step_size = koala_min_nan(step_size, cap);
                 /* A loss below its floor says nothing of the distance to the optimum: the capped step. */
-                if (residual < 0) step_size = lr * hp[HP_MAX_STEP];
+                if (residual < 0) step_size = cap;
             }
             out[i] = (REAL)step_size, out[n + i] = (REAL)S, out[2 * n + i] = (REAL)h_v_new, out[3 * n + i] = (REAL)hh;
             /* A step size that does not fit REAL (a huge loss over a tiny S) would write inf: the tensor is left

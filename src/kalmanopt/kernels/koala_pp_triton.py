@@ -4,12 +4,14 @@ One step of every param group is five launches (four without bfloat16 state), ea
 
 1. :func:`koala_pp_reduce`, one program per chunk of ``BLOCK * ITERS`` elements of one tensor (a chunk table maps
    programs to tensors, as torch's fused AdamW does): the five dot products of the step, with the effective gradient
-   ``h = g / scale + wd * theta`` and the diagonal metric formed on the fly, never stored. One partial sum per chunk.
+   ``h = g / scale + wd * theta`` and the diagonal metric formed on the fly, never stored, and with ``lr_adaptation``
+   the two more of its cosine (``h.m``, ``||m||^2``). One partial sum per chunk.
 2. :func:`koala_pp_sums`, one program per tensor: its chunks' partial sums added in chunk order (deterministic: no
    atomics), in float64.
 3. :func:`koala_pp_scalars`, one program: the loss moments, R, every guard of the step (all before the first write),
-   then each tensor's coefficients, its scalar state and the group counters: the C kernel's scalar algebra, in
-   float64 with the C kernel's roundings to the compute dtype, vectorised over tensors.
+   the ``lr_adaptation`` multiplier of each group that has it, then each tensor's coefficients, its scalar state and
+   the group counters: the C kernel's scalar algebra, in float64 with the C kernel's roundings to the compute dtype,
+   vectorised over tensors.
 4. :func:`koala_pp_update`, one program per chunk: the element-wise pass (gain, previous gradient, second moment,
    momentum buffer, parameter) of the tensors whose step is committed; a tensor that is not (the step skipped, a zero
    gradient, S not positive) is neither read nor written here.
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 # A param group's hyperparameters: the C kernel's KOALA_NHP doubles (koala_pp._hyper), one row per group.
-NHP = tl.constexpr(13)
+NHP = tl.constexpr(14)
 HP_LR = tl.constexpr(0)
 HP_SIGMA = tl.constexpr(1)
 HP_Q = tl.constexpr(2)
@@ -47,12 +49,15 @@ HP_ALPHA_R = tl.constexpr(9)
 HP_R_CLIP = tl.constexpr(10)
 HP_FLAGS = tl.constexpr(11)
 HP_R_STAT = tl.constexpr(12)
+HP_LR_ADAPTATION = tl.constexpr(13)
 # flag bits and R statistics, as in the C kernel
 F_SYMMETRIC = tl.constexpr(1)
 F_MOMENTUM = tl.constexpr(4)
 F_FIXED_R = tl.constexpr(8)
 F_MAX_STEP = tl.constexpr(16)
 F_R_CLIP = tl.constexpr(32)
+F_LR_ADAPTATION = tl.constexpr(64)
+LOG_SCALE_BOUND = tl.constexpr(6.907755278982137)  # log(1000): lr_adaptation's multiplier within [1/1000, 1000]
 R_SECOND_MOMENT = tl.constexpr(0)
 R_SQUARED_MEAN = tl.constexpr(1)
 
@@ -78,8 +83,14 @@ C_C = tl.constexpr(3)
 C_MU = tl.constexpr(4)
 C_K1 = tl.constexpr(5)
 C_K2 = tl.constexpr(6)
-# Partial sums per chunk: [||h||^2, ||theta||^2, ||h~||^2, h~.H_prev, h~.gain_prev]
-SUMS = tl.constexpr(5)
+# Partial sums per chunk: [||h||^2, ||theta||^2, ||h~||^2, h~.H_prev, h~.gain_prev, h.m, ||m||^2] (the last two with
+# lr_adaptation only: the effective gradient h against the momentum buffer m before the step)
+SUMS = tl.constexpr(7)
+# Rows of the per-group pointer table: R, skipped_steps, noise_updates, lr_log_scale (0 without lr_adaptation), then
+# the group's tensors first .. last - 1 (plain numbers)
+G_LOG_SCALE = tl.constexpr(3)
+G_FIRST = tl.constexpr(4)
+G_LAST = tl.constexpr(5)
 
 _INF = tl.constexpr(float("inf"))
 
@@ -268,15 +279,18 @@ def _store(pointer, offs, value, numel, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _reduce_chunk(grad, param, exp_avg_sq, prev_grad, gain, start, numel, inv_scale, wd, beta2, one_minus_beta2, eps,
-                  inv_correction, COMPUTE: tl.constexpr, PRECONDITION: tl.constexpr, USE_WD: tl.constexpr,
-                  MASKED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """The five sums of pass 1 over one chunk, per lane (summed over the lanes by the caller)."""
+def _reduce_chunk(grad, param, exp_avg_sq, prev_grad, gain, momentum_buffer, start, numel, inv_scale, wd, beta2,
+                  one_minus_beta2, eps, inv_correction, COMPUTE: tl.constexpr, PRECONDITION: tl.constexpr,
+                  USE_WD: tl.constexpr, ADAPT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+                  ITERS: tl.constexpr):
+    """The seven sums of pass 1 over one chunk, per lane (summed over the lanes by the caller)."""
     hh = tl.full([BLOCK], 0.0, COMPUTE)
     theta_sq = tl.full([BLOCK], 0.0, COMPUTE)
     ht_sq = tl.full([BLOCK], 0.0, COMPUTE)
     ht_prev = tl.full([BLOCK], 0.0, COMPUTE)
     ht_gain = tl.full([BLOCK], 0.0, COMPUTE)
+    h_m = tl.full([BLOCK], 0.0, COMPUTE)
+    m_sq = tl.full([BLOCK], 0.0, COMPUTE)
     for it in tl.static_range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         h = _load(grad, offs, numel, MASKED, COMPUTE) * inv_scale
@@ -284,6 +298,10 @@ def _reduce_chunk(grad, param, exp_avg_sq, prev_grad, gain, start, numel, inv_sc
             theta = _load(param, offs, numel, MASKED, COMPUTE)
             h += wd * theta
             theta_sq += theta * theta
+        if ADAPT:  # the effective gradient before the metric, as koala_pp._adapt_lr_scale reads it
+            m = _load(momentum_buffer, offs, numel, MASKED, COMPUTE)
+            h_m += h * m
+            m_sq += m * m
         if PRECONDITION:
             sq = _load(exp_avg_sq, offs, numel, MASKED, COMPUTE) * beta2 + one_minus_beta2 * (h * h)
             root = _div(1.0, _sqrt(_sqrt(sq * inv_correction, COMPUTE) + eps, COMPUTE), COMPUTE)
@@ -294,17 +312,18 @@ def _reduce_chunk(grad, param, exp_avg_sq, prev_grad, gain, start, numel, inv_sc
         ht_sq += ht * ht
         ht_prev += ht * _load(prev_grad, offs, numel, MASKED, COMPUTE)
         ht_gain += ht * _load(gain, offs, numel, MASKED, COMPUTE)
-    return hh, theta_sq, ht_sq, ht_prev, ht_gain
+    return hh, theta_sq, ht_sq, ht_prev, ht_gain, h_m, m_sq
 
 
 @triton.jit
 def koala_pp_reduce(tables, grads, numels, tensor_group, chunk_tensor, chunk_start, hyper, grad_scale,
                     inv_corrections, partials, chunk_base, n, PARAM: tl.constexpr, STATE: tl.constexpr,
-                    COMPUTE: tl.constexpr, PRECONDITION: tl.constexpr, USE_WD: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """Pass 1 over one chunk: partials[chunk] = [||h||^2, ||theta||^2, ||h~||^2, h~.H_prev, h~.gain_prev] with
-    h = g / scale + wd theta and h~ = D^{1/2} h (h~ = h without the metric). Summed in the compute dtype within the
-    chunk, stored in float64. Without weight decay the parameter is not read (||theta||^2 is left 0)."""
+                    COMPUTE: tl.constexpr, PRECONDITION: tl.constexpr, USE_WD: tl.constexpr, ADAPT: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Pass 1 over one chunk: partials[chunk] = [||h||^2, ||theta||^2, ||h~||^2, h~.H_prev, h~.gain_prev, h.m,
+    ||m||^2] with h = g / scale + wd theta, h~ = D^{1/2} h (h~ = h without the metric) and m the momentum buffer
+    (``ADAPT``, lr_adaptation; else not read and the two sums 0). Summed in the compute dtype within the chunk, stored
+    in float64. Without weight decay the parameter is not read (||theta||^2 is left 0)."""
     chunk = chunk_base + tl.program_id(0)
     t = tl.load(chunk_tensor + chunk)
     start = tl.multiple_of(tl.load(chunk_start + chunk), 16)
@@ -315,12 +334,14 @@ def koala_pp_reduce(tables, grads, numels, tensor_group, chunk_tensor, chunk_sta
     prev_grad = _pointer(tables, ROW_PREV_GRAD, n, t, STATE)
     gain = _pointer(tables, ROW_GAIN, n, t, STATE)
     exp_avg_sq = _pointer(tables, ROW_EXP_AVG_SQ, n, t, STATE)
+    momentum_buffer = _pointer(tables, ROW_MOMENTUM, n, t, STATE)
     if ALIGNED:  # the launcher found every tensor of the launch 16-byte aligned: vectorised loads
         grad = tl.multiple_of(grad, 16)
         param = tl.multiple_of(param, 16)
         prev_grad = tl.multiple_of(prev_grad, 16)
         gain = tl.multiple_of(gain, 16)
         exp_avg_sq = tl.multiple_of(exp_avg_sq, 16)
+        momentum_buffer = tl.multiple_of(momentum_buffer, 16)
     inv_scale = _inv_scale(grad_scale, HAS_SCALE, COMPUTE)
     wd = tl.load(hp + HP_WD).to(COMPUTE)
     beta2, one_minus_beta2, eps = _metric_constants(hp, COMPUTE)
@@ -332,24 +353,26 @@ def koala_pp_reduce(tables, grads, numels, tensor_group, chunk_tensor, chunk_sta
         inv_correction = (1.0 / _round(1.0 - _pow(tl.load(hp + HP_BETA2), step + 1.0), COMPUTE)).to(COMPUTE)
         tl.store(inv_corrections + t, inv_correction, mask=start == 0)
     if start + BLOCK * ITERS <= numel:
-        hh, theta_sq, ht_sq, ht_prev, ht_gain = _reduce_chunk(
-            grad, param, exp_avg_sq, prev_grad, gain, start, numel, inv_scale, wd, beta2, one_minus_beta2, eps,
-            inv_correction, COMPUTE, PRECONDITION, USE_WD, False, BLOCK, ITERS)
+        hh, theta_sq, ht_sq, ht_prev, ht_gain, h_m, m_sq = _reduce_chunk(
+            grad, param, exp_avg_sq, prev_grad, gain, momentum_buffer, start, numel, inv_scale, wd, beta2,
+            one_minus_beta2, eps, inv_correction, COMPUTE, PRECONDITION, USE_WD, ADAPT, False, BLOCK, ITERS)
     else:
-        hh, theta_sq, ht_sq, ht_prev, ht_gain = _reduce_chunk(
-            grad, param, exp_avg_sq, prev_grad, gain, start, numel, inv_scale, wd, beta2, one_minus_beta2, eps,
-            inv_correction, COMPUTE, PRECONDITION, USE_WD, True, BLOCK, ITERS)
+        hh, theta_sq, ht_sq, ht_prev, ht_gain, h_m, m_sq = _reduce_chunk(
+            grad, param, exp_avg_sq, prev_grad, gain, momentum_buffer, start, numel, inv_scale, wd, beta2,
+            one_minus_beta2, eps, inv_correction, COMPUTE, PRECONDITION, USE_WD, ADAPT, True, BLOCK, ITERS)
     row = partials + chunk * SUMS
     tl.store(row, tl.sum(hh, axis=0).to(tl.float64))
     tl.store(row + 1, tl.sum(theta_sq, axis=0).to(tl.float64))
     tl.store(row + 2, tl.sum(ht_sq, axis=0).to(tl.float64))
     tl.store(row + 3, tl.sum(ht_prev, axis=0).to(tl.float64))
     tl.store(row + 4, tl.sum(ht_gain, axis=0).to(tl.float64))
+    tl.store(row + 5, tl.sum(h_m, axis=0).to(tl.float64))
+    tl.store(row + 6, tl.sum(m_sq, axis=0).to(tl.float64))
 
 
 @triton.jit
 def koala_pp_sums(partials, chunk_range, sums, n, BLOCK_C: tl.constexpr):
-    """Tensor t's five sums: its chunks' partial sums (chunks chunk_range[t] .. chunk_range[n + t] - 1) in order."""
+    """Tensor t's seven sums: its chunks' partial sums (chunks chunk_range[t] .. chunk_range[n + t] - 1) in order."""
     t = tl.program_id(0)
     acc = _segment_sum(partials, tl.load(chunk_range + t), tl.load(chunk_range + n + t), SUMS, 8, BLOCK_C)
     cols = tl.arange(0, 8)
@@ -395,6 +418,35 @@ def koala_pp_scalars(tables, numels, tensor_group, sums, hyper, group_tables, me
     # The flag as a vector: a scalar and a vector predicate are not combined directly (Triton's interpreter cannot).
     accepted = (tl.full([BLOCK_T], 0, tl.int32) + ok.to(tl.int32)) != 0
 
+    # lr_adaptation, per group (koala_pp._adapt_lr_scale): log s += kappa cos(h, m) over the group's tensors, each
+    # tensor's sums rounded to the compute dtype (as torch forms them per tensor) and added in float64; moved only on
+    # an accepted step with a finite cosine and both norms positive. Phase 2 reads s back from the state: the step
+    # uses the float32 value stored. A group without it sums nothing (an empty range) and writes nothing.
+    for g in range(0, n_groups):
+        group_adapt = (tl.load(hyper + g * NHP + HP_FLAGS).to(tl.int32) & F_LR_ADAPTATION) != 0
+        first_member = tl.load(group_tables + G_FIRST * n_groups + g).to(tl.int32)
+        last_member = tl.where(group_adapt, tl.load(group_tables + G_LAST * n_groups + g).to(tl.int32), first_member)
+        dot_sum = tl.full([BLOCK_T], 0.0, tl.float64)
+        hh_sum = tl.full([BLOCK_T], 0.0, tl.float64)
+        mm_sum = tl.full([BLOCK_T], 0.0, tl.float64)
+        for i0 in range(first_member, last_member, BLOCK_T):
+            k = i0 + tl.arange(0, BLOCK_T)
+            member_mask = k < last_member
+            hh_sum += _round(tl.load(sums + k * SUMS, mask=member_mask, other=0.0), COMPUTE)
+            dot_sum += _round(tl.load(sums + k * SUMS + 5, mask=member_mask, other=0.0), COMPUTE)
+            mm_sum += _round(tl.load(sums + k * SUMS + 6, mask=member_mask, other=0.0), COMPUTE)
+        group_dot = tl.sum(dot_sum, axis=0)
+        group_hh = tl.sum(hh_sum, axis=0)
+        group_mm = tl.sum(mm_sum, axis=0)
+        group_cosine = group_dot / tl.sqrt(group_hh * group_mm)
+        group_log_scale_ptr = tl.load(group_tables + G_LOG_SCALE * n_groups + g).to(tl.pointer_type(tl.float32))
+        group_log_scale = tl.load(group_log_scale_ptr, mask=group_adapt, other=0.0).to(tl.float64)
+        group_moved = group_log_scale + tl.load(hyper + g * NHP + HP_LR_ADAPTATION) * group_cosine
+        group_moved = tl.minimum(tl.maximum(group_moved, -LOG_SCALE_BOUND), LOG_SCALE_BOUND)
+        group_valid = group_adapt & ok & (group_hh > 0.0) & (group_mm > 0.0) & _finite(group_cosine, tl.float64)
+        tl.store(group_log_scale_ptr, group_moved.to(tl.float32), mask=group_valid)
+    tl.debug_barrier()
+
     # Phase 2: each tensor's coefficients (with the R its group uses), its diagnostics and committed scalar state.
     for i0 in range(0, n, BLOCK_T):
         i = i0 + tl.arange(0, BLOCK_T)
@@ -411,6 +463,9 @@ def koala_pp_scalars(tables, numels, tensor_group, sums, hyper, group_tables, me
         mu = tl.load(hp + HP_MOMENTUM, mask=mask, other=0.0)
         max_step = tl.load(hp + HP_MAX_STEP, mask=mask, other=0.0)
         flags = tl.load(hp + HP_FLAGS, mask=mask, other=0.0).to(tl.int32)
+        adapt = mask & ((flags & F_LR_ADAPTATION) != 0)
+        log_scale_ptr = tl.load(group_tables + G_LOG_SCALE * n_groups + j, mask=adapt, other=0)
+        log_scale = tl.load(log_scale_ptr.to(tl.pointer_type(tl.float32)), mask=adapt, other=0.0).to(tl.float64)
         symmetric = (flags & F_SYMMETRIC) != 0
         momentum = (flags & F_MOMENTUM) != 0
         prev_S_ptr = tl.load(tables + ROW_PREV_S * n + i, mask=mask, other=0).to(tl.pointer_type(COMPUTE))
@@ -444,7 +499,7 @@ def koala_pp_scalars(tables, numels, tensor_group, sums, hyper, group_tables, me
         step_size = lr * residual / S
         # The cap (NaN stays NaN, as torch.clamp), and the capped step for a loss below its floor.
         capped = (flags & F_MAX_STEP) != 0
-        cap = lr * max_step
+        cap = tl.where(adapt, lr * (max_step * tl.exp(log_scale)), lr * max_step)  # lr_adaptation: the cap times s
         step_size = tl.where(capped & (step_size > cap), cap, step_size)
         step_size = tl.where(capped & (residual < 0.0), cap, step_size)
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 __all__ = ["SUFFIXES", "load", "unavailable_reason"]
 
+#: koala_abi_version() of the kernel this module calls (its arguments' layout)
+ABI_VERSION = 5
 #: the kernel's source, shipped as package data (kalmanopt/kernels/koala_pp_step.c) and read when the library is built
 _SOURCE_FILE = "koala_pp_step.c"
 
@@ -124,14 +126,15 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling the fused KOALA++ kernel failed: {result.stderr.strip()[-2000:]}")
             os.replace(built, target)  # atomic: concurrent processes never load a half-written library
     library = ctypes.CDLL(str(target))
-    if library.koala_abi_version() != 4:
+    if library.koala_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{target} is not this version's kernel")
     pointer = ctypes.c_void_p
     for suffix in SUFFIXES.values():
         fn = getattr(library, f"koala_pp_step_{suffix}")
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, pointer, pointer, pointer, pointer, pointer, *([pointer] * 12), pointer,
-                       ctypes.c_int, pointer, pointer, pointer, pointer, ctypes.c_int]
+        # n_groups, hp, R, skipped, updates, lr_log_scale, first, 12 per-tensor arrays, measurement, kind, ...
+        fn.argtypes = [ctypes.c_int, *([pointer] * 6), *([pointer] * 12), pointer, ctypes.c_int, pointer, pointer,
+                       pointer, pointer, ctypes.c_int]
     library.koala_bf16_round.restype = None
     library.koala_bf16_round.argtypes = [ctypes.c_int64, pointer, pointer]
     return library

@@ -28,8 +28,8 @@ from torch import Tensor
 from . import _koala_pp_fused, _koala_pp_triton
 from .noise import loss_moments
 
-__all__ = ["GIVEN", "HP_FLAGS", "KINDS", "LOSS", "MOMENTS", "NAME", "NHP", "STATE_KEYS", "SUFFIXES", "available",
-           "build", "call_kernel", "fused_step", "triton_step", "uses"]
+__all__ = ["F_LR_ADAPTATION", "GIVEN", "HP_FLAGS", "KINDS", "LOSS", "MOMENTS", "NAME", "NHP", "STATE_KEYS", "SUFFIXES",
+           "SUMS", "adapts", "available", "build", "call_kernel", "fused_step", "triton_step", "uses"]
 
 NAME = "kalmanopt::koala_pp_fused_step"
 #: the kernel's measurement kinds by the measurement's dtype (+2: the mean and the statistic are given, ``update()``)
@@ -46,7 +46,15 @@ STATE_KEYS = ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer", "prev_S", "p
 _PER_ELEMENT = 4  # the first four keys are per element, the rest 0-d
 _GROUP_KEYS = ("measurement_noise", "skipped_steps", "noise_updates")
 _OPTIONAL = {"exp_avg_sq": 2, "momentum_buffer": 4}  # the kernel's flag bits (F_PRECONDITION, F_MOMENTUM)
-NHP, HP_FLAGS = 13, 11  # KOALA_NHP hyperparameters per group, and where the flags lie among them
+NHP, HP_FLAGS = 14, 11  # KOALA_NHP hyperparameters per group, and where the flags lie among them
+F_LR_ADAPTATION = 64  # the kernel's flag for lr_adaptation: the group's lr_log_scale is in the state list
+SUMS = 7  # KOALA_SUMS: the kernel's pass-1 sums per tensor (its scratch)
+
+
+def adapts(flags: int) -> bool:
+    """Whether a group with these kernel flags adapts its step cap (``lr_adaptation``): its ``lr_log_scale`` (0-d
+    float32) is then in the operator's ``state`` list."""
+    return bool(flags & F_LR_ADAPTATION)
 
 
 def uses(key: str, flags: int) -> bool:
@@ -100,8 +108,8 @@ _MAX_PLANS = 8
 
 def _state_arrays(dtype: torch.dtype, storage: torch.dtype, numels: list[int], state: list[Tensor],
                   first: list[int], flags: list[int]) -> tuple:
-    """The kernel's pointer arrays: one per group key (R, skipped, updates), one per state key (NULL where the group
-    does not use it), and the sizes."""
+    """The kernel's pointer arrays: one per group key (R, skipped, updates, lr_log_scale: NULL where the group does
+    not adapt), one per state key (NULL where the group does not use it), and the sizes."""
     pointers = tuple(t.data_ptr() for t in state)
     key = (dtype, storage, tuple(numels), tuple(first), tuple(flags), pointers)
     cached = _plans.get(key)
@@ -122,13 +130,23 @@ def _state_arrays(dtype: torch.dtype, storage: torch.dtype, numels: list[int], s
                        numels[i] if k < _PER_ELEMENT else 1)
                 columns[k].append(pointers[position])
                 position += 1
+    scales: list[int | None] = []
+    for j, group_flags in enumerate(flags):
+        if adapts(group_flags):
+            if position >= len(state):
+                raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
+            _check(state[position], f"group state 'lr_log_scale' of group {j}", torch.float32, 1)
+            scales.append(pointers[position])
+            position += 1
+        else:
+            scales.append(None)
     if len(state) != position + 3 * len(flags):
         raise ValueError(f"{NAME}: {len(state)} state entries, the groups' options ask for {position} + "
                          f"{3 * len(flags)}")
     for j in range(position, len(state), 3):
         for t, name, want in zip(state[j:j + 3], _GROUP_KEYS, (dtype, torch.int64, torch.int64), strict=True):
             _check(t, f"group state {name!r}", want, 1)
-    groups = [list(pointers[position + k::3]) for k in range(3)]
+    groups = [list(pointers[position + k::3]) for k in range(3)] + [scales]
     plan = ([_array(c) for c in groups], [_array(c) for c in columns], _array(numels, ctypes.c_int64))
     with _plans_lock:
         _plans.pop(key, None)
@@ -148,11 +166,12 @@ def fused_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], f
     """One fused KOALA++ step of every param group (``koala_pp_step`` in the kernel's source).
 
     ``params``, ``grads``: the stepped tensors (those with a gradient), in group order; group j holds
-    ``first[j]:first[j + 1]`` and has the ``KOALA_NHP`` = 13 hyperparameters ``hyper[13 j:13 (j + 1)]``. ``state``:
+    ``first[j]:first[j + 1]`` and has the ``KOALA_NHP`` = 14 hyperparameters ``hyper[14 j:14 (j + 1)]``. ``state``:
     for each stepped tensor its :data:`STATE_KEYS` entries (the metric's and the momentum's buffers only where the
-    group's flags ask for them, :func:`uses`), then for each group R, the skipped-step counter and the
-    committed-update counter. (No None entries for the options that are off: functionalization, as of torch 2.13,
-    fails on a None in a mutated list.)
+    group's flags ask for them, :func:`uses`), then the ``lr_log_scale`` of each group that adapts its cap
+    (:func:`adapts`), then for each group R, the skipped-step counter and the committed-update counter (last, so that
+    ``state[-3]`` is the last group's R). (No None entries for the options that are off: functionalization, as of
+    torch 2.13, fails on a None in a mutated list.)
     ``measurement``: what ``kind`` says: :data:`MOMENTS`, the loss moments [sum, sum of squares, count];
     :data:`GIVEN`, [mean, statistic] (``update()``); :data:`LOSS`, the checked loss itself (0-d or 1-d), whose moments
     are formed here as the eager step forms them (:func:`~kalmanopt.optim.noise.loss_moments`), so that the compiled
@@ -191,7 +210,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], f
     measurement = measurement.contiguous()
     group_arrays, tensor_arrays, numel_array = _state_arrays(dtype, storage, numels, state, first, flags)
     out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
-    work = (ctypes.c_double * (5 * n + 2 * n_groups))()
+    work = (ctypes.c_double * (SUMS * n + 2 * n_groups))()
     call_kernel(suffix, hyper, group_arrays, _array(first, ctypes.c_int32), params, grads, tensor_arrays, numel_array,
                 measurement, kind == GIVEN, grad_scale, found_inf, work, out)
     return out
@@ -250,6 +269,15 @@ def triton_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], 
                     raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
                 tensors.append(state[position])
                 position += 1
+    scales: list[Tensor | None] = []  # each group's lr_log_scale, None where it does not adapt
+    for j in range(n_groups):
+        if not adapts(int(hyper[NHP * j + HP_FLAGS])):
+            scales.append(None)
+            continue
+        if position >= len(state) - 3 * n_groups:
+            raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
+        scales.append(state[position])
+        position += 1
     if position != len(state) - 3 * n_groups:
         raise ValueError(f"{NAME}: {len(state)} state entries, the groups' options ask for {position} + "
                          f"{3 * n_groups}")
@@ -264,7 +292,7 @@ def triton_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], 
             _triton_caches.pop(next(iter(_triton_caches)))
         cache = _triton_caches[key] = {}
     out = _koala_pp_triton.fused_step(params, grads, tensors, state[position:], first, hyper, measurement,
-                                      kind == GIVEN, grad_scale, found_inf, cache)
+                                      kind == GIVEN, grad_scale, found_inf, cache, scales)
     if out is None:
         reason = _koala_pp_triton.unavailable_reason(state[-3].device)
         raise ValueError(f"{NAME}: the Triton step cannot take these tensors (it needs parameters of one device and "

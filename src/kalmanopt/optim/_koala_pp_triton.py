@@ -45,7 +45,8 @@ STATE_KEYS = ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer", "prev_S", "p
 _PER_ELEMENT = ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer")
 _ROWS = 10  # the kernels' pointer table: the parameter, then the state keys in this order
 _ROW = {key: k + 1 for k, key in enumerate(STATE_KEYS)}
-_COEF, _SUMS = 8, 5
+_COEF, _SUMS = 8, 7
+_NHP, _HP_FLAGS, _HP_WD = 14, 11, 3  # koala_pp._hyper's layout (the C kernel's KOALA_NHP)
 
 #: Take the Triton path for CPU tensors too, through Triton's interpreter (the tests' switch; never faster).
 ON_CPU = os.environ.get("KALMANOPT_TRITON_ON_CPU", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -145,7 +146,7 @@ class _Plan(NamedTuple):
 
     key: tuple
     tensors: list  # the tensors whose pointers are in the tables: the plan is reused only for these very objects
-    options: tuple  # per group: (metric, momentum, weight decay), the constants of its kernels
+    options: tuple  # per group: (metric, momentum, weight decay, lr_adaptation), the constants of its kernels
     device: torch.device
     compute: torch.dtype
     storage: torch.dtype
@@ -156,10 +157,13 @@ class _Plan(NamedTuple):
     chunk_tensor: Tensor  # [chunks] int32
     chunk_start: Tensor  # [chunks] int64
     chunk_range: Tensor  # [2, n] int32: each tensor's chunks lo .. hi - 1
-    group_tables: Tensor  # [3, groups] int64: R, skipped_steps, noise_updates
-    launches: list  # (param dtype, precondition, momentum, use_wd, first chunk, chunks, members, aligned) per kind
-    partials: Tensor  # [chunks, 5] float64
-    sums: Tensor  # [n, 5] float64
+    # [6, groups] int64: R, skipped_steps, noise_updates, lr_log_scale (0 without lr_adaptation) pointers; the
+    # group's first and last + 1 tensor
+    group_tables: Tensor
+    # (param dtype, precondition, momentum, use_wd, lr_adaptation, first chunk, chunks, members, aligned) per kind
+    launches: list
+    partials: Tensor  # [chunks, 7] float64
+    sums: Tensor  # [n, 7] float64
     inv_corrections: Tensor  # [n] compute dtype
     coefficients: Tensor  # [n, 8] compute dtype
     stored_partials: Tensor  # [chunks, 2] float64 (bfloat16 state)
@@ -184,19 +188,21 @@ def _check(t: Tensor | None, name: str, dtype: torch.dtype, device: torch.device
 
 
 def options_of(hyper: list[float]) -> tuple:
-    """Per group, what the kernels are compiled for: (metric, momentum, weight decay), from ``koala_pp._hyper``."""
-    return tuple((bool(int(hyper[j + 11]) & 2), bool(int(hyper[j + 11]) & 4), hyper[j + 3] != 0)
-                 for j in range(0, len(hyper), 13))
+    """Per group, what the kernels are compiled for: (metric, momentum, weight decay, lr_adaptation), from
+    ``koala_pp._hyper``."""
+    return tuple((bool(int(hyper[j + _HP_FLAGS]) & 2), bool(int(hyper[j + _HP_FLAGS]) & 4), hyper[j + _HP_WD] != 0,
+                  bool(int(hyper[j + _HP_FLAGS]) & 64))
+                 for j in range(0, len(hyper), _NHP))
 
 
 def _plan(params: list[Tensor], tensors: list[Tensor | None], shared: list[Tensor], first: list[int],
           hyper: list[float], compute: torch.dtype, storage: torch.dtype, device: torch.device, chunk: int,
-          cache: dict) -> _Plan | None:
+          cache: dict, scales: list[Tensor | None]) -> _Plan | None:
     """The cached plan while the same tensors come back; else a new one, every tensor checked (ValueError for state
     the kernels cannot write through; None, nothing done, for group state of another dtype)."""
     width, n, n_groups = len(STATE_KEYS), len(params), len(first) - 1
     options = options_of(hyper)
-    objects = params + tensors + shared
+    objects = params + tensors + shared + scales
     pointers = tuple(0 if t is None else t.data_ptr() for t in objects)
     key = (device, compute, storage, tuple(p.dtype for p in params), tuple(p.numel() for p in params), tuple(first),
            options, pointers, chunk)
@@ -209,10 +215,14 @@ def _plan(params: list[Tensor], tensors: list[Tensor | None], shared: list[Tenso
         for t, want in ((noise, compute), (skipped, torch.int64), (updates, torch.int64)):
             if t.dtype != want or t.device != device or t.numel() != 1:
                 return None
+        scale = scales[j]  # lr_adaptation's log multiplier, where the group's flags say it adapts
+        if (scale is None) == options[j][3] or (scale is not None and (
+                scale.dtype != torch.float32 or scale.device != device or scale.numel() != 1)):
+            return None
     rows: list[list[int]] = [[0] * n for _ in range(_ROWS)]
     group_of, numels = [0] * n, [p.numel() for p in params]
     for j in range(n_groups):
-        precondition, momentum, _ = options[j]
+        precondition, momentum, _, _ = options[j]
         for i in range(first[j], first[j + 1]):
             group_of[i] = j
             rows[0][i] = params[i].data_ptr()
@@ -248,8 +258,9 @@ def _plan(params: list[Tensor], tensors: list[Tensor | None], shared: list[Tenso
         numels=_upload(numels, torch.int64, device), tensor_group=_upload(group_of, torch.int32, device),
         chunk_tensor=_upload(chunk_tensor, torch.int32, device), chunk_start=_upload(chunk_start, torch.int64, device),
         chunk_range=_upload(lo + hi, torch.int32, device),
-        group_tables=_upload([shared[3 * j + k].data_ptr() for k in range(3) for j in range(n_groups)], torch.int64,
-                             device),
+        group_tables=_upload([shared[3 * j + k].data_ptr() for k in range(3) for j in range(n_groups)]
+                             + [0 if t is None else t.data_ptr() for t in scales] + first[:-1] + first[1:],
+                             torch.int64, device),
         launches=launches,
         partials=torch.empty(max(chunks, 1), _SUMS, dtype=torch.float64, device=device),
         sums=torch.empty(max(n, 1), _SUMS, dtype=torch.float64, device=device),
@@ -273,15 +284,16 @@ def _cached_table(cache: dict, name: str, values: tuple, dtype: torch.dtype, dev
 # ------------------------------------------------------------------------------------------------------ the step
 def fused_step(params: list[Tensor], grads: list[Tensor], tensors: list[Tensor | None], shared: list[Tensor],
                first: list[int], hyper: list[float], measurement: Tensor, given: bool, grad_scale: Tensor | None,
-               found_inf: Tensor | None, cache: dict) -> Tensor | None:
+               found_inf: Tensor | None, cache: dict, scales: list[Tensor | None] | None = None) -> Tensor | None:
     """One fused KOALA++ step of every param group on the Triton kernels (the C kernel's ``koala_pp_step``).
 
     ``params``/``grads``: the stepped tensors (those with a gradient) in group order, group j holding
-    ``first[j]:first[j + 1]`` with the 13 hyperparameters ``hyper[13 j:13 (j + 1)]`` (``koala_pp._hyper``);
+    ``first[j]:first[j + 1]`` with the 14 hyperparameters ``hyper[14 j:14 (j + 1)]`` (``koala_pp._hyper``);
     ``tensors``: each one's :data:`STATE_KEYS` entries (None where the option is off); ``shared``: each group's R,
     skipped-step counter and committed-update counter. ``measurement``: the loss moments [sum, sum of squares,
     count], or [mean, statistic] when ``given``; ``grad_scale``/``found_inf``: GradScaler's, or None. ``cache``: a
-    dict the caller keeps across steps (the device tables).
+    dict the caller keeps across steps (the device tables). ``scales``: each group's ``lr_log_scale`` (0-d float32)
+    where its flags ask for ``lr_adaptation``, else None (None: no group adapts).
 
     Returns the diagnostics buffer (the C kernel's layout: step size, S, h.v and ||h~||^2 per tensor, then each
     group's R, then the loss), or None where these tensors are not the kernels' (nothing is done then): parameters
@@ -290,6 +302,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], tensors: list[Tensor |
     """
     if not shared:
         return None
+    scales = [None] * (len(first) - 1) if scales is None else list(scales)
     device = shared[0].device
     compute = shared[0].dtype
     if compute not in (torch.float32, torch.float64) or not available(device):
@@ -310,7 +323,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], tensors: list[Tensor |
             return None
     geometry = _GEOMETRY[device.type != "cuda"]
     plan = _plan(params, tensors, shared, first, hyper, compute, storage, device,
-                 geometry["block"] * geometry["iters"], cache)
+                 geometry["block"] * geometry["iters"], cache, scales)
     if plan is None:
         return None
     return planned_step(plan, grads, hyper, measurement, given, grad_scale, found_inf, cache)
@@ -351,13 +364,14 @@ def _launch(k: Any, plan: _Plan, grad_table: Tensor, grad_pointers: tuple, hyper
     common = (plan.tables, grad_table, plan.numels, plan.tensor_group, plan.chunk_tensor, plan.chunk_start,
               hyper_table, scale, plan.inv_corrections)
     # the vectorised kernels only where every tensor of the launch, this step's gradients too, is 16-byte aligned
-    aligned = [launch[7] and all(grad_pointers[i] % 16 == 0 for i in launch[6]) for launch in plan.launches]
+    aligned = [launch[8] and all(grad_pointers[i] % 16 == 0 for i in launch[7]) for launch in plan.launches]
     with _launch_context(out.device, interpret):
-        for (dtype, precondition, _, use_wd, base, chunks, _, _), align in zip(plan.launches, aligned, strict=True):
+        for (dtype, precondition, _, use_wd, adapt, base, chunks, _, _), align in zip(plan.launches, aligned,
+                                                                                     strict=True):
             if chunks:
                 k.koala_pp_reduce[(chunks,)](*common, plan.partials, base, n, PARAM=dtypes[dtype], STATE=STATE,
                                              COMPUTE=COMPUTE, PRECONDITION=precondition, USE_WD=use_wd,
-                                             HAS_SCALE=grad_scale is not None, ALIGNED=align, **chunked)
+                                             ADAPT=adapt, HAS_SCALE=grad_scale is not None, ALIGNED=align, **chunked)
         if n:
             k.koala_pp_sums[(n,)](plan.partials, plan.chunk_range, plan.sums, n, BLOCK_C=geometry["block_c"],
                                   **small)
@@ -366,8 +380,8 @@ def _launch(k: Any, plan: _Plan, grad_table: Tensor, grad_pointers: tuple, hyper
                                  GIVEN=given, MEAS=dtypes[measurement.dtype], COMPUTE=COMPUTE,
                                  HAS_FOUND_INF=found_inf is not None, STORED_SUMS=stored_sums,
                                  BLOCK_T=geometry["block_t"], **small)
-        for (dtype, precondition, momentum, use_wd, base, chunks, _, _), align in zip(plan.launches, aligned,
-                                                                                     strict=True):
+        for (dtype, precondition, momentum, use_wd, _, base, chunks, _, _), align in zip(plan.launches, aligned,
+                                                                                        strict=True):
             if chunks:
                 k.koala_pp_update[(chunks,)](*common, plan.coefficients, plan.stored_partials, base, n,
                                              PARAM=dtypes[dtype], STATE=STATE, COMPUTE=COMPUTE,
@@ -458,7 +472,8 @@ def compile_for_gpu(arch: int = 90, param: torch.dtype = torch.float32, storage:
     flags = dict(PRECONDITION=True, USE_WD=False, HAS_SCALE=False, ALIGNED=True, BLOCK=1024, ITERS=4)
     stored_sums = storage != compute
     kernels_and_arguments = {
-        "koala_pp_reduce": ({**tables, "partials": "*fp64", "chunk_base": "i32", "n": "i32"}, {**s, **flags}),
+        "koala_pp_reduce": ({**tables, "partials": "*fp64", "chunk_base": "i32", "n": "i32"},
+                            {**s, **flags, "ADAPT": True}),
         "koala_pp_sums": ({"partials": "*fp64", "chunk_range": "*i32", "sums": "*fp64", "n": "i32"},
                           dict(BLOCK_C=256)),
         "koala_pp_scalars": ({"tables": "*i64", "numels": "*i64", "tensor_group": "*i32", "sums": "*fp64",

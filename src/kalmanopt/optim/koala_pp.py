@@ -184,8 +184,10 @@ class KOALAPlusPlus(KalmanOptimizer):
             points along the last update (the step was too short), down where it turned against it (the step
             overshot); within ``[lr / 1000, lr * 1000]``. ``lr`` is then where the cap starts, and the result depends
             less on it (BENCHMARKS.md, learning-rate sensitivity: 0.05 there). Needs the default step rule and
-            momentum; it runs on the multi-tensor path (``fused=True`` raises). :meth:`diagnostics` reports
-            ``lr_scale``; the multiplier is group state (``lr_log_scale``), saved and resumed with the rest.
+            momentum. It runs on every path, the fused kernels included (their reduction pass reads the momentum
+            buffer once more for the cosine, their scalar pass moves :math:`s`), so it costs about what the default
+            step costs. :meth:`diagnostics` reports ``lr_scale``; the multiplier is group state (``lr_log_scale``),
+            saved and resumed with the rest.
         state_dtype (torch.dtype or None, optional): how the four per-element state tensors (previous gradient,
             gain numerator, second moment, momentum buffer) are stored. ``None`` (default): in the compute dtype
             (float32, or float64 for float64 parameters). ``torch.bfloat16``: half the state memory and less memory
@@ -293,8 +295,6 @@ class KOALAPlusPlus(KalmanOptimizer):
             if not group["momentum"]:
                 raise ValueError("lr_adaptation measures the last update from the momentum buffer: it needs "
                                  "momentum > 0")
-            if group.get("fused"):
-                raise RuntimeError("fused=True: lr_adaptation runs on the multi-tensor and reference paths only")
         storage = group.setdefault("state_dtype", None)
         if storage not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {storage!r} (expected None, i.e. the parameter's dtype, or "
@@ -383,7 +383,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         ``foreach`` both None). :meth:`_fused_step` checks that the device's kernel is there (the C kernel on CPU,
         Triton on CUDA) and the tensors themselves, and falls back when they are not the kernel's."""
         fused = group.get("fused")
-        if fused is False or group["block"] != "tensor" or group.get("lr_adaptation") is not None:
+        if fused is False or group["block"] != "tensor":
             return False
         return fused is not None or group["foreach"] is None
 
@@ -449,10 +449,12 @@ class KOALAPlusPlus(KalmanOptimizer):
         if triton and not compiling:
             cached = self._fused_triton_cached(measurement, given, grad_scale, found_inf)
             if cached is not None:
-                self._record_fused(*cached, compiling=False)
+                out, members, scales = cached
+                self._record_fused(out, members, False, scales)
                 return True
         measurement = measurement.contiguous()
         dtype, params, grads, numels, tensors, shared, first, hyper, members = None, [], [], [], [], [], [0], [], []
+        scales: list[Tensor | None] = []  # each group's lr_log_scale (lr_adaptation), None where it does not adapt
         storage = None  # the per-element state's dtype: one kernel variant per call
         for group in groups:
             precondition, momentum, count = group["precondition"], bool(group["momentum"]), 0
@@ -488,6 +490,12 @@ class KOALAPlusPlus(KalmanOptimizer):
             if "noise_updates" not in st:  # a checkpoint from before the counter: R has been measured
                 st["noise_updates"] = torch.ones((), dtype=torch.int64, device=st["skipped_steps"].device)
             shared += [st["measurement_noise"], st["skipped_steps"], st["noise_updates"]]
+            if group.get("lr_adaptation") is not None:
+                if "lr_log_scale" not in st:  # the option switched on after the group state was made
+                    st["lr_log_scale"] = _new_log_scale(st["measurement_noise"].device)
+                scales.append(st["lr_log_scale"])
+            else:
+                scales.append(None)
             first.append(first[-1] + count)
             members.append(count)
             hyper += _hyper(group)
@@ -500,43 +508,50 @@ class KOALAPlusPlus(KalmanOptimizer):
         n, n_groups = first[-1], len(groups)
         if triton and not compiling:
             out = _koala_pp_triton.fused_step(params, grads, tensors, shared, first, hyper, measurement, given,
-                                              grad_scale, found_inf, self.__dict__.setdefault("_triton_cache", {}))
+                                              grad_scale, found_inf, self.__dict__.setdefault("_triton_cache", {}),
+                                              scales)
             if out is None:
                 return False
-            self._remember_triton(params, tensors, shared, members)
+            self._remember_triton(params, tensors, shared, members, scales)
         elif compiling:
             kind = _koala_pp_op.GIVEN if given else _koala_pp_op.MOMENTS if loss is None else _koala_pp_op.LOSS
             out = self._fused_op(tensors, shared, params, grads, first, hyper,
-                                 measurement if loss is None else loss, kind, grad_scale, found_inf, dtype)
+                                 measurement if loss is None else loss, kind, grad_scale, found_inf, dtype, scales)
             if out is None:
                 return False
         else:
-            state_arrays = self._fused_plan(dtype, storage, tensors + shared, numels, first)
+            state_arrays = self._fused_plan(dtype, storage, tensors + shared + scales, numels, first)
             if state_arrays is None:
                 return False
             work = self.__dict__.get("_fused_work")
-            if work is None or len(work) < 5 * n + 2 * n_groups:
-                work = self.__dict__["_fused_work"] = (ctypes.c_double * (5 * n + 2 * n_groups))()
+            size = _koala_pp_op.SUMS * n + 2 * n_groups
+            if work is None or len(work) < size:
+                work = self.__dict__["_fused_work"] = (ctypes.c_double * size)()
             out = torch.empty(4 * n + n_groups + 1, dtype=dtype)
             group_arrays, first_array, tensor_arrays, numel_array = state_arrays
             _koala_pp_op.call_kernel(suffix, hyper, group_arrays, first_array, params, grads, tensor_arrays,
                                      numel_array, measurement, given, grad_scale, found_inf, work, out)
-        self._record_fused(out, members, compiling)
+        self._record_fused(out, members, compiling, scales)
         return True
 
-    def _record_fused(self, out: Tensor, members: list[int], compiling: bool) -> None:
-        """Where each group's diagnostics lie in the kernels' output buffer (see :meth:`diagnostics`)."""
+    def _record_fused(self, out: Tensor, members: list[int], compiling: bool, scales: list[Tensor | None]) -> None:
+        """Where each group's diagnostics lie in the kernels' output buffer (see :meth:`diagnostics`), and its
+        ``lr_log_scale`` with ``lr_adaptation`` (``lr_scale`` is formed from it when asked for: the value the step
+        used, since nothing else writes it between steps)."""
         # Compiled: the dict _init_group made, changed in place (dynamo replays that after the graph; an attribute
         # store on an optimizer it drops).
         recorded = getattr(self, "_diagnostics", None) if compiling else self.__dict__.setdefault("_diagnostics", {})
         if recorded is not None:
             n, start = sum(members), 0
-            for index, count in enumerate(members):
-                recorded[index] = (out, n, start, start + count, 4 * n + index) if count else {"loss": out[-1]}
+            for index, (count, scale) in enumerate(zip(members, scales, strict=True)):
+                if count:
+                    recorded[index] = (out, n, start, start + count, 4 * n + index, scale)
+                else:  # a group without gradients now: the loss, and the multiplier with lr_adaptation
+                    recorded[index] = {"loss": out[-1]} if scale is None else (out[-1], scale)
                 start += count
 
     def _remember_triton(self, params: list[Tensor], tensors: list[Tensor | None], shared: list[Tensor],
-                         members: list[int]) -> None:
+                         members: list[int], scales: list[Tensor | None]) -> None:
         """What :meth:`_fused_triton_cached` checks at the next step to reuse this step's plan: every tensor the
         kernels read or write through a pointer, where it was found (its state dict and key) and its address."""
         plan = self.__dict__.get("_triton_cache", {}).get("plan")
@@ -551,25 +566,27 @@ class KOALAPlusPlus(KalmanOptimizer):
             checks += [(st, key, value, value.data_ptr())
                        for key, value in zip(_STATE_KEYS, tensors[i * width:(i + 1) * width], strict=True)
                        if value is not None]
-        for st in (self._group_state(g) for g in self.param_groups):
+        for st, scale in zip((self._group_state(g) for g in self.param_groups), scales, strict=True):
             checks += [(st, key, st[key], st[key].data_ptr())
                        for key in ("measurement_noise", "skipped_steps", "noise_updates")]
+            if scale is not None:
+                checks.append((st, "lr_log_scale", scale, scale.data_ptr()))
         self.__dict__["_triton_memo"] = _TritonMemo(
             plan=plan, state=state, groups=[(g["params"], len(g["params"])) for g in
                                                                   self.param_groups],
             stepped=list(params), dtypes=[p.dtype for p in params], pointers=[p.data_ptr() for p in params],
             dicts=[state[p] for p in params],
             unstepped=[p for g in self.param_groups for p in g["params"] if id(p) not in stepped],
-            checks=checks, members=list(members))
+            checks=checks, members=list(members), scales=list(scales))
 
     def _fused_triton_cached(self, measurement: Tensor, given: bool, grad_scale: Tensor | None,
-                             found_inf: Tensor | None) -> tuple[Tensor, list[int]] | None:
+                             found_inf: Tensor | None) -> tuple[Tensor, list[int], list] | None:
         """The Triton step on the last step's plan when nothing it was made from changed, checked in one pass: the
         same parameters have gradients (of their dtype, dense, contiguous, on the plan's device), the same state
         tensors sit where they were, at the same addresses, and the kernels' options are the same. The common case,
         without the per-step list building and checks of :meth:`_fused_step` (which would cost the host more time
         than the device spends on the step). None: something changed; :meth:`_fused_step` rebuilds the plan.
-        Returns the diagnostics buffer and the number of stepped tensors per group."""
+        Returns the diagnostics buffer, the number of stepped tensors per group and their ``lr_log_scale``."""
         memo = self.__dict__.get("_triton_memo")
         cache = self.__dict__.get("_triton_cache")
         if memo is None or cache is None or cache.get("plan") is not memo.plan or self.state is not memo.state:
@@ -597,12 +614,12 @@ class KOALAPlusPlus(KalmanOptimizer):
                 return None
         out = _koala_pp_triton.planned_step(memo.plan, grads, hyper, measurement, given, grad_scale, found_inf,
                                             cache)
-        return out, memo.members
+        return out, memo.members, memo.scales
 
     @staticmethod
     def _fused_op(tensors: list[Tensor | None], shared: list[Tensor], params: list[Tensor], grads: list[Tensor],
                   first: list[int], hyper: list[float], measurement: Tensor, kind: int, grad_scale: Tensor | None,
-                  found_inf: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+                  found_inf: Tensor | None, dtype: torch.dtype, scales: list[Tensor | None]) -> Tensor | None:
         """The compiled step's call of the kernel: the custom operator, which dynamo and inductor do not trace.
 
         The operator checks every tensor it writes through when it runs; here, while tracing, what the eager
@@ -611,21 +628,25 @@ class KOALAPlusPlus(KalmanOptimizer):
         n_groups, width = len(first) - 1, len(_STATE_KEYS)
         if any(t.dtype != want for t, want in zip(shared, [dtype, torch.int64, torch.int64] * n_groups, strict=True)):
             return None
+        scales = [t for t in scales if t is not None]  # the op's layout: the adapting groups' log scales
+        if any(t.dtype != torch.float32 or t.numel() != 1 for t in scales):
+            return None
         state = []  # each tensor's state, the optional buffers only where its group uses them (the op's layout)
         for j in range(n_groups):
             flags = int(hyper[_koala_pp_op.NHP * j + _koala_pp_op.HP_FLAGS])
             for i in range(first[j], first[j + 1]):
                 state += [t for t, key in zip(tensors[i * width:(i + 1) * width], _STATE_KEYS, strict=True)
                           if _koala_pp_op.uses(key, flags)]
-        return _koala_pp_op.fused_step(params, grads, state + shared, first, hyper, measurement, kind, grad_scale,
-                                       found_inf)
+        return _koala_pp_op.fused_step(params, grads, state + scales + shared, first, hyper, measurement, kind,
+                                       grad_scale, found_inf)
 
     def _fused_plan(self, dtype: torch.dtype, storage: torch.dtype, tensors: list[Tensor | None], numels: list[int],
                     first: list[int]) -> tuple | None:
         """The kernel's pointer arrays for the state tensors, checked once and reused while nothing changed.
 
         ``tensors`` holds each stepped parameter's state (``_STATE_KEYS``; the per-element tensors in ``storage``,
-        the scalars in ``dtype``) and then each group's R and counters. The
+        the scalars in ``dtype``), then each group's R and counters, then each group's ``lr_log_scale`` (None where
+        it does not adapt). The
         arrays are rebuilt, and every tensor checked (dtype, CPU, contiguous, size: the kernel writes through these
         pointers), whenever a tensor, its storage, a size or the set of stepped parameters differs from last time.
         None where a group's state is not the kernel's (e.g. R of another dtype).
@@ -640,15 +661,21 @@ class KOALAPlusPlus(KalmanOptimizer):
         for i, numel in enumerate(numels):
             for k, key in enumerate(_STATE_KEYS):
                 _check_state(tensors[i * width + k], key, dtype, storage, numel)
-        for j in range(len(first) - 1):
+        n_groups = len(first) - 1
+        for j in range(n_groups):
             noise, skipped, updates = tensors[n * width + 3 * j:n * width + 3 * j + 3]
             if noise.dtype != dtype or noise.device.type != "cpu" or noise.numel() != 1:
                 return None
             for counter in (skipped, updates):
                 if counter.dtype != torch.int64 or counter.device.type != "cpu" or counter.numel() != 1:
                     return None
+            scale = tensors[n * width + 3 * n_groups + j]
+            if scale is not None and (scale.dtype != torch.float32 or scale.device.type != "cpu"
+                                      or scale.numel() != 1):
+                return None
         columns = [[pointers[i * width + k] for i in range(n)] for k in range(width)]
-        groups = [[pointers[n * width + 3 * j + k] for j in range(len(first) - 1)] for k in range(3)]
+        groups = [[pointers[n * width + 3 * j + k] for j in range(n_groups)] for k in range(3)]
+        groups.append(pointers[n * width + 3 * n_groups:])
         array = _koala_pp_op._array
         arrays = ([array(c) for c in groups], array(first, ctypes.c_int32), [array(c) for c in columns],
                   array(numels, ctypes.c_int64))
@@ -729,6 +756,10 @@ def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate
     (Baydin et al. 2018, multiplicative and normalised), and the cap is :math:`s_k\,\mathrm{lr}/Q`. One cosine over
     the whole group (all its tensors, all shards); a skipped step, a first step (no momentum yet) or a non-finite
     cosine leaves :math:`s` as it was. Returns :math:`s_k` (0-d, on the leader's device).
+
+    The fused kernels (``koala_pp_step.c``, ``koala_pp_triton.py``) compute the same: :math:`h\cdot m`,
+    :math:`\lVert h\rVert^2` (of :math:`h` before the metric, as here) and :math:`\lVert m\rVert^2` per tensor in
+    their reduction pass, rounded to the compute dtype and summed over the group in float64 in their scalar pass.
     """
     log_scale = group_state.get("lr_log_scale")
     if log_scale is None:  # the option switched on after the group state was made
@@ -747,7 +778,13 @@ def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate
     moved = (log_scale.to(wide) + rate * cosine).clamp(-math.log(LR_SCALE_BOUND), math.log(LR_SCALE_BOUND))
     valid = ok.to(log_scale.device) & (hh > 0) & (mm > 0) & torch.isfinite(cosine)
     log_scale.copy_(torch.where(valid, moved, log_scale.to(wide)))
-    return log_scale.to(wide).exp()
+    return _lr_scale(log_scale)
+
+
+def _lr_scale(log_scale: Tensor) -> Tensor:
+    """The cap multiplier s from the stored ``lr_log_scale``, in the scalar dtype (the fused kernels form the same
+    value from the same float32)."""
+    return log_scale.to(_scalar_dtype(log_scale)).exp()
 
 
 def koala_pp(params: list[Tensor], hs: list[Tensor], prev_grads: list[Tensor], gains: list[Tensor],
@@ -1177,10 +1214,12 @@ def _hyper(group: dict[str, Any]) -> list[float]:
     flags = sum(bit for key, bit in _FLAGS.items() if group[key])
     (eta, max_step), r, r_clip = step_rule(group), group["r"], group["r_clip"]
     flags |= (8 if r is not None else 0) | (16 if max_step is not None else 0) | (32 if r_clip is not None else 0)
+    rate = group.get("lr_adaptation")
+    flags |= _koala_pp_op.F_LR_ADAPTATION if rate is not None else 0
     return [float(eta), float(group["sigma"]), float(group["q"]), float(group["weight_decay"]),
             float(group["beta2"]), float(group["eps"]), float(group["momentum"]), float(max_step or 0.0),
             float(r or 0.0), float(group["alpha_r"]), float(r_clip or 0.0), float(flags),
-            float(_R_STATS[group["r_stat"]])]
+            float(_R_STATS[group["r_stat"]]), float(rate or 0.0)]
 
 
 class _TritonMemo(NamedTuple):
@@ -1196,13 +1235,20 @@ class _TritonMemo(NamedTuple):
     unstepped: list
     checks: list
     members: list
+    scales: list
 
 
 def _materialise(recorded: Any) -> dict[str, Tensor]:
     """A group's diagnostics as :meth:`KOALAPlusPlus.diagnostics` returns them (the fused path records the kernel's
-    output buffer and where the group's entries lie in it)."""
+    output buffer and where the group's entries lie in it, and the group's ``lr_log_scale`` with ``lr_adaptation``)."""
     if isinstance(recorded, dict):
         return dict(recorded)
-    out, n, start, end, noise = recorded
-    return {"step_size": out[start:end], "S": out[n + start:n + end], "h_dot_v": out[2 * n + start:2 * n + end],
-            "grad_sq": out[3 * n + start:3 * n + end], "noise": out[noise], "loss": out[-1]}
+    if len(recorded) == 2:  # a group without gradients at that step, with lr_adaptation
+        loss, log_scale = recorded
+        return {"lr_scale": _lr_scale(log_scale), "loss": loss}
+    out, n, start, end, noise, log_scale = recorded
+    found = {"step_size": out[start:end], "S": out[n + start:n + end], "h_dot_v": out[2 * n + start:2 * n + end],
+             "grad_sq": out[3 * n + start:3 * n + end], "noise": out[noise], "loss": out[-1]}
+    if log_scale is not None:
+        found["lr_scale"] = _lr_scale(log_scale)
+    return found
