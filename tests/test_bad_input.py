@@ -251,7 +251,8 @@ def test_float32_checkpoint_loads_into_a_float64_model(cls):
     opt64.load_state_dict(opt32.state_dict())
     for p in model64.parameters():
         for name, value in opt64.state[p].items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and name != "step":
+            # "lr_log_scale" (KOALA++'s lr_adaptation) is float32 whatever the parameters' dtype
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and name not in ("step", "lr_log_scale"):
                 assert value.dtype == torch.float64, name
     train(model64, opt64, 2, seed=2)
     assert all(torch.isfinite(p).all() for p in model64.parameters())

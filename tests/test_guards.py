@@ -98,7 +98,8 @@ def test_none_gradient_leaves_tensor_and_state_alone(optimizer_spec):
             assert torch.equal(opt.state[frozen][k], v), k
 
 
-_GROUP_KEYS = {"measurement_noise", "skipped_steps", "noise_updates", "sigma", "sigma_prior", "P", "P_prior"}
+_GROUP_KEYS = {"measurement_noise", "skipped_steps", "noise_updates", "sigma", "sigma_prior", "P", "P_prior",
+               "lr_log_scale"}
 
 
 def test_parameter_never_given_a_gradient_gets_no_state(optimizer_spec):

@@ -274,8 +274,9 @@ def test_a_hyperparameter_beyond_the_state_dtype_raises_before_anything_is_writt
 
 
 def test_a_checkpoint_of_the_old_lr_units_resumes_with_its_own_hyperparameters():
-    # A 0.1 state dict holds lr=1.0, max_step=0.01 and no loss_fraction / loss_floor: loaded, its param groups keep
-    # the paper's step rule with that cap, which is the 0.1 default, so it continues as the new default would.
+    # A 0.1 state dict holds lr=1.0, max_step=0.01 and no loss_fraction / loss_floor / lr_adaptation: loaded, its
+    # param groups keep the paper's step rule with that cap, which is the 0.1 default, so it continues as the
+    # default with a fixed cap (lr_adaptation=None) would.
     torch.manual_seed(0)
     model, x, y = torch.nn.Linear(4, 3), torch.randn(16, 4), torch.randint(0, 3, (16,))
 
@@ -285,13 +286,13 @@ def test_a_checkpoint_of_the_old_lr_units_resumes_with_its_own_hyperparameters()
         losses.mean().backward()
         opt.step(loss=losses)
 
-    opt = KOALAPlusPlus(model.parameters())
+    opt = KOALAPlusPlus(model.parameters(), lr_adaptation=None)
     for _ in range(3):
         step(opt, model)
     saved = opt.state_dict()
     for group in saved["param_groups"]:
         group.update(lr=1.0, max_step=0.01)
-        del group["loss_fraction"], group["loss_floor"]
+        del group["loss_fraction"], group["loss_floor"], group["lr_adaptation"]
     other = torch.nn.Linear(4, 3)
     other.load_state_dict(model.state_dict())
     old = KOALAPlusPlus(other.parameters())
@@ -301,6 +302,7 @@ def test_a_checkpoint_of_the_old_lr_units_resumes_with_its_own_hyperparameters()
         step(old, other)
     torch.testing.assert_close(other.weight, model.weight, rtol=1e-6, atol=1e-7)
     assert old.param_groups[0]["lr"] == 1.0 and old.param_groups[0].get("loss_fraction") is None
+    assert old.param_groups[0]["lr_adaptation"] is None
 
 
 def test_an_lr_of_the_old_units_warns_and_the_new_ones_do_not():

@@ -306,8 +306,8 @@ def test_compiled_lr_adaptation_is_the_eager_fused_step_bit_for_bit():
         torch._dynamo.reset()
         gen = torch.Generator().manual_seed(3)
         params = _params(gen, torch.float32)
-        opt = KOALAPlusPlus([{"params": params[:3], "lr_adaptation": 0.3}, {"params": params[3:]}], lr=5e-4,
-                            weight_decay=1e-3)
+        opt = KOALAPlusPlus([{"params": params[:3], "lr_adaptation": 0.3},
+                             {"params": params[3:], "lr_adaptation": None}], lr=5e-4, weight_decay=1e-3)
 
         def step(losses, opt=opt):
             opt.step(loss=losses)

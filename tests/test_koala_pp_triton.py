@@ -199,7 +199,7 @@ def test_a_skipped_step_leaves_everything_bit_for_bit(bad):
 @needs_interpreter
 def test_zero_and_missing_gradients_leave_their_tensors_alone():
     params, opt = _run({**CONFIGS["adaptive"], "fused": True}, steps=2)
-    group_keys = ("measurement_noise", "skipped_steps", "noise_updates")  # the group's, held by its first tensor
+    group_keys = ("measurement_noise", "skipped_steps", "noise_updates", "lr_log_scale")  # held by the first tensor
     saved = [{k: v.clone() for k, v in _tensors(opt, p).items() if k not in group_keys} for p in params[:2]]
     before = [p.detach().clone() for p in params[:2]]
     for p in params:
@@ -334,7 +334,7 @@ def _adapting_groups(params):
     """lr_adaptation with kappas of their own, one group without the metric, one without adaptation."""
     return [{"params": params[:2], "lr_adaptation": 0.3, "weight_decay": 1e-2},
             {"params": params[2:3], "lr_adaptation": 0.7, "precondition": False},
-            {"params": params[3:4]},
+            {"params": params[3:4], "lr_adaptation": None},
             {"params": params[4:], "lr_adaptation": 0.05}]
 
 
@@ -463,7 +463,7 @@ def test_the_operators_triton_implementation_is_the_eager_step(monkeypatch):
 
     def groups(params):
         return [{"params": params[:2], "precondition": False, "momentum": 0.0},
-                {"params": params[2:4], "lr_adaptation": 0.3}, {"params": params[4:]}]
+                {"params": params[2:4], "lr_adaptation": 0.3}, {"params": params[4:], "lr_adaptation": None}]
 
     direct = _run({"lr": 2e-3, "fused": True}, groups=groups, steps=3, none_schedule=ROTATING)
     assert float(direct[1].state[direct[0][2]]["lr_log_scale"]) != 0.0

@@ -12,6 +12,7 @@ import torch
 
 from kalmanopt import KOALAPlusPlus
 from kalmanopt.optim import _koala_pp_fused
+from kalmanopt.optim.koala_pp import LR_ADAPTATION
 
 from conftest import (
     NoSync,
@@ -40,7 +41,7 @@ def test_the_cap_multiplier_is_the_hypergradient_definition(foreach):
     wd = 1e-2
     adapted, plain = tiny_mlp(), tiny_mlp()
     opt = KOALAPlusPlus(adapted.parameters(), lr=3e-3, weight_decay=wd, lr_adaptation=KAPPA, foreach=foreach)
-    oracle = KOALAPlusPlus(plain.parameters(), lr=3e-3, weight_decay=wd, foreach=foreach)
+    oracle = KOALAPlusPlus(plain.parameters(), lr=3e-3, weight_decay=wd, foreach=foreach, lr_adaptation=None)
     log_s, before, scales = 0.0, None, []
     for k in range(12):
         x, y = batch(k)
@@ -130,11 +131,31 @@ def test_resume_is_bit_exact_and_the_multiplier_is_checked_on_load():
         KOALAPlusPlus(double_mlp().parameters(), lr=1e-3, lr_adaptation=KAPPA).load_state_dict(bad)
 
 
-def test_off_by_default_and_the_default_path_is_untouched():
+def test_on_in_the_default_preset_and_off_with_none_or_zero():
     model = double_mlp()
     opt = KOALAPlusPlus(model.parameters())
-    _run(model, opt, range(2))
-    assert "lr_log_scale" not in opt.state[model[0].weight] and "lr_scale" not in opt.diagnostics()[0]
+    assert opt.param_groups[0]["lr_adaptation"] == LR_ADAPTATION > 0
+    _run(model, opt, range(3))
+    assert "lr_log_scale" in opt.state[model[0].weight] and "lr_scale" in opt.diagnostics()[0]
+    for off in (None, 0, 0.0):
+        model = double_mlp()
+        opt = KOALAPlusPlus(model.parameters(), lr_adaptation=off)
+        _run(model, opt, range(2))
+        assert opt.param_groups[0]["lr_adaptation"] is None
+        assert "lr_log_scale" not in opt.state[model[0].weight] and "lr_scale" not in opt.diagnostics()[0]
+
+
+def test_the_preset_value_is_dropped_where_its_step_rule_is_not_there():
+    # The paper's preset, momentum 0 or the paper's step rule have no cap to adapt or no last update: the preset's
+    # lr_adaptation is not used there (asked for explicitly, it raises: test_invalid_uses_raise...).
+    assert KOALAPlusPlus(double_mlp().parameters(), preset="paper").param_groups[0]["lr_adaptation"] is None
+    assert KOALAPlusPlus(double_mlp().parameters(), momentum=0.0).param_groups[0]["lr_adaptation"] is None
+    assert KOALAPlusPlus(double_mlp().parameters(), loss_fraction=None).param_groups[0]["lr_adaptation"] is None
+    model = double_mlp()
+    opt = KOALAPlusPlus([{"params": model[0].parameters(), "momentum": 0.0}, {"params": model[2].parameters()}])
+    assert [g["lr_adaptation"] for g in opt.param_groups] == [None, LR_ADAPTATION]
+    _run(model, opt, range(3))
+    assert "lr_log_scale" not in opt.state[model[0].weight] and "lr_log_scale" in opt.state[model[2].weight]
 
 
 @pytest.mark.parametrize("options, error, match", [
@@ -193,7 +214,7 @@ def _groups(params):
     its cap must stay lr / q)."""
     return [{"params": params[:2], "lr_adaptation": 0.3, "weight_decay": 1e-2},
             {"params": params[2:4], "lr_adaptation": 0.7, "precondition": False},
-            {"params": params[4:5]},
+            {"params": params[4:5], "lr_adaptation": None},
             {"params": params[5:], "lr_adaptation": 0.05}]
 
 

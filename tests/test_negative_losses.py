@@ -25,34 +25,46 @@ def _train(shift, steps=60, **kwargs):
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     opt = KOALAPlusPlus(model.parameters(), **kwargs)
     x, y = _data()
-    sizes = []
+    sizes, caps = [], []
     for step in range(steps):
         opt.zero_grad()
         losses = F.cross_entropy(model(x), y, reduction="none")
         losses.mean().backward()
         opt.step(loss=losses - shift(step))
-        sizes.append(opt.diagnostics()[0]["step_size"].clone())
+        d = opt.diagnostics()[0]
+        sizes.append(d["step_size"].clone())
+        # the cap lr / q, times lr_adaptation's multiplier (on by default) where it is on
+        caps.append(torch.full_like(d["step_size"], opt.param_groups[0]["lr"] / opt.param_groups[0]["q"])
+                    * d.get("lr_scale", torch.ones(())).to(d["step_size"]))
     with torch.no_grad():
         final = F.cross_entropy(model(x), y).item()
-    return final, torch.stack(sizes), opt
+    return final, torch.stack(sizes), torch.stack(caps), opt
 
 
+ADAPTATION = {"adapted": {}, "fixed cap": {"lr_adaptation": None}}  # lr_adaptation: the default, and off
+
+
+@pytest.mark.parametrize("cap", ADAPTATION)
 @pytest.mark.parametrize("path", PATHS)
-def test_a_loss_below_the_floor_takes_the_capped_step(path):
+def test_a_loss_below_the_floor_takes_the_capped_step(path, cap):
     lr, q = 2e-3, 0.1
-    _, sizes, opt = _train(lambda step: 10.0, steps=3, lr=lr, q=q, **PATHS[path])
-    torch.testing.assert_close(sizes, torch.full_like(sizes, lr / q))  # every tensor, every step: the cap
+    _, sizes, caps, opt = _train(lambda step: 10.0, steps=3, lr=lr, q=q, **PATHS[path], **ADAPTATION[cap])
+    torch.testing.assert_close(sizes, caps)  # every tensor, every step: the cap
+    if cap == "fixed cap":
+        torch.testing.assert_close(sizes, torch.full_like(sizes, lr / q))
     assert int(opt.state[opt.param_groups[0]["params"][0]]["skipped_steps"]) == 0
 
 
+@pytest.mark.parametrize("cap", ADAPTATION)
 @pytest.mark.parametrize("path", PATHS)
-def test_shifted_losses_neither_blow_up_nor_stall(path):
+def test_shifted_losses_neither_blow_up_nor_stall(path, cap):
     # Here the cap binds on every step of the unshifted run (small tensors, full batch), so a run whose losses are
-    # all shifted below zero, or one whose single loss is, trains exactly as the unshifted run does.
-    plain, sizes, _ = _train(lambda step: 0.0, lr=1e-2, **PATHS[path])
-    assert bool((sizes == sizes.max()).all())  # the cap binds throughout
+    # all shifted below zero, or one whose single loss is, trains exactly as the unshifted run does (lr_adaptation's
+    # cosine does not see the loss).
+    plain, sizes, caps, _ = _train(lambda step: 0.0, lr=1e-2, **PATHS[path], **ADAPTATION[cap])
+    torch.testing.assert_close(sizes, caps)  # the cap binds throughout
     for shift in (lambda step: 10.0, lambda step: 10.0 if step == 5 else 0.0, lambda step: 1e6):
-        final, _, opt = _train(shift, lr=1e-2, **PATHS[path])
+        final, _, _, opt = _train(shift, lr=1e-2, **PATHS[path], **ADAPTATION[cap])
         assert final == pytest.approx(plain, rel=1e-5, abs=1e-6)
         assert final < 0.6 * 1.1  # it trained (the start is about ln 3 = 1.1)
         assert all(bool(torch.isfinite(p).all()) for p in opt.param_groups[0]["params"])
