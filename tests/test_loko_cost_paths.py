@@ -359,3 +359,103 @@ def test_the_cpu_workspace_changes_no_number_and_is_no_state():
     assert "_lofi_workspace" not in str(opt.state_dict().keys())
     copied = pickle.loads(pickle.dumps(opt))
     assert "_lofi_workspace" not in vars(copied) and copied._workspace(torch.device("cpu")) == {}
+
+
+# ---------------------------------------------------------------------------------------------------- joint state
+def joint_storage(opt, model):
+    """The one storage every trainable tensor's ``upsilon`` and ``W`` are views of (AssertionError otherwise), with
+    the rows in parameter order: ``upsilon`` (n,) and ``W`` (n, k) of the joint precision, contiguous."""
+    params = list(model.parameters())
+    ups = [opt.state[p]["upsilon"] for p in params]
+    Ws = [opt.state[p]["W"] for p in params]
+    k = Ws[0].shape[-1]
+    assert len({t.untyped_storage().data_ptr() for t in ups}) == 1
+    assert len({t.untyped_storage().data_ptr() for t in Ws}) == 1
+    offset = 0
+    for p, u, w in zip(params, ups, Ws, strict=True):
+        assert u.is_contiguous() and w.is_contiguous()
+        assert u.storage_offset() == offset and w.storage_offset() == offset * k
+        offset += p.numel()
+    return ups[0].untyped_storage().data_ptr(), Ws[0].untyped_storage().data_ptr()
+
+
+def test_the_low_rank_state_is_views_of_one_joint_buffer_and_steps_as_the_stacked_state():
+    """After a step, every tensor's ``upsilon`` and ``W`` are views of two joint buffers (no stacking per step), and
+    the steps equal bit for bit those of the same optimizer whose state is stacked and split every step (the
+    joint buffers dropped before each step: the path of the state before it was joined)."""
+    model, stacked_model = mlp(seed=4), mlp(seed=4)
+    opt = LoKO(model.parameters(), rank=3, inflation=0.01)
+    stacked = LoKO(stacked_model.parameters(), rank=3, inflation=0.01)
+    pointers = set()
+    for x, y in batches(6, seed=4):
+        opt.step(lambda x=x: model(x), y)
+        stacked.__dict__.pop("_lofi_joint", None)  # its state tensors stay as they are, only not known as views
+        stacked.step(lambda x=x: stacked_model(x), y)
+        pointers.add(joint_storage(opt, model))
+        assert torch.equal(flat(model), flat(stacked_model))
+        for p, q in zip(model.parameters(), stacked_model.parameters(), strict=True):
+            for key in ("upsilon", "W"):
+                assert torch.equal(opt.state[p][key], stacked.state[q][key])
+    assert len(pointers) == 1  # joined once, written in place since
+
+
+def test_a_loaded_state_is_joined_into_fresh_buffers_that_alias_nothing():
+    """``load_state_dict`` (after ``torch.save`` / ``torch.load(weights_only=True)``, and of a state dict of
+    separate tensors as saved before the state was joined) joins the loaded tensors into buffers of the loading
+    optimizer's own: resuming is bit for bit, and neither optimizer's later steps touch the other's state."""
+    import io
+
+    model = mlp(seed=5)
+    opt = LoKO(model.parameters(), rank=3)
+    data = batches(6, seed=5)
+    for x, y in data[:3]:
+        opt.step(lambda x=x: model(x), y)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    separate = copy.deepcopy(opt.state_dict())  # a state dict of separate tensors, as before the joint buffers
+    for values in separate["state"].values():
+        for key in ("upsilon", "W"):
+            if key in values:
+                values[key] = values[key].clone()
+    for state_dict in (saved, separate):
+        resumed = mlp(seed=5)
+        resumed.load_state_dict(model.state_dict())
+        opt2 = LoKO(resumed.parameters(), rank=3)
+        opt2.load_state_dict(state_dict)
+        mine, theirs = joint_storage(opt2, resumed), joint_storage(opt, model)
+        assert not set(mine) & set(theirs)
+        loaded = {t.untyped_storage().data_ptr() for v in state_dict["state"].values() for t in v.values()
+                  if isinstance(t, torch.Tensor)}
+        assert not set(mine) & loaded
+        reference = copy.deepcopy(model)
+        reference_opt = LoKO(reference.parameters(), rank=3)
+        reference_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for x, y in data[3:]:
+            reference_opt.step(lambda x=x, m=reference: m(x), y)
+            opt2.step(lambda x=x, m=resumed: m(x), y)
+        assert torch.equal(flat(resumed), flat(reference))
+        assert joint_storage(opt2, resumed) == mine  # still its own buffers, written in place
+    for x, y in data[3:]:  # the source steps on: the resumed optimizers saw it before, alias nothing
+        opt.step(lambda x=x: model(x), y)
+    assert torch.equal(flat(model), flat(reference))
+
+
+def test_a_state_tensor_replaced_by_assignment_is_the_one_the_next_step_uses():
+    """A state tensor set by hand (not a view of the joint buffers any more) is read, not the stale buffer row;
+    the step then joins the state anew."""
+    model, other = mlp(seed=6), mlp(seed=6)
+    opt, opt_other = LoKO(model.parameters(), rank=3), LoKO(other.parameters(), rank=3)
+    (x0, y0), (x1, y1) = batches(2, seed=6)
+    opt.step(lambda: model(x0), y0)
+    opt_other.step(lambda: other(x0), y0)
+    first, first_other = next(model.parameters()), next(other.parameters())
+    doubled = opt.state[first]["upsilon"] * 2
+    opt.state[first]["upsilon"] = doubled
+    opt_other.state[first_other]["upsilon"].mul_(2)  # the same numbers, in place in its buffers
+    opt.step(lambda: model(x1), y1)
+    opt_other.step(lambda: other(x1), y1)
+    assert torch.equal(flat(model), flat(other))
+    joint_storage(opt, model)
+    assert opt.state[first]["upsilon"] is not doubled

@@ -197,6 +197,9 @@ def test_lofi_update_with_mix_equals_the_mixed_rows():
     assert ref.rows_hph is None
     prior = torch.linalg.inv(torch.diag(ups) + W @ W.T)
     torch.testing.assert_close(res.rows_hph, H @ prior @ H.T, rtol=1e-9, atol=1e-11)
+    # rows_delta: H delta of the unmixed rows (the trust region's predicted change), from the small matrices
+    assert ref.rows_delta is None
+    torch.testing.assert_close(res.rows_delta, H @ res.delta, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

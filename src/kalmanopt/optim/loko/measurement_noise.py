@@ -15,18 +15,29 @@ from torch import Tensor
 
 from .numerics import cholesky_with_jitter
 
-__all__ = ["NEGATIVE_TOLERANCE", "NOISE_MODELS", "bounded_noise_sample", "noise_matrix", "updated_noise_estimate"]
+__all__ = ["NEGATIVE_TOLERANCE", "NOISE_MODELS", "bounded_noise_sample", "categorical_covariance", "noise_matrix",
+           "updated_noise_estimate"]
 
 NOISE_MODELS = ("moment", "ema", "ema_diag", "fixed")
 
 
-def noise_matrix(noise: str, estimate: Tensor, yhat: Tensor, r_min: float, observation: str) -> Tensor:
-    """The ``m x m`` measurement noise of this batch (float64), block-diagonal over the batch."""
+def categorical_covariance(yhat: Tensor) -> Tensor:
+    r"""The categorical covariances :math:`\Lambda_b = \mathrm{diag}(\hat y_b) - \hat y_b \hat y_b^\top`,
+    ``(B, C, C)``: ``noise="moment"``'s R (plus ``r_min I``) and the softmax's Jacobian."""
+    return torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)
+
+
+def noise_matrix(noise: str, estimate: Tensor, yhat: Tensor, r_min: float, observation: str,
+                 moment: Tensor | None = None) -> Tensor:
+    """The ``m x m`` measurement noise of this batch (float64), block-diagonal over the batch.
+
+    ``moment``: :func:`categorical_covariance` of ``yhat`` where the caller has it (``noise="moment"``)."""
     b = yhat.shape[0]
     if noise == "moment":
-        block = torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)  # (B, C, C)
+        block = categorical_covariance(yhat) if moment is None else moment  # (B, C, C)
         eye = torch.eye(yhat.shape[1], dtype=torch.float64, device=yhat.device)
-        return torch.block_diag(*(block + r_min * eye))
+        blocks = block + r_min * eye
+        return blocks[0] if b == 1 else torch.block_diag(*blocks)  # one sample: its block (block_diag copies)
     eye = torch.eye(estimate.shape[0], dtype=torch.float64, device=estimate.device)
     block = estimate.to(torch.float64) + r_min * eye
     return block if (observation == "loss" or b == 1) else torch.block_diag(*([block] * b))

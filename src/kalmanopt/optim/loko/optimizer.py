@@ -22,7 +22,7 @@ from ..base import StateSpec, _check_number, load_state_keep_dtypes, state_dtype
 from ..noise import R_CLIP
 from .hyperparameters import AUTO_SCOPES, VARIANCE_UPDATES, check_numbers, validate_shared
 from .jacobian import jacobian_rows
-from .measurement_noise import noise_matrix, updated_noise_estimate
+from .measurement_noise import categorical_covariance, noise_matrix, updated_noise_estimate
 from .numerics import all_finite, cholesky_with_jitter
 from .observation import class_subset, observe, softmax_rows, subset_logit_covariance
 from .predictive import (
@@ -31,6 +31,7 @@ from .predictive import (
     PREDICTIVE_METHODS,
     Predictive,
     _best_scale,
+    _candidates,
     _diagonal_blocks,
     _scaled,
     calibrated,
@@ -70,12 +71,34 @@ class _Pending:
     moves: list[tuple[Tensor, Tensor]]
     state: Callable[[], None]
     logit_cov: Tensor | None = None  # (b, c, c) prior H_z P^- H_z^T, where the step computed it on the way
+    logit_change: Tensor | None = None  # H_z delta of the measured logits, where the step computed it on the way
 
     def commit(self) -> None:
         for p, d in self.moves:  # empty when the trust region already moved the parameters
             p.add_(d)
         self.moves = []
         self.state()
+
+
+@dataclass
+class _JointState:
+    """LoKO's low-rank state of every trainable tensor in one pair of buffers (``rank > 0``).
+
+    ``upsilon`` ``(n,)`` and ``W`` ``(n, k)`` are LoFi's joint precision, the trainable tensors' rows stacked in
+    parameter order; each tensor's ``state["upsilon"]`` and ``state["W"]`` *are* the views ``upsilon_views[i]``,
+    ``W_views[i]`` of its rows. A step then hands the buffers to LoFi as they are and writes the new precision with
+    two copies, instead of stacking and splitting the per-tensor state every step (the stacking took 75 us per step
+    on cv_mnist and 130 us on nlp_bbc_long, 6 us now). Not in the state dict (which holds the views, i.e. the same
+    numbers); after anything replaces a state tensor (``load_state_dict``, an assignment, a parameter set that
+    changed) the views are no longer the state and the next commit joins the state into fresh buffers
+    (:meth:`LoKO._join_state`).
+    """
+
+    params: tuple[Tensor, ...]
+    upsilon: Tensor
+    W: Tensor
+    upsilon_views: tuple[Tensor, ...]
+    W_views: tuple[Tensor, ...]
 
 
 def _auto_priors_fit(pairs: list[tuple[dict[str, Any], Tensor]], init: list[float | None]) -> bool:
@@ -174,7 +197,8 @@ class LoKO(Optimizer):
 
     ``step(forward_fn, target)``: ``forward_fn()`` returns logits ``(batch, classes)``; ``target`` holds class
     indices ``(batch,)`` (or probabilities ``(batch, classes)``). Returns the detached logits computed before the
-    update. The state holds ``p`` per parameter (``upsilon`` and ``W`` for ``rank > 0``) and, in the first
+    update. The state holds ``p`` per parameter (``upsilon`` and ``W`` for ``rank > 0``: views of one ``(n,)`` and one
+    ``(n, k)`` buffer over every trainable tensor, joined afresh after ``load_state_dict``) and, in the first
     parameter's state, ``step``, ``skipped_steps``, the R estimate ``noise_estimate`` and ``p0_auto``.
 
     After every ``step``, ``opt.last_predictive`` is the :class:`Predictive` (logits, their covariance
@@ -260,6 +284,11 @@ class LoKO(Optimizer):
                 raise ValueError(f"LoKO.load_state_dict: the state dict is of {saved}, this optimizer has "
                                  f"rank={rank}")
         load_state_keep_dtypes(self, state_dict, self._expected_state)
+        # the loaded tensors are copies of the saved ones: joined into fresh buffers, they alias nothing
+        self.__dict__.pop("_lofi_joint", None)
+        pairs = self._trainable()
+        if rank > 0 and pairs:
+            self._join_state(pairs, keep=True)
 
     def _expected_state(self, group: dict[str, Any], p: Tensor) -> StateSpec:
         rank = group["rank"]
@@ -391,7 +420,11 @@ class LoKO(Optimizer):
 
     def _calibrated(self, mean: Tensor, cov: Tensor, e: Tensor, yhat: Tensor, gst: dict[str, Any]) -> Predictive:
         """The step's calibrated predictive (see :func:`~kalmanopt.optim.loko.predictive.calibrated`)."""
-        return calibrated(mean, cov, e, yhat, gst, _calibration(self.param_groups[0]))
+        cache = self.__dict__.setdefault("_calibration_candidates", {})  # not state: made again after a pickle
+        candidates = cache.get(mean.device)
+        if candidates is None:
+            candidates = cache[mean.device] = _candidates(mean.device)
+        return calibrated(mean, cov, e, yhat, gst, _calibration(self.param_groups[0]), candidates)
 
     def _calibration_choice(self) -> tuple[float, float]:
         """The ``(temperature, scale)`` the calibration uses for the next prediction ((1, 1) before any step)."""
@@ -464,7 +497,11 @@ class LoKO(Optimizer):
     def _predicted_change(pending: _Pending, rows: list[Tensor] | None,
                           all_params: list[Tensor] | None) -> float | None:
         """``max_j |(H_z delta)_j|``, the linearised change of the measured logits under the pending mean step
-        (``O(n m)``), or None without logit rows or where it is not finite (the forward decides then)."""
+        (``O(n m)``; read off LoFi's small matrices where the fused low-rank step did, ``pending.logit_change``), or
+        None without logit rows or where it is not finite (the forward decides then)."""
+        if pending.logit_change is not None:
+            value = float(pending.logit_change.abs().max())
+            return value if math.isfinite(value) else None
         if rows is None or all_params is None:
             return None
         index = {id(p): i for i, p in enumerate(all_params)}
@@ -627,6 +664,19 @@ class LoKO(Optimizer):
         """
         k = self.param_groups[0]["rank"]
         device = pairs[0][1].device
+
+        def rows(values: list[tuple[float, int]]) -> Tensor | float:
+            if len({v for v, _ in values}) == 1:
+                return values[0][0]
+            return torch.cat([torch.full((n,), v, dtype=dtype, device=device) for v, n in values])
+
+        joint = self._joint_state(pairs)
+        if joint is not None and joint.upsilon.dtype == dtype:
+            # every tensor started, its state the buffers' rows: the stacked precision is the buffers (read only:
+            # LoFi's update returns new tensors, and the commit writes the buffers after the step is accepted)
+            infl = rows([(float(g["inflation"]), p.numel()) for g, p in pairs])
+            q = rows([(float(g["q"]), p.numel()) for g, p in pairs])
+            return joint.upsilon, joint.W, infl, q, [True] * len(pairs)
         ups, Ws, infl, qs, live, sizes = [], [], [], [], [], []
         for (g, p), value in zip(pairs, init, strict=True):
             st = self.state.get(p, {})
@@ -644,13 +694,48 @@ class LoKO(Optimizer):
             qs.append((q, n))
             live.append("upsilon" in st or value is not None)
 
-        def rows(values: list[tuple[float, int]]) -> Tensor | float:
-            if len({v for v, _ in values}) == 1:
-                return values[0][0]
-            return torch.cat([torch.full((n,), v, dtype=dtype, device=device) for v, n in values])
-
         W = torch.cat(Ws, out=lofi.workspace_buffer(self._workspace(device), "W", (sum(sizes), k), Ws[0]))
         return torch.cat(ups), W, rows(infl), rows(qs), live
+
+    def _joint_state(self, pairs: list[tuple[dict[str, Any], Tensor]]) -> _JointState | None:
+        """The joint buffers of :class:`_JointState` while every trainable tensor's ``upsilon`` and ``W`` are still
+        their views, in the order of ``pairs``; None otherwise (the state is then stacked and joined afresh)."""
+        joint = self.__dict__.get("_lofi_joint")
+        if joint is None or len(joint.params) != len(pairs):
+            return None
+        for (_, p), q, u, w in zip(pairs, joint.params, joint.upsilon_views, joint.W_views, strict=True):
+            st = self.state.get(p)
+            if p is not q or st is None or st.get("upsilon") is not u or st.get("W") is not w:
+                return None
+        return joint
+
+    def _join_state(self, pairs: list[tuple[dict[str, Any], Tensor]], keep: bool) -> _JointState | None:
+        """Make every trainable tensor's ``upsilon`` and ``W`` views of fresh joint buffers (:class:`_JointState`),
+        with their values where ``keep`` (else the caller writes every row at once); None, and nothing changed,
+        unless every tensor shares one state dtype and device (and, with ``keep``, has its low-rank state)."""
+        self.__dict__.pop("_lofi_joint", None)  # the old buffers go with the views that still hold them
+        k = self.param_groups[0]["rank"]
+        dtypes = {state_dtype(p) for _, p in pairs}
+        if k <= 0 or len(dtypes) != 1 or len({p.device for _, p in pairs}) != 1:
+            return None
+        if keep and not all("upsilon" in self.state.get(p, {}) and self.state[p]["upsilon"].shape == p.shape
+                            and self.state[p]["W"].shape == (*p.shape, k) for _, p in pairs):
+            return None  # a tensor not started yet, or a state of another rank (the next step refuses it)
+        dtype, device = dtypes.pop(), pairs[0][1].device
+        sizes = [p.numel() for _, p in pairs]
+        upsilon = torch.empty(sum(sizes), dtype=dtype, device=device)
+        W = torch.empty((sum(sizes), k), dtype=dtype, device=device)
+        if keep:  # the saved values, cast to the state dtype as the state is
+            torch.cat([self.state[p]["upsilon"].reshape(-1) for _, p in pairs], out=upsilon)
+            torch.cat([self.state[p]["W"].reshape(-1, k) for _, p in pairs], out=W)
+        ups_views = tuple(u.view(p.shape) for (_, p), u in zip(pairs, upsilon.split(sizes), strict=True))
+        W_views = tuple(w.view(*p.shape, k) for (_, p), w in zip(pairs, W.split(sizes), strict=True))
+        for (_, p), u, w in zip(pairs, ups_views, W_views, strict=True):
+            st = self.state[p]
+            st["upsilon"], st["W"] = u, w
+        joint = _JointState(tuple(p for _, p in pairs), upsilon, W, ups_views, W_views)
+        self.__dict__["_lofi_joint"] = joint
+        return joint
 
     def _workspace(self, device: torch.device) -> dict[str, Tensor] | None:
         """The persistent buffers of LoFi's ``n (k + m)`` temporaries on the CPU (see
@@ -674,8 +759,6 @@ class LoKO(Optimizer):
         """
         g0 = self.param_groups[0]
         k = g0["rank"]
-        if not all_finite(e):
-            return None
         dtype = torch.float64 if any(state_dtype(p) == torch.float64 for _, p in pairs) else torch.float32
         # (m, n); with ``mix`` given, the rows it mixes (``classes``: m + batch rows)
         H = torch.cat([r.reshape(r.shape[0], -1).to(dtype) for r in rows], dim=1,
@@ -683,23 +766,27 @@ class LoKO(Optimizer):
                                                 (rows[0].shape[0], sum(p.numel() for _, p in pairs)),
                                                 torch.empty(0, dtype=dtype, device=e.device)))
         # with logit rows: Lambda is finite, and a non-finite H_z makes Lambda H_z non-finite (0 * inf = nan)
-        if not all_finite(H):
+        if not all_finite(e, H):  # one host read for both
             return None
         sizes = [p.numel() for _, p in pairs]
-        R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"])
+        # the categorical covariance Lambda of the softmax: noise="moment"'s R and the softmax rows' mix
+        lam = categorical_covariance(yhat) if g0["noise"] == "moment" or (logit_rows and mix is None) else None
+        R = noise_matrix(g0["noise"], gst["noise_estimate"], yhat, g0["r_min"], g0["observation"], lam)
         L_R = cholesky_with_jitter(R)
         if L_R is None:
             warnings.warn("LoKO: the observation noise R is not positive definite; sample skipped",
                           RuntimeWarning, stacklevel=3)
             return None
-        init = self._initial_variances(pairs, list(H.split(sizes, dim=1)), R, gst)
-        if not _auto_priors_fit(pairs, init):
-            return None
+        if self._joint_state(pairs) is not None:  # every tensor started: no prior to set
+            init: list[float | None] = [None] * len(pairs)
+        else:
+            init = self._initial_variances(pairs, list(H.split(sizes, dim=1)), R, gst)
+            if not _auto_priors_fit(pairs, init):
+                return None
         ups, W, infl, q, live = self._joint_prior(pairs, init, dtype)
         ups, W = lofi.predict(ups, W, infl, q)
         ema = g0["noise"] in ("ema", "ema_diag")
         if logit_rows and mix is None:  # block-diagonal over the batch: Lambda_b = diag(yhat_b) - yhat_b yhat_b^T
-            lam = torch.diag_embed(yhat) - yhat.unsqueeze(2) * yhat.unsqueeze(1)
             mix = lam[0] if lam.shape[0] == 1 else torch.block_diag(*lam)
         res = lofi.update(ups, W, H, L_R, e, prior=g0["observation"] == "logits", posterior=ema, mix=mix,
                           rows_prior=logit_rows, truncation=g0["truncation"], workspace=self._workspace(W.device))
@@ -723,6 +810,13 @@ class LoKO(Optimizer):
                  for (_, p), d, ok in zip(pairs, res.delta.split(sizes), live, strict=True) if ok]
 
         def commit() -> None:
+            joint = self._joint_state(pairs)
+            if joint is None and all(live):  # the first step, or the state was replaced: join it (fresh buffers)
+                joint = self._join_state(pairs, keep=False)
+            if joint is not None:  # every row at once, into the buffers whose views the state tensors are
+                torch._foreach_copy_([joint.upsilon, joint.W], [res.upsilon, res.W])
+                self._commit_global(gst, pairs, init, new_r)
+                return
             dst, src = [], []
             for (_, p), u, w, ok in zip(pairs, res.upsilon.split(sizes), res.W.split(sizes, dim=0), live,
                                         strict=True):
@@ -742,7 +836,7 @@ class LoKO(Optimizer):
         if logit_rows:
             b = outputs.shape[0]  # c: the rows per sample (every class, or those of ``classes`` and the mean)
             logit_cov = _diagonal_blocks(res.rows_hph, b, res.rows_hph.shape[0] // b)
-        return _Pending(moves, commit, logit_cov)
+        return _Pending(moves, commit, logit_cov, res.rows_delta if logit_rows else None)
 
     def _commit_global(self, gst: dict[str, Any], pairs: list[tuple[dict[str, Any], Tensor]],
                        init: list[float | None], new_r: Tensor | None) -> None:

@@ -149,7 +149,8 @@ def _diagonal_blocks(a: Tensor, b: int, c: int) -> Tensor:
 def _candidates(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The candidates as float64 tensors on ``device``: the scales ``(S,)``, the temperatures ``(T, 1, 1, 1)``, and
     per candidate of ``"temperature"`` (temperature-major) its temperature and its scale, ``(T S,)`` each. Made
-    afresh at each call (a cache would outlive a fake or meta tensor mode); only the 12 scales are uploaded."""
+    afresh at each call (a module-level cache would outlive a fake or meta tensor mode; LoKO keeps them per optimizer
+    and device, outside its state); only the 12 scales are uploaded."""
     scales = torch.tensor(PREDICTIVE_SCALES, dtype=torch.float64, device=device)
     temps = _temperatures(device)  # made on the device: no host-to-device copy beyond the scales' 12 numbers
     return (scales, temps.view(-1, 1, 1, 1), temps.repeat_interleave(len(PREDICTIVE_SCALES)),
@@ -164,7 +165,7 @@ def calibration_candidate(rule: str, index: int) -> tuple[float, float]:
 
 
 def calibrated(mean: Tensor, cov: Tensor, e: Tensor, yhat: Tensor, gst: dict[str, Any],
-               rule: str = "scale") -> Predictive:
+               rule: str = "scale", candidates: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Predictive:
     r"""The step's calibrated predictive, by the candidate with the lowest cumulative score on the samples *before*
     this one (prequential: the choice never sees the sample it predicts; ties: the first, the filter's own
     predictive); then this sample's score under every candidate is added to the running sums (in ``gst``, created at
@@ -180,6 +181,7 @@ def calibrated(mean: Tensor, cov: Tensor, e: Tensor, yhat: Tensor, gst: dict[str
     choice left LoKO's predictive under-confident, ECE 0.06-0.12 on digits_shift and cv_mnist; see
     ``docs/benchmarks/research/loko_calibration.md``). The returned predictive is :math:`\mathcal{N}(\mu / T,
     s \Sigma)` with probabilities :math:`p_{T,s}` (``predictive_probs(mean, cov, "probit")`` of it).
+    ``candidates``: :func:`_candidates` of ``mean``'s device, where the caller keeps them (made afresh if None).
     """
     if rule not in CALIBRATIONS:
         raise ValueError(f"Invalid rule: {rule!r} (expected one of {CALIBRATIONS})")
@@ -187,7 +189,7 @@ def calibrated(mean: Tensor, cov: Tensor, e: Tensor, yhat: Tensor, gst: dict[str
     sums = gst.get(key)
     if sums is None:
         sums = gst[key] = torch.zeros(count, dtype=torch.float64, device=mean.device)
-    scales, temps, pair_temps, pair_scales = _candidates(mean.device)
+    scales, temps, pair_temps, pair_scales = _candidates(mean.device) if candidates is None else candidates
     mu = mean.detach().to(torch.float64)
     # every scale at once, (scales, b, c): the probit reads only the diagonal of each scaled covariance, and
     # the diagonal of s * cov is s * diag(cov), entry for entry; scale 0 is the plug-in softmax whatever cov
@@ -207,7 +209,7 @@ def calibrated(mean: Tensor, cov: Tensor, e: Tensor, yhat: Tensor, gst: dict[str
     best = _best_scale(sums)
     # the sums compare the candidates on the same samples: a sample whose score is not finite under some candidate
     # is left out of all of them (once in a sum, a NaN or inf would decide every later choice)
-    sums += torch.where(torch.isfinite(sample_score).all(), sample_score, torch.zeros_like(sample_score))
+    sums += torch.where(torch.isfinite(sample_score).all(), sample_score, 0.0)
     if rule == "scale":
         return Predictive(mean, _scaled(scales[best], cov), probs[best])
     return Predictive(mean / pair_temps[best].to(mean.dtype), _scaled(pair_scales[best], cov),
