@@ -29,7 +29,8 @@ class _CapEstimator:
     """Wraps a KOALAPlusPlus and rewrites its groups' ``lr`` before every step."""
 
     def __init__(self, params, bound=1000.0, **kw):
-        self.opt = kalmanopt.KOALAPlusPlus(params, fused=False, **kw)
+        # the wrappers move the cap themselves: on the fixed cap (lr_adaptation is the default preset's since af31d74)
+        self.opt = kalmanopt.KOALAPlusPlus(params, fused=False, **{"lr_adaptation": None, **kw})
         self.lr0 = [g["lr"] for g in self.opt.param_groups]
         self.bound = bound
         self.trace = []  # the cap's lr multiplier per step, for the report

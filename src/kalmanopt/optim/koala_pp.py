@@ -90,6 +90,8 @@ class KOALAPlusPlus(KalmanOptimizer):
                 \beta_2, \epsilon \\
             &h_k = g_k + \lambda\theta_{k-1}, \quad
                 \ell_k = L_k - L_* + \tfrac{\lambda}{2}\lVert\theta_{k-1}\rVert^2 \\
+            &\log \rho_k = \operatorname{clip}\big(\log \rho_{k-1} + \kappa\cos(h_k, m_{k-1}),\ \pm\log 1000\big)
+                \quad (\kappa \text{ = lr\_adaptation, over the param group}; \rho_k = 1 \text{ without it}) \\
             &\textbf{if precondition}: s_k = \beta_2 s_{k-1} + (1-\beta_2) h_k^2,\;
                 D_k = \big(\sqrt{s_k / (1-\beta_2^k)} + \epsilon\big)^{-1},\; h_k \gets D_k^{1/2} h_k
                 \quad \text{(else } D_k = 1) \\
@@ -103,7 +105,7 @@ class KOALAPlusPlus(KalmanOptimizer):
                   \quad (w_k = 0 \text{ if not symmetric}) \\
             &v_k = (\alpha_k - \lambda_k) v_{k-1} + Q(h_k - \lambda_k H_{k-1}) + w_k H_{k-1} \\
             &S_k = h_k\cdot v_k + Q\lVert h_k\rVert^2 + R_k \\
-            &\gamma_k = \min\big(\tau\ell_k / S_k,\; \text{lr}/Q\big)
+            &\gamma_k = \min\big(\tau\ell_k / S_k,\; \rho_k\,\text{lr}/Q\big)
                 \;(\gamma_k = \text{lr}/Q \text{ if } \ell_k < 0), \quad
              c_k = \gamma_k\, D_k^{1/2} (v_k + Q h_k) \\
             &m_k = \mu m_{k-1} + (1-\mu) c_k, \quad \theta_k = \theta_{k-1} - m_k / (1 - \mu^k)
@@ -112,7 +114,7 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     With ``preset="paper"`` (no metric, R an average of the squared loss, :math:`\gamma_k = \eta\ell_k/S_k` with
     :math:`\eta` = ``lr``, no cap, no floor, no momentum) this is Algorithm 1 of the paper, bit for bit. The default,
-    ``preset="adaptive"``, changes three things, each ablated on the development grid (docs/algorithms.md and
+    ``preset="adaptive"``, changes four things, each ablated on the development grid (docs/algorithms.md and
     BENCHMARKS.md give the evidence):
 
     * **a diagonal metric** :math:`D` (Adam's second moment): the prior :math:`\sigma D` and the process noise
@@ -126,6 +128,9 @@ class KOALAPlusPlus(KalmanOptimizer):
       The paper's R (an average of :math:`\ell^2`) makes the step shrink like :math:`1/\ell` early and grow like
       :math:`1/\ell` late; without a cap, R = 0 overshoots where the loss cannot reach 0 (language models).
     * **momentum** :math:`\mu = 0.9` on the corrections (as Adam's first moment, bias-corrected).
+    * **a cap that follows the hypergradient of the step size** (``lr_adaptation`` :math:`\kappa = 0.2`): its
+      multiplier :math:`\rho` grows while each gradient still points along the last update and shrinks when the
+      steps overshoot, so that a too-small ``lr`` costs little (``lr_adaptation=None``: a fixed cap).
 
     ``block="group"`` makes the whole param group one block (the paper's parameter vector): a step then asks to
     remove at most :math:`\eta\ell` in all; with the cap, per-tensor blocks did better on every task of the grid.
