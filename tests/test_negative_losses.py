@@ -41,7 +41,7 @@ def _train(shift, steps=60, **kwargs):
     return final, torch.stack(sizes), torch.stack(caps), opt
 
 
-ADAPTATION = {"adapted": {}, "fixed cap": {"lr_adaptation": None}}  # lr_adaptation: the default, and off
+ADAPTATION = {"adapted": {"lr_adaptation": 0.1}, "fixed cap": {}}  # lr_adaptation on, and off (the default)
 
 
 @pytest.mark.parametrize("cap", ADAPTATION)

@@ -55,12 +55,14 @@ def table() -> None:
 
 
 # the rows of docs/benchmarks/lr_sensitivity.md (python docs/benchmarks/research/lr_sensitivity.py --markdown)
-# "kpp_lib" is the library's default: with lr_adaptation=0.2 since af31d74; the runs recorded before then ran the fixed
-# cap and are stored as "kpp_lib:lr_adaptation=None" (their spec and base were rewritten when the default changed).
-LABELS = {"adamw": "AdamW", "kpp_lib:lr_adaptation=None": "KOALA++, fixed cap (`lr_adaptation=None`)",
+# "kpp_lib:lr_adaptation=None" is the library's default (a fixed cap), written out: plain "kpp_lib" names the same
+# optimizer; the runs are stored under the explicit name since lr_adaptation=0.2 was the default for a day.
+LABELS = {"adamw": "AdamW", "kpp_lib:lr_adaptation=None": "**KOALA++ (default: a fixed cap)**",
           "kpp_lib:lr_adaptation=0.05": "KOALA++ (`lr_adaptation=0.05`)",
           "kpp_lib:lr_adaptation=0.1": "KOALA++ (`lr_adaptation=0.1`)",
-          "kpp_lib:lr_adaptation=0.2": "**KOALA++ (default: `lr_adaptation=0.2`)**", "sf": "Schedule-Free AdamW",
+          "kpp_lib:lr_adaptation=0.2": "KOALA++ (`lr_adaptation=0.2`)",
+          "kpp_lib:lr_adaptation=0.2,one_sided=1": "KOALA++ (`lr_adaptation=0.2`, multiplier >= 1; research)",
+          "sf": "Schedule-Free AdamW",
           "prodigy": "Prodigy", "kpp_dist": "KOALA++, distance-estimated cap (research)",
           "kpp_hd:norm=ema,kappa=0.02": "KOALA++, EMA-normalised hypergradient (research)"}
 TITLES = {"fm10k": "Fashion-MNIST 10k (accuracy)", "mnist": "MNIST subset (accuracy)",

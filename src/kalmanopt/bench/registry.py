@@ -136,14 +136,13 @@ def _entries() -> list[OptimizerEntry]:
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd, **kw),
                        "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
                        note="the library's default preset ('adaptive'): per-tensor blocks, diagonal metric, R = 0, "
-                            "step min(loss/S, s lr/q) with lr in AdamW's units and s following the hypergradient "
-                            "(lr_adaptation), momentum 0.9"),
+                            "step min(loss/S, lr/q) with lr in AdamW's units, momentum 0.9"),
         OptimizerEntry("koala++-fixed", "KOALA++ (fixed cap)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd,
                                                                        **{"lr_adaptation": None, **kw}),
                        "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
-                       note="the default preset with lr_adaptation=None: a fixed cap lr/q (the default preset before "
-                            "lr_adaptation became its default: the 'KOALA++ (default)' rows recorded before then)"),
+                       note="the default preset with lr_adaptation=None said explicitly: a fixed cap lr/q, the same "
+                            "optimizer as koala++ (the research records compare it with the koala++-lra rates)"),
         *(_lr_adaptation_entry(name, kappa) for name, kappa in
           (("koala++-lra", 0.05), ("koala++-lra0.1", 0.1), ("koala++-lra0.2", 0.2))),
         OptimizerEntry("koala++-paper", "KOALA++ (paper)",

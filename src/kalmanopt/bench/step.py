@@ -253,8 +253,8 @@ def _contenders() -> list[Contender]:
     return [
         Contender("koala++", "KOALA++ (defaults)",
                   lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd), True, 6),
-        Contender("koala++-fixed", "KOALA++ (lr_adaptation=None: a fixed cap)",
-                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, lr_adaptation=None), True, 6),
+        Contender("koala++-lra", "KOALA++ (lr_adaptation=0.2)",
+                  lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, lr_adaptation=0.2), True, 6),
         Contender("koala++-fused", "KOALA++ (fused=True)",
                   lambda ps, wd: kalmanopt.KOALAPlusPlus(ps, weight_decay=wd, fused=True), True, 5),
         Contender("koala++-fused-bf16", "KOALA++ (fused=True, state_dtype=bfloat16)",
@@ -286,7 +286,7 @@ def _contenders() -> list[Contender]:
     ]
 
 
-CONTENDER_KEYS = ("koala++", "koala++-fixed", "koala++-fused", "koala++-fused-bf16", "koala++-foreach", "koala++-paper",
+CONTENDER_KEYS = ("koala++", "koala++-lra", "koala++-fused", "koala++-fused-bf16", "koala++-foreach", "koala++-paper",
                   "koala++-paper-bf16", "koala++-paper-foreach",
                   "koala++-reference", "koala++-refstruct", "koala-v", "koala-m", "loko", "adamw", "adamw-loop",
                   "adamw-fused")
