@@ -184,7 +184,9 @@ def _stepped_pair():
 @needs_kernel
 def test_operator_rejects_state_it_cannot_write_through():
     gen, params, opt, state, shared = _stepped_pair()
-    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0, 0.0]
+    # koala_pp._hyper's layout: ..., flags 7, r_stat, lr_adaptation's kappa (off) and log(lr_scale_min)
+    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0, 0.0, 0.0]
+    assert len(hyper) == _koala_pp_op.NHP
     grads = [p.grad for p in params]
     measurement = torch.tensor([1.0, 1.0, 1.0])  # moments (kind 0)
     bad = list(state)
@@ -238,7 +240,7 @@ def test_operator_cache_of_pointer_arrays_rechecks_other_tensors_at_the_same_add
     """The operator's pointer arrays are cached by the state's addresses; another tensor at an address the cache
     knows (here a view, which shares it) or another parameter size must be checked again, not written through."""
     gen, params, opt, state, shared = _stepped_pair()
-    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0, 0.0]
+    hyper = [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9, 0.01, 0.0, 0.9, 2.0, 7.0, 0.0, 0.0, 0.0]
     grads = [p.grad for p in params]
     measurement = torch.tensor([1.0, 1.0, 1.0])
     _koala_pp_op.fused_step(params, grads, state + shared, [0, 2], hyper, measurement, 0, None, None)  # cached now
@@ -278,8 +280,8 @@ def test_operator_schema_and_fake_implementation_agree_with_the_kernel(kind):
     hyper, state, shared = [], [], []
     for j, group in enumerate(opt.param_groups):
         hyper += [0.5, 0.1, 0.1, 0.0, 0.999, 1e-8, 0.9 if j == 0 else 0.0, 0.01, 0.0, 0.9, 2.0, 7.0 if j == 0 else 3.0,
-                  0.0, 0.0]
-        flags = int(hyper[-3])
+                  0.0, 0.0, 0.0]
+        flags = int(hyper[_koala_pp_op.HP_FLAGS - _koala_pp_op.NHP])
         state += [opt.state[p][key] for p in group["params"] for key in _koala_pp_op.STATE_KEYS
                   if _koala_pp_op.uses(key, flags)]
         lead = opt.state[group["params"][0]]

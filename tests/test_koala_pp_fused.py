@@ -101,11 +101,11 @@ def test_every_kernel_slot_is_read_from_its_own_place(monkeypatch):
     """Any two hyperparameter slots swapped in the kernel's argument array (koala_pp._hyper) move the fused step away
     from the reference: the fused tests would see such a bug."""
     group = KOALAPlusPlus([torch.zeros(1, requires_grad=True)], **DISTINCT["distinct_fixed_r"]).param_groups[0]
-    # The last slot, lr_adaptation's kappa, is read only with lr_adaptation, which needs the default step rule (these
-    # configurations cap the paper's): test_lr_adaptation_matches_the_multi_tensor_path, whose groups differ in
-    # kappa, sees it. The others are swapped here.
-    width = len(koala_pp._hyper(group)) - 1
-    assert koala_pp._hyper(group)[width:] == [0.0]
+    # The last two slots, lr_adaptation's kappa and log(lr_scale_min), are read only with lr_adaptation, which needs
+    # the default step rule (these configurations cap the paper's): test_lr_adaptation.py's fused tests, whose groups
+    # differ in kappa and lr_scale_min (a floor that binds), see them. The others are swapped here.
+    width = len(koala_pp._hyper(group)) - 2
+    assert koala_pp._hyper(group)[width:] == [0.0, 0.0]
     for kwargs in DISTINCT.values():  # the premise: every slot holds a value of its own
         values = koala_pp._hyper(KOALAPlusPlus([torch.zeros(1, requires_grad=True)], **kwargs).param_groups[0])
         assert len(set(values[:width])) == width, values

@@ -331,9 +331,11 @@ def test_hyperparameters_changed_between_steps_take_effect():
 
 
 def _adapting_groups(params):
-    """lr_adaptation with kappas of their own, one group without the metric, one without adaptation."""
-    return [{"params": params[:2], "lr_adaptation": 0.3, "weight_decay": 1e-2},
-            {"params": params[2:3], "lr_adaptation": 0.7, "precondition": False},
+    """lr_adaptation with kappas and floors (lr_scale_min) of their own, one group without the metric, one without
+    adaptation. The second group's multiplier falls to its floor 0.9 at the third float64 step of ``_run``: a kernel
+    clipping to another bound strays from the reference."""
+    return [{"params": params[:2], "lr_adaptation": 0.3, "weight_decay": 1e-2, "lr_scale_min": 1e-3},
+            {"params": params[2:3], "lr_adaptation": 0.7, "precondition": False, "lr_scale_min": 0.9},
             {"params": params[3:4], "lr_adaptation": None},
             {"params": params[4:], "lr_adaptation": 0.05}]
 
@@ -463,7 +465,8 @@ def test_the_operators_triton_implementation_is_the_eager_step(monkeypatch):
 
     def groups(params):
         return [{"params": params[:2], "precondition": False, "momentum": 0.0},
-                {"params": params[2:4], "lr_adaptation": 0.3}, {"params": params[4:], "lr_adaptation": None}]
+                {"params": params[2:4], "lr_adaptation": 0.3, "lr_scale_min": 1e-3},
+                {"params": params[4:], "lr_adaptation": None}]
 
     direct = _run({"lr": 2e-3, "fused": True}, groups=groups, steps=3, none_schedule=ROTATING)
     assert float(direct[1].state[direct[0][2]]["lr_log_scale"]) != 0.0
@@ -556,7 +559,7 @@ def test_cuda_grad_scaler_protocol():
 
 @needs_cuda
 def test_cuda_lr_adaptation_matches_the_reference():
-    kw = {**CONFIGS["adaptive"], "lr_adaptation": 0.3}
+    kw = {**CONFIGS["adaptive"], "lr_adaptation": 0.3, "lr_scale_min": 1e-3}  # a floor far below: it moves
     reference = _run_cuda({**kw, "foreach": False}, bad_step=2)
     triton = _run_cuda(kw, bad_step=2)
     assert _ran_triton(triton[1]) and skipped_steps(triton[1]) == 1

@@ -1,8 +1,8 @@
 """KOALA++'s ``lr_adaptation``: the step cap follows the hypergradient of the step size.
 
 The oracle is the definition, written from parameter differences (not from the momentum buffer the optimizer reads):
-before step k, log s += kappa * cos(h_k, -(theta_{k-1} - theta_{k-2})), clipped to +-log 1000, and the cap is
-s * lr / q, i.e. the plain optimizer with its lr set to s * lr.
+before step k, log s += kappa * cos(h_k, -(theta_{k-1} - theta_{k-2})), clipped to [log lr_scale_min, log 1000], and
+the cap is s * lr / q, i.e. the plain optimizer with its lr set to s * lr.
 """
 import io
 import math
@@ -35,14 +35,17 @@ def _h(model, weight_decay):
     return [p.grad + weight_decay * p.detach() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("scale_min", [1.0, 1e-3])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_the_cap_multiplier_is_the_hypergradient_definition(foreach):
+def test_the_cap_multiplier_is_the_hypergradient_definition(foreach, scale_min):
     wd = 1e-2
     adapted, plain = tiny_mlp(), tiny_mlp()
-    opt = KOALAPlusPlus(adapted.parameters(), lr=3e-3, weight_decay=wd, lr_adaptation=KAPPA, foreach=foreach)
-    oracle = KOALAPlusPlus(plain.parameters(), lr=3e-3, weight_decay=wd, foreach=foreach, lr_adaptation=None)
-    log_s, before, scales = 0.0, None, []
-    for k in range(12):
+    # lr: the multiplier climbs over the first steps, then the steps overshoot and it falls below 1 (without the floor)
+    opt = KOALAPlusPlus(adapted.parameters(), lr=3e-2, weight_decay=wd, lr_adaptation=KAPPA, foreach=foreach,
+                        lr_scale_min=scale_min)
+    oracle = KOALAPlusPlus(plain.parameters(), lr=3e-2, weight_decay=wd, foreach=foreach, lr_adaptation=None)
+    log_s, before, scales, floored = 0.0, None, [], 0
+    for k in range(14):
         x, y = batch(k)
         for model, o in ((adapted, opt), (plain, oracle)):
             o.zero_grad()
@@ -52,9 +55,11 @@ def test_the_cap_multiplier_is_the_hypergradient_definition(foreach):
             h = _h(plain, wd)
             dot = sum((a * d).sum() for a, d in zip(h, delta, strict=True))
             norms = math.sqrt(sum(a.square().sum() for a in h)) * math.sqrt(sum(d.square().sum() for d in delta))
-            log_s = min(max(log_s + KAPPA * float(-dot) / norms, -math.log(1000)), math.log(1000))
+            moved = log_s + KAPPA * float(-dot) / norms
+            floored += moved < math.log(scale_min)
+            log_s = min(max(moved, math.log(scale_min)), math.log(1000))
         log_s = float(torch.tensor(log_s, dtype=torch.float32))  # as the optimizer stores it
-        oracle.param_groups[0]["lr"] = 3e-3 * math.exp(log_s)
+        oracle.param_groups[0]["lr"] = 3e-2 * math.exp(log_s)
         before = [p.detach().clone() for p in plain.parameters()]
         opt.step(loss=per_sample_loss(adapted, x, y).detach())
         oracle.step(loss=per_sample_loss(plain, x, y).detach())
@@ -63,27 +68,55 @@ def test_the_cap_multiplier_is_the_hypergradient_definition(foreach):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
         assert scales[-1] == pytest.approx(math.exp(log_s), rel=1e-12)
     assert scales[0] == 1.0 and max(abs(math.log(s)) for s in scales) > 0.1  # it moved
+    if scale_min == 1.0:
+        assert floored >= 1 and min(scales) == 1.0  # the floor held it where the cosine pulled it below 1
+    else:
+        assert floored == 0 and min(scales) < 0.97  # below 1: the lower floor never binds
 
 
-def _quadratic_run(lr, start, steps):
-    """A quadratic whose loss (offset by 10, so that the cap always binds) is measured exactly."""
+def _quadratic_run(lr, start, steps, **options):
+    """A quadratic whose loss (offset by 10, so that the cap always binds) is measured exactly. Returns the multiplier
+    after each step."""
     torch.manual_seed(0)
     theta = torch.nn.Parameter(start * torch.randn(50, dtype=torch.float64))
     curvature = torch.logspace(-1, 1, 50, dtype=torch.float64)
-    opt = KOALAPlusPlus([theta], lr=lr, lr_adaptation=0.1)
+    opt = KOALAPlusPlus([theta], lr=lr, lr_adaptation=0.1, **options)
+    scales = []
     for _ in range(steps):
         opt.zero_grad()
         loss = 0.5 * (curvature * theta.square()).sum() + 10.0
         loss.backward()
         opt.step(loss=loss.detach())
-    return float(opt.diagnostics()[0]["lr_scale"])
+        scales.append(float(opt.diagnostics()[0]["lr_scale"]))
+    return scales
 
 
 def test_the_cap_grows_when_the_steps_are_short_and_shrinks_when_they_overshoot():
     # far from the minimum with tiny steps: the gradient keeps pointing along the last update
-    assert _quadratic_run(1e-5, start=1.0, steps=60) > 3.0
-    # steps of 0.05 (the cap, Adam-like) around a minimum 0.01 away: each one overshoots, the gradient turns back
-    assert _quadratic_run(0.05, start=0.01, steps=150) < 0.5
+    assert _quadratic_run(1e-5, start=1.0, steps=60)[-1] > 3.0
+    # steps of 0.05 (the cap, Adam-like) around a minimum 0.01 away: each one overshoots, the gradient turns back;
+    # with a floor below 1 the multiplier falls below 1
+    assert _quadratic_run(0.05, start=0.01, steps=150, lr_scale_min=1e-3)[-1] < 0.5
+    # with the default floor of 1 it comes down from above: tiny steps far away raise it, then it falls back
+    climbed = _quadratic_run(1e-3, start=1.0, steps=250)
+    assert max(climbed) > 5.0 and climbed[-1] < 0.5 * max(climbed)
+
+
+OVERSHOOTING = dict(lr=0.05, start=0.01, steps=150)  # the quadratic run above whose multiplier falls below 1
+
+
+@pytest.mark.parametrize("path", [
+    {"foreach": False, "fused": False},
+    {"foreach": True, "fused": False},
+    pytest.param({"fused": True}, marks=needs_kernel),
+], ids=["reference", "multi_tensor", "fused"])
+def test_the_default_floor_keeps_the_multiplier_at_or_above_1(path):
+    """lr_scale_min=1 (the default): the cap never falls below lr / q, on every path; where the cosine pulls s below
+    1 it stays at 1 exactly (log s = 0)."""
+    scales = _quadratic_run(**OVERSHOOTING, **path)
+    assert min(scales) == 1.0 and scales.count(1.0) >= 20  # held at the floor on many steps
+    lowered = _quadratic_run(**OVERSHOOTING, **path, lr_scale_min=0.5)
+    assert min(lowered) == pytest.approx(0.5, rel=1e-6)  # another floor binds where it says
 
 
 def test_a_skipped_step_leaves_the_multiplier_and_everything_else_alone():
@@ -130,6 +163,19 @@ def test_resume_is_bit_exact_and_the_multiplier_is_checked_on_load():
         KOALAPlusPlus(double_mlp().parameters(), lr=1e-3, lr_adaptation=KAPPA).load_state_dict(bad)
 
 
+def test_lr_scale_min_is_saved_and_a_checkpoint_from_before_it_resumes_with_the_floor_1():
+    model = double_mlp()
+    opt = KOALAPlusPlus(model.parameters(), lr=1e-3, lr_adaptation=KAPPA, lr_scale_min=1e-3)
+    assert KOALAPlusPlus(double_mlp().parameters()).param_groups[0]["lr_scale_min"] == 1.0  # the default
+    _run(model, opt, range(3))
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["lr_scale_min"] == 1e-3
+    del saved["param_groups"][0]["lr_scale_min"]  # as saved before the option
+    resumed = KOALAPlusPlus(double_mlp().parameters(), lr=1e-3, lr_adaptation=KAPPA, lr_scale_min=1e-3)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["lr_scale_min"] == 1.0
+
+
 def test_off_by_default_and_off_with_none_or_zero():
     for off in ({}, {"lr_adaptation": None}, {"lr_adaptation": 0}, {"lr_adaptation": 0.0}):
         model = double_mlp()
@@ -141,6 +187,13 @@ def test_off_by_default_and_off_with_none_or_zero():
 
 @pytest.mark.parametrize("options, error, match", [
     (dict(lr_adaptation=-0.1), ValueError, "lr_adaptation"),
+    (dict(lr_adaptation=0.05, lr_scale_min=0.0), ValueError, r"Invalid lr_scale_min: 0\.0"),
+    (dict(lr_adaptation=0.05, lr_scale_min=-0.5), ValueError, "Invalid lr_scale_min"),
+    (dict(lr_adaptation=0.05, lr_scale_min=1.5), ValueError, r"Invalid lr_scale_min: 1\.5"),
+    (dict(lr_adaptation=0.05, lr_scale_min=float("nan")), ValueError, r"Invalid lr_scale_min: nan \(must be a finite"),
+    (dict(lr_adaptation=0.05, lr_scale_min="0.5"), ValueError, "Invalid lr_scale_min"),
+    (dict(lr_adaptation=0.05, lr_scale_min=torch.tensor(0.5)), ValueError, "lr_scale_min: must be a Python number"),
+    (dict(lr_scale_min=0.0), ValueError, "Invalid lr_scale_min"),  # checked without lr_adaptation too
     (dict(lr_adaptation=float("nan")), ValueError, "lr_adaptation"),
     (dict(lr_adaptation=0.05, momentum=0.0), ValueError, "momentum"),
     (dict(lr_adaptation=0.05, preset="paper"), ValueError, "loss_fraction"),
@@ -191,10 +244,12 @@ ROTATING = lambda k, i: (k + i) % 4 == 0  # noqa: E731 (a gradient of None now a
 
 
 def _groups(params):
-    """kappas of their own, one group without the metric, one without adaptation (same hyperparameters otherwise:
-    its cap must stay lr / q)."""
-    return [{"params": params[:2], "lr_adaptation": 0.3, "weight_decay": 1e-2},
-            {"params": params[2:4], "lr_adaptation": 0.7, "precondition": False},
+    """kappas and floors (lr_scale_min) of their own, one group without the metric, one without adaptation (same
+    hyperparameters otherwise: its cap must stay lr / q). The second group's multiplier falls below 1 and to its floor
+    0.9 within the steps of ``_fused_run`` (float64, its gradients): a kernel clipping to another bound (the default
+    1, another group's, 1 / 1000) strays from the reference."""
+    return [{"params": params[:2], "lr_adaptation": 0.3, "weight_decay": 1e-2, "lr_scale_min": 1e-3},
+            {"params": params[2:4], "lr_adaptation": 0.7, "precondition": False, "lr_scale_min": 0.9},
             {"params": params[4:5], "lr_adaptation": None},
             {"params": params[5:], "lr_adaptation": 0.05}]
 
@@ -225,7 +280,7 @@ def test_fused_kernel_matches_the_reference_float64():
                 assert value.dtype == sb[key].dtype, key
                 torch.testing.assert_close(value, sb[key], rtol=1e-12, atol=1e-12, msg=key)
     scales = _log_scales(*fused)
-    assert scales[2] is None and all(abs(float(s)) > 0.05 for s in scales if s is not None)  # they moved
+    assert scales[2] is None and all(abs(float(s)) > 5e-3 for s in scales if s is not None)  # they moved
     assert len({float(s) for s in scales if s is not None}) == 3  # each group its own
     for a, b in zip(reference[1].diagnostics(), fused[1].diagnostics(), strict=True):
         assert a.keys() == b.keys()
@@ -264,6 +319,7 @@ def test_fused_kernel_close_to_the_multi_tensor_path_float32(storage):
 def test_fused_skipped_step_leaves_the_multiplier_and_everything_bit_for_bit(bad):
     params, opt = _fused_run({"fused": True}, steps=4)
     before = snapshot(opt)
+    torch.manual_seed(0)
     loss = torch.rand(6, dtype=torch.float64) + 0.5
     for p in params:
         p.grad = torch.randn_like(p)
@@ -279,6 +335,9 @@ def test_fused_skipped_step_leaves_the_multiplier_and_everything_bit_for_bit(bad
     assert skipped_steps(opt) == 4  # one per group
     opt.grad_scale = opt.found_inf = None
     params[4].grad[0, 0] = 0.0
+    for p in params:  # along the momentum: every cosine near +1, so that a multiplier at its floor moves too
+        if "momentum_buffer" in opt.state[p]:
+            p.grad = 1e6 * opt.state[p]["momentum_buffer"]
     opt.step(loss=torch.rand(6, dtype=torch.float64) + 0.5)  # a good step is accepted: the multipliers move
     assert all(not torch.equal(s, before[1][id(params[i])]["lr_log_scale"])
                for s, i in zip(_log_scales(params, opt), (0, 2, 4, 5), strict=True) if s is not None)

@@ -26,7 +26,7 @@
 #define KOALA_COMMON
 /* Per-group hyperparameters (doubles), KOALA_NHP of them per group. */
 enum { HP_LR, HP_SIGMA, HP_Q, HP_WD, HP_BETA2, HP_EPS, HP_MOMENTUM, HP_MAX_STEP, HP_R, HP_ALPHA_R, HP_R_CLIP,
-       HP_FLAGS, HP_R_STAT, HP_LR_ADAPTATION, KOALA_NHP };
+       HP_FLAGS, HP_R_STAT, HP_LR_ADAPTATION, HP_LOG_SCALE_MIN, KOALA_NHP };
 enum { F_SYMMETRIC = 1, F_PRECONDITION = 2, F_MOMENTUM = 4, F_FIXED_R = 8, F_MAX_STEP = 16, F_R_CLIP = 32,
        F_LR_ADAPTATION = 64 };
 enum { R_SECOND_MOMENT = 0, R_SQUARED_MEAN = 1, R_MEAN_VARIANCE = 2 };
@@ -36,9 +36,10 @@ enum { MOMENTS_F32 = 0, MOMENTS_F64 = 1, GIVEN_F32 = 2, GIVEN_F64 = 3 };
 #define KOALA_CHUNK 1024
 #define KOALA_PARALLEL_BLOCKS 64 /* tensors of fewer blocks run on the calling thread only */
 #define KOALA_SUMS 7             /* pass 1's sums per tensor (see reduce_body) */
-#define KOALA_LOG_SCALE_BOUND 6.907755278982137 /* log(1000): lr_adaptation's multiplier within [1/1000, 1000] */
+/* log(1000): lr_adaptation's multiplier within [lr_scale_min, 1000] (HP_LOG_SCALE_MIN: log(lr_scale_min)) */
+#define KOALA_LOG_SCALE_BOUND 6.907755278982137
 
-int koala_abi_version(void) { return 5; }
+int koala_abi_version(void) { return 6; }
 
 /* bfloat16 <-> float as torch's CPU kernels do it: widening is exact (the bits shifted up); narrowing rounds to
  * nearest, ties to even (c10::round_to_nearest_even), overflow to +-inf, and every NaN becomes 0xFFFF, the NaN torch's
@@ -427,7 +428,7 @@ int FN(koala_pp_step)(int n_groups, const double *hp_all, REAL **R_state, int64_
             float log_scale = *lr_log_scale[j];
             if (ok && hh > 0 && mm > 0 && isfinite(cosine)) {
                 double moved = (double)log_scale + hp[HP_LR_ADAPTATION] * cosine;
-                moved = moved < -KOALA_LOG_SCALE_BOUND ? -KOALA_LOG_SCALE_BOUND
+                moved = moved < hp[HP_LOG_SCALE_MIN] ? hp[HP_LOG_SCALE_MIN]
                         : moved > KOALA_LOG_SCALE_BOUND ? KOALA_LOG_SCALE_BOUND : moved;
                 log_scale = (float)moved;
                 *lr_log_scale[j] = log_scale;

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 # A param group's hyperparameters: the C kernel's KOALA_NHP doubles (koala_pp._hyper), one row per group.
-NHP = tl.constexpr(14)
+NHP = tl.constexpr(15)
 HP_LR = tl.constexpr(0)
 HP_SIGMA = tl.constexpr(1)
 HP_Q = tl.constexpr(2)
@@ -50,6 +50,7 @@ HP_R_CLIP = tl.constexpr(10)
 HP_FLAGS = tl.constexpr(11)
 HP_R_STAT = tl.constexpr(12)
 HP_LR_ADAPTATION = tl.constexpr(13)
+HP_LOG_SCALE_MIN = tl.constexpr(14)  # log(lr_scale_min): lr_adaptation's lower bound on log s
 # flag bits and R statistics, as in the C kernel
 F_SYMMETRIC = tl.constexpr(1)
 F_MOMENTUM = tl.constexpr(4)
@@ -57,7 +58,7 @@ F_FIXED_R = tl.constexpr(8)
 F_MAX_STEP = tl.constexpr(16)
 F_R_CLIP = tl.constexpr(32)
 F_LR_ADAPTATION = tl.constexpr(64)
-LOG_SCALE_BOUND = tl.constexpr(6.907755278982137)  # log(1000): lr_adaptation's multiplier within [1/1000, 1000]
+LOG_SCALE_BOUND = tl.constexpr(6.907755278982137)  # log(1000): lr_adaptation's multiplier at most 1000
 R_SECOND_MOMENT = tl.constexpr(0)
 R_SQUARED_MEAN = tl.constexpr(1)
 
@@ -418,10 +419,11 @@ def koala_pp_scalars(tables, numels, tensor_group, sums, hyper, group_tables, me
     # The flag as a vector: a scalar and a vector predicate are not combined directly (Triton's interpreter cannot).
     accepted = (tl.full([BLOCK_T], 0, tl.int32) + ok.to(tl.int32)) != 0
 
-    # lr_adaptation, per group (koala_pp._adapt_lr_scale): log s += kappa cos(h, m) over the group's tensors, each
-    # tensor's sums rounded to the compute dtype (as torch forms them per tensor) and added in float64; moved only on
-    # an accepted step with a finite cosine and both norms positive. Phase 2 reads s back from the state: the step
-    # uses the float32 value stored. A group without it sums nothing (an empty range) and writes nothing.
+    # lr_adaptation, per group (koala_pp._adapt_lr_scale): log s += kappa cos(h, m) over the group's tensors, clipped
+    # to [log lr_scale_min, log 1000] (HP_LOG_SCALE_MIN), each tensor's sums rounded to the compute dtype (as torch
+    # forms them per tensor) and added in float64; moved only on an accepted step with a finite cosine and both norms
+    # positive. Phase 2 reads s back from the state: the step uses the float32 value stored. A group without it sums
+    # nothing (an empty range) and writes nothing.
     for g in range(0, n_groups):
         group_adapt = (tl.load(hyper + g * NHP + HP_FLAGS).to(tl.int32) & F_LR_ADAPTATION) != 0
         first_member = tl.load(group_tables + G_FIRST * n_groups + g).to(tl.int32)
@@ -442,7 +444,7 @@ def koala_pp_scalars(tables, numels, tensor_group, sums, hyper, group_tables, me
         group_log_scale_ptr = tl.load(group_tables + G_LOG_SCALE * n_groups + g).to(tl.pointer_type(tl.float32))
         group_log_scale = tl.load(group_log_scale_ptr, mask=group_adapt, other=0.0).to(tl.float64)
         group_moved = group_log_scale + tl.load(hyper + g * NHP + HP_LR_ADAPTATION) * group_cosine
-        group_moved = tl.minimum(tl.maximum(group_moved, -LOG_SCALE_BOUND), LOG_SCALE_BOUND)
+        group_moved = tl.minimum(tl.maximum(group_moved, tl.load(hyper + g * NHP + HP_LOG_SCALE_MIN)), LOG_SCALE_BOUND)
         group_valid = group_adapt & ok & (group_hh > 0.0) & (group_mm > 0.0) & _finite(group_cosine, tl.float64)
         tl.store(group_log_scale_ptr, group_moved.to(tl.float32), mask=group_valid)
     tl.debug_barrier()

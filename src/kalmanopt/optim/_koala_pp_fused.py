@@ -37,7 +37,7 @@ from pathlib import Path
 __all__ = ["SUFFIXES", "load", "unavailable_reason"]
 
 #: koala_abi_version() of the kernel this module calls (its arguments' layout)
-ABI_VERSION = 5
+ABI_VERSION = 6
 #: the kernel's source, shipped as package data (kalmanopt/kernels/koala_pp_step.c) and read when the library is built
 _SOURCE_FILE = "koala_pp_step.c"
 

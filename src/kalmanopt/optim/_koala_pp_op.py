@@ -46,7 +46,7 @@ STATE_KEYS = ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer", "prev_S", "p
 _PER_ELEMENT = 4  # the first four keys are per element, the rest 0-d
 _GROUP_KEYS = ("measurement_noise", "skipped_steps", "noise_updates")
 _OPTIONAL = {"exp_avg_sq": 2, "momentum_buffer": 4}  # the kernel's flag bits (F_PRECONDITION, F_MOMENTUM)
-NHP, HP_FLAGS = 14, 11  # KOALA_NHP hyperparameters per group, and where the flags lie among them
+NHP, HP_FLAGS = 15, 11  # KOALA_NHP hyperparameters per group, and where the flags lie among them
 F_LR_ADAPTATION = 64  # the kernel's flag for lr_adaptation: the group's lr_log_scale is in the state list
 SUMS = 7  # KOALA_SUMS: the kernel's pass-1 sums per tensor (its scratch)
 
@@ -166,7 +166,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], f
     """One fused KOALA++ step of every param group (``koala_pp_step`` in the kernel's source).
 
     ``params``, ``grads``: the stepped tensors (those with a gradient), in group order; group j holds
-    ``first[j]:first[j + 1]`` and has the ``KOALA_NHP`` = 14 hyperparameters ``hyper[14 j:14 (j + 1)]``. ``state``:
+    ``first[j]:first[j + 1]`` and has the ``KOALA_NHP`` = 15 hyperparameters ``hyper[15 j:15 (j + 1)]``. ``state``:
     for each stepped tensor its :data:`STATE_KEYS` entries (the metric's and the momentum's buffers only where the
     group's flags ask for them, :func:`uses`), then the ``lr_log_scale`` of each group that adapts its cap
     (:func:`adapts`), then for each group R, the skipped-step counter and the committed-update counter (last, so that

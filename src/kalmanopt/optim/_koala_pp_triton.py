@@ -46,7 +46,7 @@ _PER_ELEMENT = ("prev_grad", "gain", "exp_avg_sq", "momentum_buffer")
 _ROWS = 10  # the kernels' pointer table: the parameter, then the state keys in this order
 _ROW = {key: k + 1 for k, key in enumerate(STATE_KEYS)}
 _COEF, _SUMS = 8, 7
-_NHP, _HP_FLAGS, _HP_WD = 14, 11, 3  # koala_pp._hyper's layout (the C kernel's KOALA_NHP)
+_NHP, _HP_FLAGS, _HP_WD = 15, 11, 3  # koala_pp._hyper's layout (the C kernel's KOALA_NHP)
 
 #: Take the Triton path for CPU tensors too, through Triton's interpreter (the tests' switch; never faster).
 ON_CPU = os.environ.get("KALMANOPT_TRITON_ON_CPU", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -288,7 +288,7 @@ def fused_step(params: list[Tensor], grads: list[Tensor], tensors: list[Tensor |
     """One fused KOALA++ step of every param group on the Triton kernels (the C kernel's ``koala_pp_step``).
 
     ``params``/``grads``: the stepped tensors (those with a gradient) in group order, group j holding
-    ``first[j]:first[j + 1]`` with the 14 hyperparameters ``hyper[14 j:14 (j + 1)]`` (``koala_pp._hyper``);
+    ``first[j]:first[j + 1]`` with the 15 hyperparameters ``hyper[15 j:15 (j + 1)]`` (``koala_pp._hyper``);
     ``tensors``: each one's :data:`STATE_KEYS` entries (None where the option is off); ``shared``: each group's R,
     skipped-step counter and committed-update counter. ``measurement``: the loss moments [sum, sum of squares,
     count], or [mean, statistic] when ``given``; ``grad_scale``/``found_inf``: GradScaler's, or None. ``cache``: a

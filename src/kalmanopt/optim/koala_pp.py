@@ -184,13 +184,21 @@ class KOALAPlusPlus(KalmanOptimizer):
             hypergradient (default: None, a fixed cap ``lr / q``; 0 is None). Each step moves
             the cap's multiplier :math:`s` by :math:`\log s \mathrel{+}= \kappa\cos(h_k, m_{k-1})`: up where the
             new gradient still points along the last update (the step was too short), down where it turned against
-            it (the step overshot); within ``[lr / 1000, lr * 1000]``. ``lr`` is then where the cap starts, and the
-            result depends less on it in short runs (BENCHMARKS.md, learning-rate sensitivity: 0.2 there, up to
-            3 epochs). Not the default: over 20 epochs of Fashion-MNIST it drove the cap to 0.02-0.05x and the run
-            stalled (88.7 against 92.3 %). Needs the default step rule and momentum. It runs on every path, the fused
-            kernels included (their reduction pass reads the momentum buffer once more for the cosine, their scalar
-            pass moves :math:`s`): it costs about 5 % of a step. :meth:`diagnostics` reports ``lr_scale``; the
-            multiplier is group state (``lr_log_scale``), saved and resumed with the rest.
+            it (the step overshot); :math:`s \in [\mathrm{lr\_scale\_min}, 1000]`, from 1 (see ``lr_scale_min``:
+            by default the cap never falls below ``lr / q``). ``lr`` is then where the cap starts, and the result
+            depends less on it in short runs (BENCHMARKS.md, learning-rate sensitivity: 0.2 there, up to 3 epochs).
+            Not the default. Needs the default step rule and momentum. It runs on every path, the fused kernels
+            included (their reduction pass reads the momentum buffer once more for the cosine, their scalar pass
+            moves :math:`s`): it costs about 5 % of a step. :meth:`diagnostics` reports ``lr_scale``; the multiplier
+            is group state (``lr_log_scale``), saved and resumed with the rest.
+        lr_scale_min (float, optional): the smallest cap multiplier :math:`s` that ``lr_adaptation`` may reach, in
+            (0, 1]: :math:`\log s` is clipped to :math:`[\log \mathrm{lr\_scale\_min}, \log 1000]` (default: 1,
+            the cap never below ``lr / q``). With the default the filter raises the cap above ``lr`` where the steps
+            are too short and brings it back to ``lr`` where they overshoot, never below: a multiplier free to fall
+            (``lr_scale_min=1e-3``) drove the cap to 0.02-0.05x over 20 epochs of Fashion-MNIST (60k) and the run
+            stalled at 88.7 % against 92.3 %; with the floor, 92.3 %. Only used with ``lr_adaptation``. The bound
+            applies where :math:`s` moves (an accepted step): a multiplier below a raised floor (e.g. from a
+            checkpoint saved before this option, which resumes with the floor 1) is lifted to it at the next one.
         state_dtype (torch.dtype or None, optional): how the four per-element state tensors (previous gradient,
             gain numerator, second moment, momentum buffer) are stored. ``None`` (default): in the compute dtype
             (float32, or float64 for float64 parameters). ``torch.bfloat16``: half the state memory and less memory
@@ -225,7 +233,8 @@ class KOALAPlusPlus(KalmanOptimizer):
                  eps: float = 1e-8, momentum: Any = PRESET, loss_fraction: Any = PRESET, max_step: Any = PRESET,
                  loss_floor: Any = PRESET, r_stat: str = "second_moment", r_clip: Any = PRESET,
                  foreach: bool | None = None, fused: bool | None = None, state_dtype: torch.dtype | None = None,
-                 lr_adaptation: float | None = None, process_group: Any = None) -> None:
+                 lr_adaptation: float | None = None, lr_scale_min: float = 1.0,
+                 process_group: Any = None) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
         chosen = dict(lr=lr, r=r, block=block, precondition=precondition, momentum=momentum,
@@ -241,7 +250,8 @@ class KOALAPlusPlus(KalmanOptimizer):
                           "r > 0 or r=None", stacklevel=2)
         defaults = dict(sigma=0.1 if sigma is PRESET else sigma, q=q, alpha_r=alpha_r, weight_decay=weight_decay,
                         symmetric=symmetric, beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, fused=fused,
-                        state_dtype=state_dtype, lr_adaptation=lr_adaptation, **chosen)
+                        state_dtype=state_dtype, lr_adaptation=lr_adaptation, lr_scale_min=lr_scale_min,
+                        **chosen)
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -293,6 +303,9 @@ class KOALAPlusPlus(KalmanOptimizer):
         _check_number("lr_adaptation", rate, 0.0, optional=True, tensor_ok=False)
         if rate == 0:
             rate = group["lr_adaptation"] = None  # a rate of 0: off (a fixed cap), without the cosine's reductions
+        # the smallest cap multiplier; a group from before the option (e.g. a loaded checkpoint) gets the default
+        _check_number("lr_scale_min", group.setdefault("lr_scale_min", 1.0), 0.0, low_inclusive=False, high=1.0,
+                      tensor_ok=False)
         if rate is not None:
             if group["loss_fraction"] is None:
                 raise ValueError("lr_adaptation adapts the step cap lr / q of the default step rule: it needs "
@@ -356,6 +369,7 @@ class KOALAPlusPlus(KalmanOptimizer):
             del self.__dict__["_loading_state_dtypes"]
         for group in self.param_groups:
             group.setdefault("state_dtype", None)  # a checkpoint from before the option
+            group.setdefault("lr_scale_min", 1.0)  # from before the option: resumes with the floor 1
 
     def diagnostics(self) -> list[dict[str, Tensor]]:
         r"""What the filter did at the last step, per param group, as tensors (reading them never syncs ``step``).
@@ -698,7 +712,7 @@ class KOALAPlusPlus(KalmanOptimizer):
                 if group["momentum"] and "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(st["gain"])
         if group.get("lr_adaptation") is not None:
-            scale = _adapt_lr_scale(group_state, buckets, group["lr_adaptation"], ok)
+            scale = _adapt_lr_scale(group_state, buckets, group["lr_adaptation"], group.get("lr_scale_min", 1.0), ok)
             max_step = max_step * scale
             recorded["lr_scale"] = scale
         for b in buckets:
@@ -741,7 +755,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         return views
 
 
-LR_SCALE_BOUND = 1000.0  # lr_adaptation keeps the cap within [lr / 1000, lr * 1000]
+LR_SCALE_BOUND = 1000.0  # lr_adaptation keeps the cap within [lr * lr_scale_min, lr * 1000]
 
 
 def _new_log_scale(device: torch.device) -> Tensor:
@@ -750,15 +764,17 @@ def _new_log_scale(device: torch.device) -> Tensor:
     return torch.zeros((), dtype=torch.float32, device=device)
 
 
-def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate: float, ok: Tensor) -> Tensor:
+def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate: float, scale_min: float,
+                    ok: Tensor) -> Tensor:
     r"""``lr_adaptation``: move the group's cap multiplier :math:`s_k` along the hypergradient of the step size.
 
     The derivative of the new minibatch loss with respect to the size of the last update
     :math:`\Delta_{k-1} = \theta_{k-1} - \theta_{k-2}` is :math:`h_k\cdot\Delta_{k-1}` (up to the size); with
     momentum :math:`\Delta_{k-1} = -m_{k-1}/(1-\mu^{k-1})`, so its normalised form is
     :math:`c_k = \cos(h_k, m_{k-1})`: positive where the loss still falls along the last step (it was too short),
-    negative where it overshot. :math:`\log s_k = \operatorname{clip}(\log s_{k-1} + \kappa c_k, \pm\log 1000)`
-    (Baydin et al. 2018, multiplicative and normalised), and the cap is :math:`s_k\,\mathrm{lr}/Q`. One cosine over
+    negative where it overshot. :math:`\log s_k = \operatorname{clip}(\log s_{k-1} + \kappa c_k,
+    [\log s_{\min}, \log 1000])` with :math:`s_{\min}` = ``scale_min`` (``lr_scale_min``; Baydin et al. 2018,
+    multiplicative and normalised), and the cap is :math:`s_k\,\mathrm{lr}/Q`. One cosine over
     the whole group (all its tensors, all shards); a skipped step, a first step (no momentum yet) or a non-finite
     cosine leaves :math:`s` as it was. Returns :math:`s_k` (0-d, on the leader's device).
 
@@ -780,7 +796,8 @@ def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate
         totals = totals + sums.to(log_scale.device)
     dot, hh, mm = totals.unbind()
     cosine = dot / (hh * mm).sqrt()
-    moved = (log_scale.to(wide) + rate * cosine).clamp(-math.log(LR_SCALE_BOUND), math.log(LR_SCALE_BOUND))
+    # the lower bound as the kernels read it: the same double, log(lr_scale_min), from _hyper
+    moved = (log_scale.to(wide) + rate * cosine).clamp(math.log(scale_min), math.log(LR_SCALE_BOUND))
     valid = ok.to(log_scale.device) & (hh > 0) & (mm > 0) & torch.isfinite(cosine)
     log_scale.copy_(torch.where(valid, moved, log_scale.to(wide)))
     return _lr_scale(log_scale)
@@ -1224,7 +1241,7 @@ def _hyper(group: dict[str, Any]) -> list[float]:
     return [float(eta), float(group["sigma"]), float(group["q"]), float(group["weight_decay"]),
             float(group["beta2"]), float(group["eps"]), float(group["momentum"]), float(max_step or 0.0),
             float(r or 0.0), float(group["alpha_r"]), float(r_clip or 0.0), float(flags),
-            float(_R_STATS[group["r_stat"]]), float(rate or 0.0)]
+            float(_R_STATS[group["r_stat"]]), float(rate or 0.0), math.log(group.get("lr_scale_min", 1.0))]
 
 
 class _TritonMemo(NamedTuple):
