@@ -58,10 +58,10 @@ def table() -> None:
 # "kpp_lib:lr_adaptation=None" is the library's default (a fixed cap), written out: plain "kpp_lib" names the same
 # optimizer; the runs are stored under the explicit name since lr_adaptation=0.2 was the default for a day.
 LABELS = {"adamw": "AdamW", "kpp_lib:lr_adaptation=None": "**KOALA++ (default: a fixed cap)**",
-          "kpp_lib:lr_adaptation=0.05": "KOALA++ (`lr_adaptation=0.05`)",
-          "kpp_lib:lr_adaptation=0.1": "KOALA++ (`lr_adaptation=0.1`)",
-          "kpp_lib:lr_adaptation=0.2": "KOALA++ (`lr_adaptation=0.2`)",
-          "kpp_lib:lr_adaptation=0.2,one_sided=1": "KOALA++ (`lr_adaptation=0.2`, multiplier >= 1; research)",
+          "kpp_lib:lr_adaptation=0.05,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.05, lr_scale_min=1e-3`)",
+          "kpp_lib:lr_adaptation=0.1,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.1, lr_scale_min=1e-3`)",
+          "kpp_lib:lr_adaptation=0.2,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.2, lr_scale_min=1e-3`)",
+          "kpp_lib:lr_adaptation=0.2": "KOALA++ (`lr_adaptation=0.2`, floor `lr_scale_min=1`)",
           "sf": "Schedule-Free AdamW",
           "prodigy": "Prodigy", "kpp_dist": "KOALA++, distance-estimated cap (research)",
           "kpp_hd:norm=ema,kappa=0.02": "KOALA++, EMA-normalised hypergradient (research)"}

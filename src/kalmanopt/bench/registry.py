@@ -112,15 +112,16 @@ def _baseline(name: str):
     return getattr(baselines, name)
 
 
-def _lr_adaptation_entry(name: str, kappa: float) -> OptimizerEntry:
-    """KOALA++'s default preset with ``lr_adaptation=kappa`` (the rates the lr-sensitivity research compares)."""
-    label = "KOALA++ (lr adaptation)" if kappa == 0.05 else f"KOALA++ (lr adaptation {kappa:g})"
+def _lr_adaptation_entry(name: str, kappa: float, floor: float) -> OptimizerEntry:
+    """KOALA++'s default preset with ``lr_adaptation=kappa`` and the multiplier's floor ``lr_scale_min=floor`` (the
+    variants the lr-sensitivity research compares: the floor 1e-3 lets the cap fall 1000x below lr, 1 never)."""
+    label = f"KOALA++ (lr adaptation {kappa:g}" + (", floor 1)" if floor == 1 else ")")
     return OptimizerEntry(name, label,
-                          lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd,
-                                                                          **{"lr_adaptation": kappa, **kw}),
+                          lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(
+                              p, lr=lr, weight_decay=wd, **{"lr_adaptation": kappa, "lr_scale_min": floor, **kw}),
                           "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
-                          note=f"the default preset with lr_adaptation = {kappa:g}: the cap lr/q follows the "
-                               "hypergradient of the step size, starting at lr")
+                          note=f"the default preset with lr_adaptation = {kappa:g}, lr_scale_min = {floor:g}: the "
+                               "cap lr/q follows the hypergradient of the step size, starting at lr")
 
 
 def _entries() -> list[OptimizerEntry]:
@@ -143,8 +144,9 @@ def _entries() -> list[OptimizerEntry]:
                        "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
                        note="the default preset with lr_adaptation=None said explicitly: a fixed cap lr/q, the same "
                             "optimizer as koala++ (the research records compare it with the koala++-lra rates)"),
-        *(_lr_adaptation_entry(name, kappa) for name, kappa in
-          (("koala++-lra", 0.05), ("koala++-lra0.1", 0.1), ("koala++-lra0.2", 0.2))),
+        *(_lr_adaptation_entry(name, kappa, floor) for name, kappa, floor in
+          (("koala++-lra", 0.05, 1e-3), ("koala++-lra0.1", 0.1, 1e-3), ("koala++-lra0.2", 0.2, 1e-3),
+           ("koala++-lra0.2-floor", 0.2, 1.0))),
         OptimizerEntry("koala++-paper", "KOALA++ (paper)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, sigma=0.1, q=0.1, weight_decay=wd,
                                                                        preset="paper", **kw),
