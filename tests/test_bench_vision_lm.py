@@ -301,8 +301,11 @@ def test_bench_vision_records_schedule_and_draws_the_filter(fashion_dir, tmp_pat
     koala, sgd = res["runs"]
     assert koala["schedule"] == sgd["schedule"] == "constant"
     assert len(koala["diagnostics"]) >= 20 and not sgd["diagnostics"]
-    assert {"step_size", "S", "h_dot_v", "grad_sq", "noise", "loss", "epoch"} <= set(koala["diagnostics"][0])
-    assert all(0 < d["step_size"] <= 0.01 + 1e-9 for d in koala["diagnostics"])  # the default cap
+    keys = {"step_size", "S", "h_dot_v", "grad_sq", "noise", "loss", "epoch", "lr_scale"}
+    assert keys <= set(koala["diagnostics"][0])
+    # the default cap lr / q = 0.01, times lr_adaptation's multiplier (at least 1)
+    assert all(0 < d["step_size"] <= 0.01 * d["lr_scale"] * (1 + 1e-6) for d in koala["diagnostics"])
+    assert all(d["lr_scale"] >= 1.0 for d in koala["diagnostics"])
     assert (tmp_path / "s-koala++-seed0.png").stat().st_size > 0
 
 

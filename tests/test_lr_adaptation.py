@@ -12,6 +12,7 @@ import torch
 
 from kalmanopt import KOALAPlusPlus
 from kalmanopt.optim import _koala_pp_fused
+from kalmanopt.optim.koala_pp import LR_ADAPTATION
 
 from conftest import (
     NoSync,
@@ -176,13 +177,31 @@ def test_lr_scale_min_is_saved_and_a_checkpoint_from_before_it_resumes_with_the_
     assert resumed.param_groups[0]["lr_scale_min"] == 1.0
 
 
-def test_off_by_default_and_off_with_none_or_zero():
-    for off in ({}, {"lr_adaptation": None}, {"lr_adaptation": 0}, {"lr_adaptation": 0.0}):
+def test_on_in_the_default_preset_and_off_with_none_or_zero():
+    model = double_mlp()
+    opt = KOALAPlusPlus(model.parameters())
+    assert opt.param_groups[0]["lr_adaptation"] == LR_ADAPTATION > 0 and opt.param_groups[0]["lr_scale_min"] == 1.0
+    _run(model, opt, range(3))
+    assert "lr_log_scale" in opt.state[model[0].weight] and "lr_scale" in opt.diagnostics()[0]
+    for off in ({"lr_adaptation": None}, {"lr_adaptation": 0}, {"lr_adaptation": 0.0}):
         model = double_mlp()
         opt = KOALAPlusPlus(model.parameters(), **off)
         _run(model, opt, range(2))
         assert opt.param_groups[0]["lr_adaptation"] is None
         assert "lr_log_scale" not in opt.state[model[0].weight] and "lr_scale" not in opt.diagnostics()[0]
+
+
+def test_the_preset_value_is_dropped_where_its_step_rule_is_not_there():
+    # The paper's preset, momentum 0 or the paper's step rule have no cap to adapt or no last update: the preset's
+    # lr_adaptation is not used there (asked for explicitly, it raises: test_invalid_uses_raise...).
+    assert KOALAPlusPlus(double_mlp().parameters(), preset="paper").param_groups[0]["lr_adaptation"] is None
+    assert KOALAPlusPlus(double_mlp().parameters(), momentum=0.0).param_groups[0]["lr_adaptation"] is None
+    assert KOALAPlusPlus(double_mlp().parameters(), loss_fraction=None).param_groups[0]["lr_adaptation"] is None
+    model = double_mlp()
+    opt = KOALAPlusPlus([{"params": model[0].parameters(), "momentum": 0.0}, {"params": model[2].parameters()}])
+    assert [g["lr_adaptation"] for g in opt.param_groups] == [None, LR_ADAPTATION]
+    _run(model, opt, range(3))
+    assert "lr_log_scale" not in opt.state[model[0].weight] and "lr_log_scale" in opt.state[model[2].weight]
 
 
 @pytest.mark.parametrize("options, error, match", [

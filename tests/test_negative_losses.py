@@ -41,7 +41,8 @@ def _train(shift, steps=60, **kwargs):
     return final, torch.stack(sizes), torch.stack(caps), opt
 
 
-ADAPTATION = {"adapted": {"lr_adaptation": 0.1}, "fixed cap": {}}  # lr_adaptation on, and off (the default)
+# the default (lr_adaptation 0.2, the cap never below lr / q), a rate of 0.1, and the fixed cap
+ADAPTATION = {"default": {}, "adapted 0.1": {"lr_adaptation": 0.1}, "fixed cap": {"lr_adaptation": None}}
 
 
 @pytest.mark.parametrize("cap", ADAPTATION)

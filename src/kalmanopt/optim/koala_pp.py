@@ -17,7 +17,7 @@ from ._sharding import reduce_if
 from .base import GradBucket, KalmanOptimizer, StateSpec, _check_number, _is_dtensor, narrowest_state_dtype, state_dtype
 from .noise import R_CLIP, R_STATISTICS, loss_moments, loss_statistic
 
-__all__ = ["BLOCKS", "PRESETS", "STATE_DTYPES", "KOALAPlusPlus", "koala_pp"]
+__all__ = ["BLOCKS", "LR_ADAPTATION", "PRESETS", "STATE_DTYPES", "KOALAPlusPlus", "koala_pp"]
 
 BLOCKS = ("tensor", "group")
 #: the storage dtypes of the per-element state: None (the compute dtype: float32, float64 for float64 parameters)
@@ -34,6 +34,10 @@ class _FromPreset:
 
 PRESET: Any = _FromPreset()
 
+#: The default preset's ``lr_adaptation`` (kappa): the rate at which the step cap follows the hypergradient of the
+#: step size, above ``lr`` (``lr_scale_min`` 1). BENCHMARKS.md, learning-rate sensitivity: 0.05, 0.1 and 0.2 compared.
+LR_ADAPTATION = 0.2
+
 #: The two configurations a user chooses between with ``preset=``; any argument given explicitly wins.
 PRESETS: dict[str, dict[str, Any]] = {
     # The default: the paper's per-tensor blocks, a diagonal (Adam-like) metric for the prior and the process noise,
@@ -41,12 +45,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (Polyak-type) step, capped so that no step exceeds AdamW's step of the same lr in the same metric; the
     # corrections averaged with momentum 0.9. Chosen on the development grid (docs/algorithms.md, BENCHMARKS.md).
     "adaptive": dict(lr=1e-3, r=0.0, block="tensor", precondition=True, momentum=0.9, loss_fraction=1.0,
-                     max_step=None, loss_floor=0.0, r_clip=R_CLIP),
+                     max_step=None, loss_floor=0.0, r_clip=R_CLIP, lr_adaptation=LR_ADAPTATION),
     # Algorithm 1 of the paper with the reference code's defaults, bit for bit: per-tensor blocks, P0 = sigma I,
     # R an EMA of the per-sample squared loss, the step lr * loss / S (lr is the paper's eta, the fraction of the
     # loss each step asks to remove), no cap, no momentum, no floor under the loss.
     "paper": dict(lr=1.0, r=None, block="tensor", precondition=False, momentum=0.0, loss_fraction=None,
-                  max_step=None, loss_floor=None, r_clip=None),
+                  max_step=None, loss_floor=None, r_clip=None, lr_adaptation=None),
 }
 
 #: An ``lr`` at or above this with the AdamW-unit step rule is almost surely a KOALA++ lr of the old meaning (the
@@ -86,8 +90,9 @@ class KOALAPlusPlus(KalmanOptimizer):
                 \beta_2, \epsilon \\
             &h_k = g_k + \lambda\theta_{k-1}, \quad
                 \ell_k = L_k - L_* + \tfrac{\lambda}{2}\lVert\theta_{k-1}\rVert^2 \\
-            &\log \rho_k = \operatorname{clip}\big(\log \rho_{k-1} + \kappa\cos(h_k, m_{k-1}),\ \pm\log 1000\big)
-                \quad (\text{optional: } \kappa \text{ = lr\_adaptation, over the param group; else } \rho_k = 1) \\
+            &\log \rho_k = \operatorname{clip}\big(\log \rho_{k-1} + \kappa\cos(h_k, m_{k-1}),\
+                [\log \rho_{\min}, \log 1000]\big) \quad (\kappa \text{ = lr\_adaptation}, \rho_{\min}
+                \text{ = lr\_scale\_min, over the param group}; \rho_k = 1 \text{ without it}) \\
             &\textbf{if precondition}: s_k = \beta_2 s_{k-1} + (1-\beta_2) h_k^2,\;
                 D_k = \big(\sqrt{s_k / (1-\beta_2^k)} + \epsilon\big)^{-1},\; h_k \gets D_k^{1/2} h_k
                 \quad \text{(else } D_k = 1) \\
@@ -110,7 +115,7 @@ class KOALAPlusPlus(KalmanOptimizer):
 
     With ``preset="paper"`` (no metric, R an average of the squared loss, :math:`\gamma_k = \eta\ell_k/S_k` with
     :math:`\eta` = ``lr``, no cap, no floor, no momentum) this is Algorithm 1 of the paper, bit for bit. The default,
-    ``preset="adaptive"``, changes three things, each ablated on the development grid (docs/algorithms.md and
+    ``preset="adaptive"``, changes four things, each ablated on the development grid (docs/algorithms.md and
     BENCHMARKS.md give the evidence):
 
     * **a diagonal metric** :math:`D` (Adam's second moment): the prior :math:`\sigma D` and the process noise
@@ -124,6 +129,9 @@ class KOALAPlusPlus(KalmanOptimizer):
       The paper's R (an average of :math:`\ell^2`) makes the step shrink like :math:`1/\ell` early and grow like
       :math:`1/\ell` late; without a cap, R = 0 overshoots where the loss cannot reach 0 (language models).
     * **momentum** :math:`\mu = 0.9` on the corrections (as Adam's first moment, bias-corrected).
+    * **a cap that rises above** ``lr`` **where the steps are too short** (``lr_adaptation`` :math:`\kappa = 0.2`,
+      floor ``lr_scale_min`` 1): its multiplier :math:`\rho` grows while each gradient still points along the last
+      update and comes back down to 1 when the steps overshoot, so that a too-small ``lr`` costs little.
 
     ``block="group"`` makes the whole param group one block (the paper's parameter vector): a step then asks to
     remove at most :math:`\eta\ell` in all; with the cap, per-tensor blocks did better on every task of the grid.
@@ -181,13 +189,15 @@ class KOALAPlusPlus(KalmanOptimizer):
             bit for bit; as with ``torch.optim``, a float ``lr`` is a constant of the compiled graph (a scheduler's
             new value compiles again) and a tensor ``lr`` takes the multi-tensor path.
         lr_adaptation (float or None, optional): :math:`\kappa`, the rate at which the step cap follows its
-            hypergradient (default: None, a fixed cap ``lr / q``; 0 is None). Each step moves
+            hypergradient (default preset: 0.2, :data:`LR_ADAPTATION`; ``preset="paper"``: None; ``None`` or 0: a
+            fixed cap ``lr / q``). Each step moves
             the cap's multiplier :math:`s` by :math:`\log s \mathrel{+}= \kappa\cos(h_k, m_{k-1})`: up where the
             new gradient still points along the last update (the step was too short), down where it turned against
             it (the step overshot); :math:`s \in [\mathrm{lr\_scale\_min}, 1000]`, from 1 (see ``lr_scale_min``:
             by default the cap never falls below ``lr / q``). ``lr`` is then where the cap starts, and the result
-            depends less on it in short runs (BENCHMARKS.md, learning-rate sensitivity: 0.2 there, up to 3 epochs).
-            Not the default. Needs the default step rule and momentum. It runs on every path, the fused kernels
+            depends less on it (BENCHMARKS.md, learning-rate sensitivity). Needs the default step rule and momentum:
+            a group that inherits the preset's value without them runs without it; asked for explicitly, a
+            ``ValueError``. It runs on every path, the fused kernels
             included (their reduction pass reads the momentum buffer once more for the cosine, their scalar pass
             moves :math:`s`): it costs about 5 % of a step. :meth:`diagnostics` reports ``lr_scale``; the multiplier
             is group state (``lr_log_scale``), saved and resumed with the rest.
@@ -233,25 +243,30 @@ class KOALAPlusPlus(KalmanOptimizer):
                  eps: float = 1e-8, momentum: Any = PRESET, loss_fraction: Any = PRESET, max_step: Any = PRESET,
                  loss_floor: Any = PRESET, r_stat: str = "second_moment", r_clip: Any = PRESET,
                  foreach: bool | None = None, fused: bool | None = None, state_dtype: torch.dtype | None = None,
-                 lr_adaptation: float | None = None, lr_scale_min: float = 1.0,
+                 lr_adaptation: Any = PRESET, lr_scale_min: float = 1.0,
                  process_group: Any = None) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
         chosen = dict(lr=lr, r=r, block=block, precondition=precondition, momentum=momentum,
-                      loss_fraction=loss_fraction, max_step=max_step, loss_floor=loss_floor, r_clip=r_clip)
+                      loss_fraction=loss_fraction, max_step=max_step, loss_floor=loss_floor, r_clip=r_clip,
+                      lr_adaptation=lr_adaptation)
         if loss_fraction is PRESET and max_step is not PRESET and max_step is not None:
             chosen["loss_fraction"] = None  # an explicit cap on lr * loss / S asks for the paper's step rule
         if chosen["loss_fraction"] is None and lr is PRESET:
             chosen["lr"] = PRESETS["paper"]["lr"]  # the paper's step rule: lr is its eta
         chosen = {k: PRESETS[preset][k] if v is PRESET else v for k, v in chosen.items()}
+        if lr_adaptation is PRESET and (chosen["loss_fraction"] is None or not chosen["momentum"]):
+            chosen["lr_adaptation"] = None  # the preset's adaptation, where the chosen step rule has no cap to adapt
         if sigma is not PRESET and chosen["r"] == 0:
             warnings.warn("KOALAPlusPlus: sigma (the prior P0 = sigma D) has no effect with r=0, the default preset's "
                           "R: the first update after the prior absorbs the loss whatever sigma is. It matters with "
                           "r > 0 or r=None", stacklevel=2)
         defaults = dict(sigma=0.1 if sigma is PRESET else sigma, q=q, alpha_r=alpha_r, weight_decay=weight_decay,
                         symmetric=symmetric, beta2=beta2, eps=eps, r_stat=r_stat, foreach=foreach, fused=fused,
-                        state_dtype=state_dtype, lr_adaptation=lr_adaptation, lr_scale_min=lr_scale_min,
-                        **chosen)
+                        state_dtype=state_dtype, lr_scale_min=lr_scale_min, **chosen)
+        # A param group that inherits the preset's lr_adaptation but turns off what it needs (momentum, the capped
+        # step rule) runs without it; one that asks for it explicitly gets the error.
+        self._lr_adaptation_from_preset = lr_adaptation is PRESET
         super().__init__(params, defaults, process_group=process_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -306,6 +321,9 @@ class KOALAPlusPlus(KalmanOptimizer):
         # the smallest cap multiplier; a group from before the option (e.g. a loaded checkpoint) gets the default
         _check_number("lr_scale_min", group.setdefault("lr_scale_min", 1.0), 0.0, low_inclusive=False, high=1.0,
                       tensor_ok=False)
+        inherited = getattr(self, "_lr_adaptation_from_preset", False) and rate == self.defaults["lr_adaptation"]
+        if rate is not None and inherited and (group["loss_fraction"] is None or not group["momentum"]):
+            rate = group["lr_adaptation"] = None
         if rate is not None:
             if group["loss_fraction"] is None:
                 raise ValueError("lr_adaptation adapts the step cap lr / q of the default step rule: it needs "
