@@ -59,14 +59,17 @@ def test_a_loss_below_the_floor_takes_the_capped_step(path, cap):
 @pytest.mark.parametrize("cap", ADAPTATION)
 @pytest.mark.parametrize("path", PATHS)
 def test_shifted_losses_neither_blow_up_nor_stall(path, cap):
-    # Here the cap binds on every step of the unshifted run (small tensors, full batch), so a run whose losses are
-    # all shifted below zero, or one whose single loss is, trains exactly as the unshifted run does (lr_adaptation's
-    # cosine does not see the loss).
+    # With the fixed cap or a slow adaptation the cap binds on every step of the unshifted run (small tensors, full
+    # batch), so a run whose losses are all shifted below zero, or one whose single loss is, trains exactly as the
+    # unshifted run does (lr_adaptation's cosine does not see the loss). The default's cap grows until the filter's
+    # own step is the smaller one now and then: there the shifted runs (always capped) must still train.
     plain, sizes, caps, _ = _train(lambda step: 0.0, lr=1e-2, **PATHS[path], **ADAPTATION[cap])
-    torch.testing.assert_close(sizes, caps)  # the cap binds throughout
+    if cap != "default":
+        torch.testing.assert_close(sizes, caps)  # the cap binds throughout
     for shift in (lambda step: 10.0, lambda step: 10.0 if step == 5 else 0.0, lambda step: 1e6):
         final, _, _, opt = _train(shift, lr=1e-2, **PATHS[path], **ADAPTATION[cap])
-        assert final == pytest.approx(plain, rel=1e-5, abs=1e-6)
+        if cap != "default":
+            assert final == pytest.approx(plain, rel=1e-5, abs=1e-6)
         assert final < 0.6 * 1.1  # it trained (the start is about ln 3 = 1.1)
         assert all(bool(torch.isfinite(p).all()) for p in opt.param_groups[0]["params"])
 
