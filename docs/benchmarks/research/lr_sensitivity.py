@@ -55,13 +55,14 @@ def table() -> None:
 
 
 # the rows of docs/benchmarks/lr_sensitivity.md (python docs/benchmarks/research/lr_sensitivity.py --markdown)
-# "kpp_lib:lr_adaptation=None" is the library's default (a fixed cap), written out: plain "kpp_lib" names the same
-# optimizer; the runs are stored under the explicit name since lr_adaptation=0.2 was the default for a day.
-LABELS = {"adamw": "AdamW", "kpp_lib:lr_adaptation=None": "**KOALA++ (default: a fixed cap)**",
+# The default (lr_adaptation=0.2, lr_scale_min=1) is stored as "kpp_lib:lr_adaptation=0.2", the fixed cap as
+# "kpp_lib:lr_adaptation=None" (run while it was the default: plain "kpp_lib" then), the adaptation without a floor
+# with ",lr_scale_min=0.001" (its records were relabelled when the floor came, not re-run).
+LABELS = {"adamw": "AdamW", "kpp_lib:lr_adaptation=0.2": "**KOALA++ (default: `lr_adaptation=0.2`, floor 1)**",
+          "kpp_lib:lr_adaptation=None": "KOALA++, fixed cap (`lr_adaptation=None`)",
           "kpp_lib:lr_adaptation=0.05,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.05, lr_scale_min=1e-3`)",
           "kpp_lib:lr_adaptation=0.1,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.1, lr_scale_min=1e-3`)",
           "kpp_lib:lr_adaptation=0.2,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.2, lr_scale_min=1e-3`)",
-          "kpp_lib:lr_adaptation=0.2": "KOALA++ (`lr_adaptation=0.2`, floor `lr_scale_min=1`)",
           "sf": "Schedule-Free AdamW",
           "prodigy": "Prodigy", "kpp_dist": "KOALA++, distance-estimated cap (research)",
           "kpp_hd:norm=ema,kappa=0.02": "KOALA++, EMA-normalised hypergradient (research)"}

@@ -137,13 +137,14 @@ def _entries() -> list[OptimizerEntry]:
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd, **kw),
                        "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
                        note="the library's default preset ('adaptive'): per-tensor blocks, diagonal metric, R = 0, "
-                            "step min(loss/S, lr/q) with lr in AdamW's units, momentum 0.9"),
+                            "step min(loss/S, s lr/q) with lr in AdamW's units and s >= 1 following the hypergradient "
+                            "(lr_adaptation 0.2), momentum 0.9"),
         OptimizerEntry("koala++-fixed", "KOALA++ (fixed cap)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd,
                                                                        **{"lr_adaptation": None, **kw}),
                        "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
-                       note="the default preset with lr_adaptation=None said explicitly: a fixed cap lr/q, the same "
-                            "optimizer as koala++ (the research records compare it with the koala++-lra rates)"),
+                       note="the default preset with lr_adaptation=None: a fixed cap lr/q (the default preset before "
+                            "lr_adaptation became its default: the 'KOALA++ (default)' rows recorded before then)"),
         *(_lr_adaptation_entry(name, kappa, floor) for name, kappa, floor in
           (("koala++-lra", 0.05, 1e-3), ("koala++-lra0.1", 0.1, 1e-3), ("koala++-lra0.2", 0.2, 1e-3),
            ("koala++-lra0.2-floor", 0.2, 1.0))),
