@@ -1,0 +1,66 @@
+"""Side-by-side means of one optimizer's runs in two sets of results files (same cells, seeds and protocol): the
+tables of the learning-rate sensitivity page that set today's KOALA++ default against the records of before.
+
+    python docs/benchmarks/research/compare_runs.py grid results/grid results/grid-lra-floor results/grid-lra
+    python docs/benchmarks/research/compare_runs.py finetune results/finetune results/finetune-default \\
+        results/finetune-default-loop
+
+``grid``: for every file of the first folder, the mean ± std over seeds of the final test metric of each optimizer
+found in it and in the files of the same name in the other folders (KOALA++'s fixed cap and AdamW from the first,
+the adaptive variants from the others). ``finetune``: per cell and contender spec (``koala++@x1``, ``adamw@x1``),
+test accuracy, linear schedule; the first folder's ``koala++`` runs are the fixed cap (recorded before the default
+changed), the others' today's default.
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def _mean_std(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def grid(first: Path, others: list[Path]) -> None:
+    print("| file | optimizer | final metric (mean ± std, n) |")
+    print("|---|---|---|")
+    for path in sorted(first.glob("*.json")):
+        for folder in [first, *others]:
+            other = folder / path.name
+            if not other.exists():
+                continue
+            runs = json.loads(other.read_text())["runs"]
+            by = {}
+            for r in runs:
+                key = "test_accuracy" if "test_accuracy" in r["final"] else "test_ppl"
+                by.setdefault(f"{r['optimizer']} ({folder.name})", []).append(
+                    r["final"][key] * (100 if key == "test_accuracy" else 1))
+            for name, values in by.items():
+                if name.startswith(("koala++", "adamw (")) and not name.startswith("koala++-paper"):
+                    m, s = _mean_std(values)
+                    print(f"| {path.stem} | {name} | {m:.2f} ± {s:.2f} ({len(values)}) |")
+
+
+def finetune(first: Path, others: list[Path]) -> None:
+    print("| cell | contender (folder) | test accuracy (%), linear | n |")
+    print("|---|---|---|---|")
+    for path in sorted(first.glob("*.json")):
+        for folder in [first, *others]:
+            other = folder / path.name
+            if not other.exists():
+                continue
+            by = {}
+            for r in json.loads(other.read_text())["runs"]:
+                if r.get("schedule_asked", r.get("schedule")) != "linear":
+                    continue
+                if r["contender"] in ("koala++@x1", "adamw@x1"):
+                    by.setdefault(f"{r['contender']} ({folder.name})", []).append(100 * r["final"]["test_accuracy"])
+            for name, values in sorted(by.items()):
+                m, s = _mean_std(values)
+                print(f"| {path.stem} | {name} | {m:.2f} ± {s:.2f} | {len(values)} |")
+
+
+if __name__ == "__main__":
+    kind, first, *others = sys.argv[1:]
+    {"grid": grid, "finetune": finetune}[kind](Path(first), [Path(o) for o in others])
