@@ -114,6 +114,25 @@ class NoSync:
             setattr(torch.Tensor, n, f)
 
 
+def spoiled_step(opt, params, bad, inf_at=(4, (0,))):
+    """Fresh gradients and per-sample losses (6, float64) for a step the optimizer must skip: ``bad`` is ``"loss"``
+    (a NaN loss), ``"grad"`` (an infinite gradient entry, ``inf_at`` = (tensor, index)), ``"grad_overflow"`` (a
+    finite entry whose square overflows: ||h||^2 is not finite) or ``"found_inf"`` (GradScaler's protocol). Returns
+    the losses to step with."""
+    loss = torch.rand(6, dtype=torch.float64) + 0.5
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if bad == "loss":
+        loss[2] = float("nan")
+    elif bad == "grad":
+        params[inf_at[0]].grad[inf_at[1]] = float("inf")
+    elif bad == "grad_overflow":
+        params[1].grad[0, 0] = 1e200
+    else:
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0)
+    return loss
+
+
 def skipped_steps(opt):
     """The skips counted over every param group."""
     return sum(int(s["skipped_steps"]) for s in opt.state.values() if "skipped_steps" in s)

@@ -2,7 +2,6 @@
 
 import copy
 import itertools
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from kalmanopt import KOALAPlusPlus
 from kalmanopt.optim import _koala_pp_fused, koala_pp
 
-from conftest import NoSync, assert_unchanged, run_koala_pp, skipped_steps, snapshot
+from conftest import NoSync, assert_unchanged, run_koala_pp, skipped_steps, snapshot, spoiled_step
 
 needs_kernel = pytest.mark.skipif(_koala_pp_fused.load() is None,
                                   reason=f"no fused kernel here: {_koala_pp_fused.unavailable_reason()}")
@@ -170,15 +169,7 @@ def test_param_groups_with_their_own_options():
 def test_a_skipped_step_leaves_everything_bit_for_bit(bad):
     params, opt = _run({"lr": 5e-4, "fused": True, "weight_decay": 1e-3}, steps=3)
     before = snapshot(opt)
-    loss = torch.rand(6, dtype=torch.float64) + 0.5
-    for p in params:
-        p.grad = torch.randn_like(p)
-    if bad == "loss":
-        loss[2] = math.nan
-    elif bad == "grad":
-        params[4].grad[0] = math.inf
-    else:
-        params[1].grad[0, 0] = 1e200  # finite, but its square overflows: ||h||^2 is not finite
+    loss = spoiled_step(opt, params, bad)
     with NoSync():
         opt.step(loss=loss)
     assert_unchanged(opt, before)  # everything but the skip counter

@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install trito
 from kalmanopt import KOALAPlusPlus  # noqa: E402
 from kalmanopt.optim import _koala_pp_triton  # noqa: E402
 
-from conftest import NoSync, assert_unchanged, run_koala_pp, skipped_steps, snapshot  # noqa: E402
+from conftest import NoSync, assert_unchanged, run_koala_pp, skipped_steps, snapshot, spoiled_step  # noqa: E402
 
 SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (1,), (2500,)]  # 2500: three chunks of the interpreter's 1024
 CONFIGS = {
@@ -178,17 +178,7 @@ def test_bfloat16_state(dtype):
 def test_a_skipped_step_leaves_everything_bit_for_bit(bad):
     params, opt = _run({**CONFIGS["adaptive_wd_fixed_r"], "fused": True}, steps=2)
     before = snapshot(opt)
-    loss = torch.rand(6, dtype=torch.float64) + 0.5
-    for p in params:
-        p.grad = torch.randn_like(p)
-    if bad == "loss":
-        loss[2] = math.nan
-    elif bad == "grad":
-        params[4].grad[7] = math.inf
-    elif bad == "grad_overflow":
-        params[1].grad[0, 0] = 1e200  # finite, but its square overflows: ||h||^2 is not finite
-    else:
-        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0)  # GradScaler's protocol
+    loss = spoiled_step(opt, params, bad, inf_at=(4, (7,)))
     with NoSync():
         opt.step(loss=loss)
     assert _ran_triton(opt)
@@ -374,13 +364,7 @@ def test_lr_adaptation_matches_reference(dtype):
 def test_lr_adaptation_skipped_step_leaves_the_multiplier_bit_for_bit(bad):
     params, opt = _run({"lr": 2e-3, "fused": True}, groups=_adapting_groups, steps=3)
     before = snapshot(opt)
-    loss = torch.rand(6, dtype=torch.float64) + 0.5
-    for p in params:
-        p.grad = torch.randn_like(p)
-    if bad == "loss":
-        loss[2] = math.nan
-    else:
-        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0)  # GradScaler's protocol
+    loss = spoiled_step(opt, params, bad)
     with NoSync():
         opt.step(loss=loss)
     assert _ran_triton(opt)

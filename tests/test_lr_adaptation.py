@@ -23,6 +23,7 @@ from conftest import (
     run_koala_pp,
     skipped_steps,
     snapshot,
+    spoiled_step,
     tiny_mlp,
 )
 
@@ -339,15 +340,8 @@ def test_fused_skipped_step_leaves_the_multiplier_and_everything_bit_for_bit(bad
     params, opt = _fused_run({"fused": True}, steps=4)
     before = snapshot(opt)
     torch.manual_seed(0)
-    loss = torch.rand(6, dtype=torch.float64) + 0.5
-    for p in params:
-        p.grad = torch.randn_like(p)
-    if bad == "loss":
-        loss[2] = math.nan
-    elif bad == "grad":
-        params[4].grad[0, 0] = math.inf  # in the group without adaptation: the adapting groups' cosines are finite
-    else:
-        opt.grad_scale, opt.found_inf = torch.tensor(8.0, dtype=torch.float32), torch.tensor(1.0)  # GradScaler's
+    # an infinite gradient in the group without adaptation: the adapting groups' cosines are finite
+    loss = spoiled_step(opt, params, bad, inf_at=(4, (0, 0)))
     with NoSync():
         opt.step(loss=loss)
     assert_unchanged(opt, before)  # the multipliers too: everything but the skip counters

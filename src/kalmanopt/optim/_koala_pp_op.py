@@ -57,6 +57,14 @@ def adapts(flags: int) -> bool:
     return bool(flags & F_LR_ADAPTATION)
 
 
+def _entry(state: list[Tensor], position: int, limit: int) -> Tensor:
+    """``state[position]`` while the walk through the per-tensor and per-group entries is below ``limit``; the one
+    error otherwise (the list is shorter than the groups' options ask)."""
+    if position >= limit:
+        raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
+    return state[position]
+
+
 def uses(key: str, flags: int) -> bool:
     """Whether a group with these kernel flags reads the state ``key`` (the metric's and the momentum's buffers only
     with those options on); the operator's ``state`` list holds exactly these entries."""
@@ -123,19 +131,15 @@ def _state_arrays(dtype: torch.dtype, storage: torch.dtype, numels: list[int], s
                 if not uses(name, group_flags):
                     columns[k].append(None)
                     continue
-                if position >= len(state):
-                    raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
                 want = torch.float32 if name == "step" else storage if k < _PER_ELEMENT else dtype
-                _check(state[position], f"state {name!r} of tensor {i}", want,
+                _check(_entry(state, position, len(state)), f"state {name!r} of tensor {i}", want,
                        numels[i] if k < _PER_ELEMENT else 1)
                 columns[k].append(pointers[position])
                 position += 1
     scales: list[int | None] = []
     for j, group_flags in enumerate(flags):
         if adapts(group_flags):
-            if position >= len(state):
-                raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
-            _check(state[position], f"group state 'lr_log_scale' of group {j}", torch.float32, 1)
+            _check(_entry(state, position, len(state)), f"group state 'lr_log_scale' of group {j}", torch.float32, 1)
             scales.append(pointers[position])
             position += 1
         else:
@@ -265,18 +269,14 @@ def triton_step(params: list[Tensor], grads: list[Tensor], state: list[Tensor], 
                 if not uses(key, flags):
                     tensors.append(None)
                     continue
-                if position >= len(state) - 3 * n_groups:
-                    raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
-                tensors.append(state[position])
+                tensors.append(_entry(state, position, len(state) - 3 * n_groups))
                 position += 1
     scales: list[Tensor | None] = []  # each group's lr_log_scale, None where it does not adapt
     for j in range(n_groups):
         if not adapts(int(hyper[NHP * j + HP_FLAGS])):
             scales.append(None)
             continue
-        if position >= len(state) - 3 * n_groups:
-            raise ValueError(f"{NAME}: {len(state)} state entries are too few for the groups' options")
-        scales.append(state[position])
+        scales.append(_entry(state, position, len(state) - 3 * n_groups))
         position += 1
     if position != len(state) - 3 * n_groups:
         raise ValueError(f"{NAME}: {len(state)} state entries, the groups' options ask for {position} + "

@@ -527,12 +527,7 @@ class KOALAPlusPlus(KalmanOptimizer):
             if "noise_updates" not in st:  # a checkpoint from before the counter: R has been measured
                 st["noise_updates"] = torch.ones((), dtype=torch.int64, device=st["skipped_steps"].device)
             shared += [st["measurement_noise"], st["skipped_steps"], st["noise_updates"]]
-            if group.get("lr_adaptation") is not None:
-                if "lr_log_scale" not in st:  # the option switched on after the group state was made
-                    st["lr_log_scale"] = _new_log_scale(st["measurement_noise"].device)
-                scales.append(st["lr_log_scale"])
-            else:
-                scales.append(None)
+            scales.append(_log_scale(st) if group.get("lr_adaptation") is not None else None)
             first.append(first[-1] + count)
             members.append(count)
             hyper += _hyper(group)
@@ -782,6 +777,14 @@ def _new_log_scale(device: torch.device) -> Tensor:
     return torch.zeros((), dtype=torch.float32, device=device)
 
 
+def _log_scale(group_state: dict[str, Any]) -> Tensor:
+    """The group's ``lr_log_scale``, made (at 0, the multiplier 1) where the option was switched on after the group
+    state was made."""
+    if "lr_log_scale" not in group_state:
+        group_state["lr_log_scale"] = _new_log_scale(group_state["measurement_noise"].device)
+    return group_state["lr_log_scale"]
+
+
 def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate: float, scale_min: float,
                     ok: Tensor) -> Tensor:
     r"""``lr_adaptation``: move the group's cap multiplier :math:`s_k` along the hypergradient of the step size.
@@ -800,9 +803,7 @@ def _adapt_lr_scale(group_state: dict[str, Any], buckets: list[GradBucket], rate
     :math:`\lVert h\rVert^2` (of :math:`h` before the metric, as here) and :math:`\lVert m\rVert^2` per tensor in
     their reduction pass, rounded to the compute dtype and summed over the group in float64 in their scalar pass.
     """
-    log_scale = group_state.get("lr_log_scale")
-    if log_scale is None:  # the option switched on after the group state was made
-        log_scale = group_state["lr_log_scale"] = _new_log_scale(group_state["measurement_noise"].device)
+    log_scale = _log_scale(group_state)
     wide = _scalar_dtype(log_scale)  # the sums and the cosine
     totals = torch.zeros(3, dtype=wide, device=log_scale.device)  # h.m, ||h||^2, ||m||^2 over the group
     for b in buckets:
