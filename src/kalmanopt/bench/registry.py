@@ -148,6 +148,13 @@ def _entries() -> list[OptimizerEntry]:
         *(_lr_adaptation_entry(name, kappa, floor) for name, kappa, floor in
           (("koala++-lra", 0.05, 1e-3), ("koala++-lra0.1", 0.1, 1e-3), ("koala++-lra0.2", 0.2, 1e-3),
            ("koala++-lra0.2-floor", 0.2, 1.0))),
+        OptimizerEntry("koala++-length1", "KOALA++ (length bound 1)",
+                       lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd,
+                                                                       **{"length_bound": 1.0, **kw}),
+                       "kalman", {"vision": 1e-3, "lm": 1e-3}, family="kalman",
+                       note="the default preset with length_bound = 1: no correction longer (in the metric) than "
+                            "AdamW's step before momentum at the same lr (times the lr_adaptation multiplier); the "
+                            "multi-tensor path"),
         OptimizerEntry("koala++-paper", "KOALA++ (paper)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, sigma=0.1, q=0.1, weight_decay=wd,
                                                                        preset="paper", **kw),
