@@ -5,7 +5,7 @@
 Prints every fifth step: the minibatch loss and the ratio of the parameter change to lr * g / (sqrt(v_hat) + eps)
 (AdamW's step without momentum, from the optimizer's own second moment), over all trainable tensors and for the head;
 for KOALA++ also `correction_ratio`, the same ratio for the correction before momentum, (m_k - mu m_{k-1}) / (1 - mu)
-from the momentum buffer (`python docs/benchmarks/research/step_ratio.py koala++ 5e-3 0`: 1.5-1.7); then the test
+from the momentum buffer (`python docs/benchmarks/research/step_ratio.py koala++ 5e-3 0`: median 1.6, 1.0-2.0); then the test
 accuracy. `koala++:L=1` runs the default with length_bound=1. Issue notes: at the same lr KOALA++'s ratio is 0.5-1.4, AdamW's momentum-averaged 0.2-0.4.
 """
 import json

@@ -212,7 +212,7 @@ class KOALAPlusPlus(KalmanOptimizer):
         length_bound (float or None, optional): :math:`L`, a bound on the length of each tensor's correction
             relative to AdamW's step at the same ``lr`` (default None: no bound). The cap bounds the step size
             :math:`\gamma`; the correction is :math:`\gamma D^{1/2}(v_k + Q\tilde h_k)`, and where successive
-            gradients agree the covariance term :math:`v_k` lengthens it (on a MiniLM LoRA fine-tune 1.5-1.7 times
+            gradients agree the covariance term :math:`v_k` lengthens it (on a MiniLM LoRA fine-tune to 1-2 times
             AdamW's step before momentum). With ``length_bound`` the cap is lowered, per tensor, so that
             :math:`\gamma\lVert v_k + Q\tilde h_k\rVert \le L\,s\,\mathrm{lr}\,\lVert\tilde h_k\rVert`: at
             :math:`L = 1` a step is never longer, in the metric, than AdamW's (before momentum) at ``lr`` (times
