@@ -15,8 +15,11 @@ from conftest import OPTIMIZERS, assert_unchanged, snapshot, tiny_mlp
 
 # KOALA++ with lr_adaptation: its cosine sums the per-tensor partial dot products over the shards (a large rate, and a
 # floor far below 1, so that the multiplier moves either way within the few steps and a shard-local cosine would show)
+# KOALA++ with length_bound: ||gain_prev||^2 is summed over the shards too (an lr at which the bound binds)
 SHARDED = {**OPTIMIZERS, "koala_pp_lra": (KOALAPlusPlus, {"lr": 5e-3, "weight_decay": 1e-2, "lr_adaptation": 0.3,
-                                                          "lr_scale_min": 1e-3})}
+                                                          "lr_scale_min": 1e-3}),
+           "koala_pp_length": (KOALAPlusPlus, {"lr": 5e-2, "length_bound": 1.0, "momentum": 0.0,
+                                               "precondition": False})}
 
 STEPS, BATCH = 4, 16
 
@@ -156,7 +159,7 @@ def _fsdp_worker(rank, world, init_file, out_dir, name):
     _leave()
 
 
-@pytest.mark.parametrize("name", ["koala_pp_wd", "koala_v", "koala_m_online_qw", "koala_pp_lra"])
+@pytest.mark.parametrize("name", ["koala_pp_wd", "koala_v", "koala_m_online_qw", "koala_pp_lra", "koala_pp_length"])
 def test_fsdp2_matches_the_unsharded_run(tmp_path, name):
     world = 2
     mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "init"), str(tmp_path), name), nprocs=world, join=True)
