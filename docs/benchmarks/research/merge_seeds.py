@@ -3,7 +3,8 @@
     python docs/benchmarks/research/merge_seeds.py OUT.json IN_SEED0.json IN_SEED1.json ...
 
 The long runs (issue 19, item 7) run one seed per command, so that a stopped session keeps every finished seed; this
-joins them: the runs concatenated, ``config.seeds`` the union, the first file's provenance with every command listed.
+joins them: the runs concatenated, ``config.seeds`` the union, the optimizers' labels the union, the first file's
+provenance with every command listed.
 """
 import json
 import sys
@@ -18,6 +19,8 @@ for path in inputs:
         merged["provenance"]["commands"] = [result["provenance"].get("command")]
         continue
     merged["runs"] += result["runs"]
+    for name, entry in result.get("optimizers", {}).items():  # a file of other optimizers (e.g. one per seed)
+        merged.setdefault("optimizers", {}).setdefault(name, entry)
     merged["config"]["seeds"] = sorted(set(merged["config"]["seeds"]) | set(result["config"]["seeds"]))
     merged["provenance"]["commands"].append(result["provenance"].get("command"))
 merged["provenance"]["command"] = " ; ".join(c for c in merged["provenance"]["commands"] if c)
