@@ -217,8 +217,8 @@ class KOALAPlusPlus(KalmanOptimizer):
             :math:`\gamma\lVert v_k + Q\tilde h_k\rVert \le L\,s\,\mathrm{lr}\,\lVert\tilde h_k\rVert`: at
             :math:`L = 1` a step is never longer, in the metric, than AdamW's (before momentum) at ``lr`` (times
             ``lr_adaptation``'s multiplier). A trade-off, measured (docs/algorithms.md): at 10x the usual lr it
-            holds the result (MiniLM LoRA on BBC News 93.5 % against 88.3 % without it), at the usual lr it costs
-            0.2-0.6 points and 0.5 perplexity from scratch and 1.8 points on that LoRA task. Needs a capped step
+            holds the result (MiniLM LoRA on BBC News 93.1 % against 88.1 % without it), at the usual lr it costs
+            0.2-0.6 points and 0.5 perplexity from scratch and 1.2 points on that LoRA task. Needs a capped step
             rule. It runs on the multi-tensor path only (it needs :math:`\lVert v + Q\tilde h\rVert`, which the
             fused kernels do not form): a group with it is not fused.
         state_dtype (torch.dtype or None, optional): how the four per-element state tensors (previous gradient,
