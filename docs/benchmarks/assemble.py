@@ -21,6 +21,7 @@ SECTIONS = [
     ("grid_section.md", 0),
     ("fm60k.md", 0),
     ("fm60k_long.md", 0),  # written by hand; its tables by `kalmanopt report` (commands in it)
+    ("lm_long.md", 0),  # the same, for the character GPT over 10 epochs
     ("step.md", 0),
     ("vision_lm_protocol.md", 0),
     ("online.md", 0),
