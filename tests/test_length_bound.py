@@ -57,8 +57,8 @@ def test_no_step_is_longer_than_the_bound(foreach, block, bound):
 @pytest.mark.parametrize("block", ["tensor", "group"])
 def test_reference_and_multi_tensor_agree(block):
     options = dict(lr=3e-2, length_bound=1.0, block=block)  # metric, momentum, lr_adaptation: the default preset's
-    ref, opt_ref = run_koala_pp(SHAPES, {**options, "foreach": False}, steps=15)
-    fast, opt_fast = run_koala_pp(SHAPES, {**options, "foreach": True}, steps=15)
+    ref, _ = run_koala_pp(SHAPES, {**options, "foreach": False}, steps=15)
+    fast, _ = run_koala_pp(SHAPES, {**options, "foreach": True}, steps=15)
     for a, b in zip(ref, fast, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     free, _ = run_koala_pp(SHAPES, {**options, "foreach": True, "length_bound": None}, steps=15)
@@ -78,8 +78,8 @@ def test_a_bounded_group_is_not_fused_and_fused_true_refuses():
     model = tiny_mlp()
     opt = KOALAPlusPlus([{"params": list(model[0].parameters()), "length_bound": 1.0},
                          {"params": list(model[2].parameters())}], lr=1e-2)
-    assert [opt._fused_group(g) for g in opt.param_groups] == [False, opt._fused_group(opt.param_groups[1])]
     assert not opt._fused_group(opt.param_groups[0])
+    assert opt._fused_group(opt.param_groups[1])  # the group without it keeps the default fused path
     with pytest.raises(RuntimeError, match="length_bound"):
         KOALAPlusPlus(tiny_mlp().parameters(), length_bound=1.0, fused=True)
 

@@ -25,43 +25,43 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _same_files(first: Path, others: list[Path]):
+    """(file of the first folder, folder, that folder's file of the same name) for every folder that has it."""
+    for path in sorted(first.glob("*.json")):
+        for folder in [first, *others]:
+            if (folder / path.name).exists():
+                yield path, folder, folder / path.name
+
+
 def grid(first: Path, others: list[Path]) -> None:
     print("| file | optimizer | final metric (mean ± std, n) |")
     print("|---|---|---|")
-    for path in sorted(first.glob("*.json")):
-        for folder in [first, *others]:
-            other = folder / path.name
-            if not other.exists():
-                continue
-            runs = json.loads(other.read_text())["runs"]
-            by = {}
-            for r in runs:
-                key = "test_accuracy" if "test_accuracy" in r["final"] else "test_ppl"
-                by.setdefault(f"{r['optimizer']} ({folder.name})", []).append(
-                    r["final"][key] * (100 if key == "test_accuracy" else 1))
-            for name, values in by.items():
-                if name.startswith(("koala++", "adamw (")) and not name.startswith("koala++-paper"):
-                    m, s = _mean_std(values)
-                    print(f"| {path.stem} | {name} | {m:.2f} ± {s:.2f} ({len(values)}) |")
+    for path, folder, other in _same_files(first, others):
+        runs = json.loads(other.read_text())["runs"]
+        by = {}
+        for r in runs:
+            key = "test_accuracy" if "test_accuracy" in r["final"] else "test_ppl"
+            by.setdefault(f"{r['optimizer']} ({folder.name})", []).append(
+                r["final"][key] * (100 if key == "test_accuracy" else 1))
+        for name, values in by.items():
+            if name.startswith(("koala++", "adamw (")) and not name.startswith("koala++-paper"):
+                m, s = _mean_std(values)
+                print(f"| {path.stem} | {name} | {m:.2f} ± {s:.2f} ({len(values)}) |")
 
 
 def finetune(first: Path, others: list[Path]) -> None:
     print("| cell | contender (folder) | test accuracy (%), linear | n |")
     print("|---|---|---|---|")
-    for path in sorted(first.glob("*.json")):
-        for folder in [first, *others]:
-            other = folder / path.name
-            if not other.exists():
+    for path, folder, other in _same_files(first, others):
+        by = {}
+        for r in json.loads(other.read_text())["runs"]:
+            if r.get("schedule_asked", r.get("schedule")) != "linear":
                 continue
-            by = {}
-            for r in json.loads(other.read_text())["runs"]:
-                if r.get("schedule_asked", r.get("schedule")) != "linear":
-                    continue
-                if r["contender"] in ("koala++@x1", "adamw@x1"):
-                    by.setdefault(f"{r['contender']} ({folder.name})", []).append(100 * r["final"]["test_accuracy"])
-            for name, values in sorted(by.items()):
-                m, s = _mean_std(values)
-                print(f"| {path.stem} | {name} | {m:.2f} ± {s:.2f} | {len(values)} |")
+            if r["contender"] in ("koala++@x1", "adamw@x1"):
+                by.setdefault(f"{r['contender']} ({folder.name})", []).append(100 * r["final"]["test_accuracy"])
+        for name, values in sorted(by.items()):
+            m, s = _mean_std(values)
+            print(f"| {path.stem} | {name} | {m:.2f} ± {s:.2f} | {len(values)} |")
 
 
 def _linear(path: Path, contender: str) -> list[float]:

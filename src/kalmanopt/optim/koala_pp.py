@@ -1015,7 +1015,7 @@ def _single_tensor_koala_pp(params, hs, prev_grads, gains, prev_S, prev_grad_sq,
         gain = v + q * h
         step_size = lr * residual / S
         if max_step is not None:
-            cap = torch.full_like(step_size, lr * max_step) if not isinstance(max_step, Tensor) else lr * max_step
+            cap = lr * max_step * torch.ones_like(step_size)
             if length_bound is not None:  # the correction no longer than L times the capped step along h alone
                 cap = cap * _length_factor(length_bound, q * q * hh.to(wide) / gain.dot(gain).to(wide))
             step_size = torch.minimum(step_size, cap)  # the cap follows lr (a schedule)
