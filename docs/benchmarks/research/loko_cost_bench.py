@@ -12,7 +12,10 @@ process, read around each step). ``--no-workspace`` adds every LoKO row once mor
 (``opt._workspace = lambda device: None``: fresh temporaries every step, as before it existed). ``--before REV`` adds
 every LoKO row once more with LoKO as it was at git revision ``REV`` (``src/kalmanopt/optim/loko/`` and ``lofi.py``
 read with ``git show`` and imported as a separate package beside the current one; same options, same models), so
-that a change is measured against its "before" in the same process: ``[REV]`` rows.
+that a change is measured against its "before" in the same process: ``[REV]`` rows. ``--floor`` adds the work that
+any step measuring the outputs must do, with no filter update: ``floor: forward + C rows`` (the forward with its
+graph and the Jacobian rows of every output, as LoKO's default takes them) and ``floor: forward + 1 row`` (one
+vector-Jacobian product: a gradient's worth).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from kalmanopt.bench.online.suite import _order, parse_ablation
 from kalmanopt.bench.online.tasks import build, load_task
 from kalmanopt.online import _default_forward, _to, default_collate
+from kalmanopt.optim.loko.jacobian import jacobian_rows
 
 
 def loko_at(rev: str) -> type:
@@ -69,6 +73,7 @@ def main() -> None:
     ap.add_argument("--row", action="append", default=None)
     ap.add_argument("--no-workspace", action="store_true")
     ap.add_argument("--before", default=None, help="git revision: every LoKO row also with LoKO as it was there")
+    ap.add_argument("--floor", action="store_true", help="rows of the measurement's work alone (no update)")
     args = ap.parse_args()
     old_loko = loko_at(args.before) if args.before else None
     torch.set_num_threads(1)
@@ -94,6 +99,11 @@ def main() -> None:
             # the same param groups (every option spelled out) for the class of then
             opt = old_loko([dict(g) for g in opt.param_groups])
             contenders.append(((row or "defaults") + f" [{args.before}]", model, opt))
+    if args.floor:
+        for name in ("floor: forward + C rows", "floor: forward + 1 row"):
+            model, opt = build(task, "LoRA", "LoKO", None, 0)
+            model.eval()
+            contenders.append((name, model, [p for g in opt.param_groups for p in g["params"] if p.requires_grad]))
     times = {name: [] for name, _, _ in contenders}
     faults = {name: 0 for name, _, _ in contenders}
     for j, i in enumerate(order):
@@ -107,6 +117,12 @@ def main() -> None:
                 out = _default_forward(model, batch)
                 F.cross_entropy(out, target).backward()
                 opt.step()
+            elif name.startswith("floor"):
+                with torch.enable_grad():
+                    out = _default_forward(model, batch)
+                    flat = out.reshape(-1)
+                    vectors = None if "C rows" in name else torch.ones((1, flat.numel()), dtype=flat.dtype)
+                    jacobian_rows(flat, opt, "vmap", vectors)
             else:
                 opt.step(lambda model=model, batch=batch: _default_forward(model, batch), target)
             if j >= args.skip:
