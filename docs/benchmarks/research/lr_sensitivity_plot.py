@@ -30,14 +30,14 @@ LINES = [
      dict(color="tab:orange", marker="v", linestyle="--")),
     ("KOALA++ length_bound=1", "kpp_lib:length_bound=1.0", "koala++-length1",
      dict(color="tab:purple", marker="D", linestyle="-.")),
-    ("Schedule-Free AdamW", "sf", None, dict(color="tab:green", marker="^", linestyle=":")),
+    ("Schedule-Free AdamW", "sf", "adamw-schedulefree", dict(color="tab:green", marker="^", linestyle=":")),
     ("Prodigy", "prodigy", "prodigy", dict(color="tab:blue", marker="x", linestyle=":")),
 ]
 SCRATCH_TASKS = [("fm10k", "Fashion-MNIST 10k, CNN (accuracy %)"), ("mnist", "MNIST subset, CNN (accuracy %)"),
                  ("lm", "character GPT (test perplexity)")]
 FINETUNE_TASKS = [("mnist-full-loop", "CNN fine-tuned on MNIST, full (accuracy %)"),
                   ("bbc-lora-loop", "MiniLM LoRA, BBC News (accuracy %)")]
-MULTS = {"x1/10": 0.1, "x1": 1.0, "x10": 10.0, "1/10": 0.1, "1": 1.0, "10": 10.0}
+MULTS = {"x1/10": 0.1, "x1": 1.0, "x10": 10.0, "1/10": 0.1, "0.1": 0.1, "1": 1.0, "10": 10.0}
 
 
 def scratch_cells() -> dict:
@@ -52,13 +52,16 @@ def scratch_cells() -> dict:
 
 
 def finetune_cells() -> dict:
-    cells: dict = defaultdict(list)
+    # one value per seed: Prodigy's 0.1 ran under two contender names ("prodigy@1/10", later "prodigy@0.1"), the
+    # same runs; Schedule-Free AdamW records no schedule ("none ...") where the others record "constant"
+    seeds: dict = defaultdict(dict)
     for path in FINETUNE.glob("*.json"):
         for r in json.loads(path.read_text())["runs"]:
             name, _, rule = r["contender"].partition("@")
-            if rule in MULTS and r.get("schedule") == "constant":
-                cells[path.stem, name, MULTS[rule]].append(100 * r["final"]["test_accuracy"])
-    return cells
+            schedule = str(r.get("schedule"))
+            if rule in MULTS and (schedule == "constant" or schedule.startswith("none")):
+                seeds[path.stem, name, MULTS[rule]][r["seed"]] = 100 * r["final"]["test_accuracy"]
+    return {key: list(values.values()) for key, values in seeds.items()}
 
 
 def main(out: Path) -> None:
