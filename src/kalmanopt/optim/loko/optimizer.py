@@ -184,6 +184,11 @@ class LoKO(Optimizer):
             predictive uses the logit covariance of the ``c`` most probable classes and, for the others, the mean of
             their variances; the trust region's ``"predicted"`` change covers the measured logits. Needs
             ``observation="softmax"`` with ``noise="moment"``; a ``c`` with ``c + 2 >= C`` measures every class.
+            For a large adapter in a transformer, where each row is a backward pass, ``classes=1`` with ``rank=16``
+            cost 2.0x a LoRA/AdamW step per sample instead of 3.1x (LoRA on MiniLM's last block) and 3.0x instead
+            of 8.1x (LoRA on every linear layer, 665k parameters) at the same online accuracy (NLL +0.007-0.010);
+            on 10-class image streams with small adapters it lost 3-4 points (docs/algorithms.md, "Cost and
+            guards").
         truncation (str): LoFi's rank truncation (``rank > 0``): ``"gram"`` (LoFi's: the ``k`` leading
             singular directions of :math:`\tilde W`, from its Gram matrix) or ``"whitened"`` (default; those of
             :math:`\Upsilon^{-1/2}\tilde W`: the directions that carry most information relative to the diagonal,
