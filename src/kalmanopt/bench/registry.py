@@ -147,7 +147,7 @@ def _entries() -> list[OptimizerEntry]:
                             "lr_adaptation became its default: the 'KOALA++ (default)' rows recorded before then)"),
         *(_lr_adaptation_entry(name, kappa, floor) for name, kappa, floor in
           (("koala++-lra", 0.05, 1e-3), ("koala++-lra0.1", 0.1, 1e-3), ("koala++-lra0.2", 0.2, 1e-3),
-           ("koala++-lra0.2-floor", 0.2, 1.0))),
+           ("koala++-lra0.2-floor", 0.2, 1.0), ("koala++-lra0.5-floor", 0.5, 1.0))),
         OptimizerEntry("koala++-length1", "KOALA++ (length bound 1)",
                        lambda p, lr, wd, **kw: kalmanopt.KOALAPlusPlus(p, lr=lr, weight_decay=wd,
                                                                        **{"length_bound": 1.0, **kw}),
