@@ -101,9 +101,9 @@ def main() -> None:
             contenders.append(((row or "defaults") + f" [{args.before}]", model, opt))
     if args.floor:
         for name in ("floor: forward + C rows", "floor: forward + 1 row"):
-            model, opt = build(task, "LoRA", "LoKO", None, 0)
+            model, _ = build(task, "LoRA", "LoKO", None, 0)  # the model LoKO's rows see: no optimizer steps it
             model.eval()
-            contenders.append((name, model, [p for g in opt.param_groups for p in g["params"] if p.requires_grad]))
+            contenders.append((name, model, [p for p in model.parameters() if p.requires_grad]))
     times = {name: [] for name, _, _ in contenders}
     faults = {name: 0 for name, _, _ in contenders}
     for j, i in enumerate(order):
@@ -122,7 +122,7 @@ def main() -> None:
                     out = _default_forward(model, batch)
                     flat = out.reshape(-1)
                     vectors = None if "C rows" in name else torch.ones((1, flat.numel()), dtype=flat.dtype)
-                    jacobian_rows(flat, opt, "vmap", vectors)
+                    jacobian_rows(flat, opt, "vmap", vectors)  # opt: the trainable parameters here
             else:
                 opt.step(lambda model=model, batch=batch: _default_forward(model, batch), target)
             if j >= args.skip:

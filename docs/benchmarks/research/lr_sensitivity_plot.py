@@ -74,8 +74,6 @@ def main(out: Path) -> None:
     for ax, (task, title, cells, key) in zip(axes, panels, strict=False):
         for label, base, contender, style in LINES:
             name = base if key == 1 else contender
-            if name is None:
-                continue
             points = [(m, cells.get((task, name, m))) for m in (0.1, 1.0, 10.0)]
             points = [(m, v) for m, v in points if v]
             if len(points) < 3:
