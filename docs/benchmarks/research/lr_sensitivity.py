@@ -65,10 +65,10 @@ LABELS = {"adamw": "AdamW", "kpp_lib:lr_adaptation=0.2": "**KOALA++ (default: `l
           "kpp_lib:lr_adaptation=0.1,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.1, lr_scale_min=1e-3`)",
           "kpp_lib:lr_adaptation=0.2,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.2, lr_scale_min=1e-3`)",
           "sf": "Schedule-Free AdamW",
-          "prodigy": "Prodigy", "kpp_dist": "KOALA++, distance-estimated cap (research)",
+          "prodigy": "Prodigy", "momoadam": "MoMo-Adam", "kpp_dist": "KOALA++, distance-estimated cap (research)",
           "kpp_hd:norm=ema,kappa=0.02": "KOALA++, EMA-normalised hypergradient (research)"}
-TITLES = {"fm10k": "Fashion-MNIST 10k (accuracy)", "mnist": "MNIST subset (accuracy)",
-          "lm": "character GPT (perplexity)"}
+TITLES = {"fm10k": "Fashion-MNIST 10k (accuracy)", "fm60k": "Fashion-MNIST 60k, 2 epochs (accuracy)",
+          "mnist": "MNIST subset (accuracy)", "lm": "character GPT (perplexity)"}
 
 
 def markdown() -> None:

@@ -32,9 +32,11 @@ LINES = [
      dict(color="tab:purple", marker="D", linestyle="-.")),
     ("Schedule-Free AdamW", "sf", "adamw-schedulefree", dict(color="tab:green", marker="^", linestyle=":")),
     ("Prodigy", "prodigy", "prodigy", dict(color="tab:blue", marker="x", linestyle=":")),
+    ("MoMo-Adam", "momoadam", "momo-adam", dict(color="tab:brown", marker="P", linestyle=":")),
 ]
-SCRATCH_TASKS = [("fm10k", "Fashion-MNIST 10k, CNN (accuracy %)"), ("mnist", "MNIST subset, CNN (accuracy %)"),
-                 ("lm", "character GPT (test perplexity)")]
+SCRATCH_TASKS = [("fm10k", "Fashion-MNIST 10k, CNN (accuracy %)"),
+                 ("fm60k", "Fashion-MNIST 60k, CNN, 2 epochs (accuracy %)"),
+                 ("mnist", "MNIST subset, CNN (accuracy %)"), ("lm", "character GPT (test perplexity)")]
 FINETUNE_TASKS = [("mnist-full-loop", "CNN fine-tuned on MNIST, full (accuracy %)"),
                   ("bbc-lora-loop", "MiniLM LoRA, BBC News (accuracy %)")]
 MULTS = {"x1/10": 0.1, "x1": 1.0, "x10": 10.0, "1/10": 0.1, "0.1": 0.1, "1": 1.0, "10": 10.0}
@@ -68,8 +70,10 @@ def main(out: Path) -> None:
     scratch, finetune = scratch_cells(), finetune_cells()
     panels = [(task, title, scratch, 1) for task, title in SCRATCH_TASKS] + \
              [(task, title, finetune, 2) for task, title in FINETUNE_TASKS]
-    fig, grid = plt.subplots(2, 3, figsize=(13, 8))
+    fig, grid = plt.subplots(2, 4, figsize=(17, 8))
     axes = list(grid.flat)
+    for ax in axes[len(panels):-1]:
+        ax.axis("off")
     handles = {}
     for ax, (task, title, cells, key) in zip(axes, panels, strict=False):
         for label, base, contender, style in LINES:

@@ -1,6 +1,7 @@
 """How long KOALA++'s update is against AdamW's, step by step, on the fine-tuning task BBC News + MiniLM LoRA.
 
     python docs/benchmarks/research/step_ratio.py koala++-fixed 5e-3 0     # or: adamw, koala++, koala++:0.1
+    python docs/benchmarks/research/step_ratio.py koala++ 5e-5 0 full      # full fine-tuning (the regime: lora, full)
 
 Prints every fifth step: the minibatch loss and the ratio of the parameter change to lr * g / (sqrt(v_hat) + eps)
 (AdamW's step without momentum, from the optimizer's own second moment), over all trainable tensors and for the head;
@@ -20,9 +21,10 @@ from kalmanopt import KOALAPlusPlus
 from kalmanopt.bench.finetune import tasks
 
 name, lr, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+regime = sys.argv[4] if len(sys.argv) > 4 else "lora"
 data = tasks.load_data("bbc", train_size=None, test_size=None, progress=False)
 torch.manual_seed(seed)
-model = tasks.build_model(data, "lora")
+model = tasks.build_model(data, regime)
 params = [p for p in model.parameters() if p.requires_grad]
 names = [n for n, p in model.named_parameters() if p.requires_grad]
 if name == "adamw":
@@ -53,6 +55,8 @@ for step, (x, y) in enumerate(tasks.batches(x_tr, y_tr, 16, g)):
         d = (p.detach() - b)
         ref = lr * p.grad / ((v / (1 - 0.999 ** k)).sqrt() + 1e-8) if v is not None else None
         num += float(d.pow(2).sum()); den += float(ref.pow(2).sum()) if ref is not None else 0
+        if p.grad is None:  # a parameter the loss does not reach (full fine-tuning: MiniLM's unused pooler)
+            continue
         if mprev is not None:  # the correction before momentum, from the buffer (momentum 0.9)
             cnum += float(((st["momentum_buffer"] - 0.9 * mprev[i]) / 0.1).pow(2).sum())
         if "head" in n or "classifier" in n:
