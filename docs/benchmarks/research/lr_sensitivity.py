@@ -100,6 +100,51 @@ def markdown(mults: tuple[float, ...] = (0.1, 1.0, 10.0)) -> None:
             first = False
 
 
+# the fine-tuning rows (results/research/finetune_lr/*.json, written by `kalmanopt bench finetune`): contender name ->
+# label; the multiplier is the contender's rule (x3/10 is 0.3 times the regime's AdamW lr; Prodigy's plain numbers)
+FINETUNE = Path("results/research/finetune_lr")
+FINETUNE_LABELS = {"adamw": "AdamW", "koala++-lra0.2-floor": "**KOALA++ (default)**",
+                   "koala++-length1": "KOALA++ (`length_bound=1`)", "adamw-schedulefree": "Schedule-Free AdamW",
+                   "prodigy": "Prodigy", "momo-adam": "MoMo-Adam"}
+FINETUNE_TITLES = {"mnist-full-loop": "CNN, full, MNIST", "bbc-lora-loop": "MiniLM LoRA, BBC News"}
+
+
+def finetune_values() -> dict:
+    """(cell, contender name, mult) -> test accuracy (%) of each seed, one value per seed (Prodigy's 0.1 ran under
+    two names, `prodigy@1/10` and `prodigy@0.1`: the same runs); constant lr, or no schedule (Schedule-Free, MoMo)."""
+    seeds: dict = defaultdict(dict)
+    for path in FINETUNE.glob("*.json"):
+        for r in json.loads(path.read_text())["runs"]:
+            name, _, rule = r["contender"].partition("@")
+            schedule = str(r.get("schedule"))
+            if not (schedule == "constant" or schedule.startswith("none")):
+                continue
+            num, _, den = rule.lstrip("x").partition("/")
+            try:
+                mult = float(num) / float(den or 1)
+            except ValueError:
+                continue
+            seeds[path.stem, name, round(mult, 6)][r["seed"]] = 100 * r["final"]["test_accuracy"]
+    return {key: list(values.values()) for key, values in seeds.items()}
+
+
+def markdown_finetune(mults: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)) -> None:
+    cells = finetune_values()
+    print("| task | optimizer | " + " | ".join(f"{m:g}x" for m in mults) + " | worst | median |")
+    print("|---|---|" + "---|" * (len(mults) + 2))
+    for cell, title in FINETUNE_TITLES.items():
+        first = True
+        for name, label in FINETUNE_LABELS.items():
+            values = [cells.get((cell, name, m)) for m in mults]
+            if not all(values):
+                continue
+            means = [statistics.fmean(v) for v in values]
+            print(f"| {title if first else ''} | {label} | "
+                  + " | ".join(f"{m:.1f} ({len(v)})" for m, v in zip(means, values, strict=True))
+                  + f" | {min(means):.1f} | {statistics.median(means):.1f} |")
+            first = False
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--table"]:
         table()
@@ -107,8 +152,14 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--markdown"]:
         markdown()
         sys.exit(0)
-    if sys.argv[1:] == ["--markdown-five"]:  # the issue's grid: 0.1x, 0.3x, 1x, 3x, 10x
+    if sys.argv[1:] == ["--markdown-five"]:  # the five-point grid: 0.1x, 0.3x, 1x, 3x, 10x
         markdown((0.1, 0.3, 1.0, 3.0, 10.0))
+        sys.exit(0)
+    if sys.argv[1:] == ["--markdown-finetune"]:
+        markdown_finetune((0.1, 1.0, 10.0))
+        sys.exit(0)
+    if sys.argv[1:] == ["--markdown-finetune-five"]:
+        markdown_finetune()
         sys.exit(0)
     import ablation
 
