@@ -70,6 +70,7 @@ def table() -> None:
 LABELS = {"adamw": "AdamW", "kpp_lib:lr_adaptation=0.2": "**KOALA++ (default: `lr_adaptation=0.2`, floor 1)**",
           "kpp_lib:lr_adaptation=None": "KOALA++, fixed cap (`lr_adaptation=None`)",
           "kpp_lib:length_bound=1.0": "KOALA++ (`length_bound=1`: AdamW's step length)",
+          "kpp_lib:length_bound=1.5": "KOALA++ (`length_bound=1.5`)",
           "kpp_lib:lr_adaptation=0.05,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.05, lr_scale_min=1e-3`)",
           "kpp_lib:lr_adaptation=0.1,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.1, lr_scale_min=1e-3`)",
           "kpp_lib:lr_adaptation=0.2,lr_scale_min=0.001": "KOALA++ (`lr_adaptation=0.2, lr_scale_min=1e-3`)",
