@@ -3,12 +3,13 @@ step"): final test accuracy / perplexity over multiples of each optimizer's defa
 
     python docs/benchmarks/research/lr_sensitivity.py TASK SEED MULTS SPEC [SPEC ...]
 
-TASK and SPEC as in ablation.py (fm10k, fm60k, mnist, lm, digits; SPEC = name:key=value,...); MULTS a comma-separated list
-of multipliers (e.g. 0.1,0.3,1,3,10) applied to the SPEC's lr (default lr: AdamW 1e-3, KOALA++ 1e-3, Schedule-Free
-2.5e-3, MoMo-Adam 1e-2, Prodigy 1). One torch thread; constant lr, no weight decay. Each run appends a JSON line
-to results/research/lr_sensitivity.jsonl; `python docs/benchmarks/research/lr_sensitivity.py --table` prints the
-table of what ran (mean over seeds, then worst and median over the multipliers); `--markdown` the page's table over
-0.1x / 1x / 10x, `--markdown-five` the one over 0.1x / 0.3x / 1x / 3x / 10x.
+TASK and SPEC as in ablation.py (fm10k, fm60k, mnist, lm, digits; SPEC = name:key=value,...); MULTS a
+comma-separated list of multipliers (e.g. 0.1,0.3,1,3,10) applied to the SPEC's lr (default lr: AdamW 1e-3, KOALA++
+1e-3, Schedule-Free 2.5e-3, MoMo-Adam 1e-2, Prodigy 1). One torch thread; constant lr, no weight decay. Each run
+appends a JSON line to results/research/lr_sensitivity.jsonl; `python docs/benchmarks/research/lr_sensitivity.py
+--table` prints the table of what ran (mean over seeds, then worst and median over the multipliers); `--markdown` the
+page's table over 0.1x / 1x / 10x, `--markdown-five` the one over 0.1x / 0.3x / 1x / 3x / 10x,
+`--markdown-finetune` and `--markdown-finetune-five` the fine-tuning ones.
 """
 import json
 import statistics
@@ -18,8 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-OUT = Path("results/research/lr_sensitivity.jsonl")
-DEFAULT_LR = {"adamw": 1e-3, "kpp_lib": 1e-3, "sf": 2.5e-3, "momoadam": 1e-2, "prodigy": 1.0, "kpp_hd": 1e-3, "kpp_dist": 1e-3}
+ROOT = Path(__file__).resolve().parents[3]
+OUT = ROOT / "results/research/lr_sensitivity.jsonl"
+DEFAULT_LR = {"adamw": 1e-3, "kpp_lib": 1e-3, "sf": 2.5e-3, "momoadam": 1e-2, "prodigy": 1.0, "kpp_hd": 1e-3,
+              "kpp_dist": 1e-3}
 
 
 def with_lr(spec: str, mult: float) -> str:
@@ -81,19 +84,20 @@ TITLES = {"fm10k": "Fashion-MNIST 10k (accuracy)", "fm60k": "Fashion-MNIST 60k, 
           "mnist": "MNIST subset (accuracy)", "lm": "character GPT (perplexity)"}
 
 
-def markdown(mults: tuple[float, ...] = (0.1, 1.0, 10.0)) -> None:
-    """The table of the rows that ran at every one of ``mults``; worst and median over those multipliers."""
-    cells = final_values()
+def print_rows(cells: dict, titles: dict, labels: dict, mults: tuple[float, ...], percent: float = 1.0) -> None:
+    """A markdown table of the rows that ran at every one of ``mults`` (``cells``: (task, name, mult) -> the values
+    of the seeds; accuracies shown times ``percent``); worst and median over those multipliers (perplexity, the task
+    ``lm``: lower is better)."""
     print("| task | optimizer | " + " | ".join(f"{m:g}x" for m in mults) + " | worst | median |")
     print("|---|---|" + "---|" * (len(mults) + 2))
-    for task, title in TITLES.items():
+    for task, title in titles.items():
         lm, first = task == "lm", True
-        for base, label in LABELS.items():
-            values = [cells.get((task, base, m)) for m in mults]
+        for name, label in labels.items():
+            values = [cells.get((task, name, m)) for m in mults]
             if not all(values):
                 continue
             means = [statistics.fmean(v) for v in values]
-            show = (lambda x: f"{x:.2f}") if lm else (lambda x: f"{100 * x:.1f}")
+            show = (lambda x: f"{x:.2f}") if lm else (lambda x: f"{percent * x:.1f}")
             worst, median = (max if lm else min)(means), statistics.median(means)
             print(f"| {title if first else ''} | {label} | "
                   + " | ".join(f"{show(m)} ({len(v)})" for m, v in zip(means, values, strict=True))
@@ -101,9 +105,18 @@ def markdown(mults: tuple[float, ...] = (0.1, 1.0, 10.0)) -> None:
             first = False
 
 
+def scratch_values() -> dict:
+    """:func:`final_values` in the figure's units: accuracy in %, perplexity as it is."""
+    return {key: [v if key[0] == "lm" else 100 * v for v in values] for key, values in final_values().items()}
+
+
+def markdown(mults: tuple[float, ...] = (0.1, 1.0, 10.0)) -> None:
+    print_rows(final_values(), TITLES, LABELS, mults, percent=100.0)
+
+
 # the fine-tuning rows (results/research/finetune_lr/*.json, written by `kalmanopt bench finetune`): contender name ->
 # label; the multiplier is the contender's rule (x3/10 is 0.3 times the regime's AdamW lr; Prodigy's plain numbers)
-FINETUNE = Path("results/research/finetune_lr")
+FINETUNE = ROOT / "results/research/finetune_lr"
 FINETUNE_LABELS = {"adamw": "AdamW", "koala++-lra0.2-floor": "**KOALA++ (default)**",
                    "koala++-length1": "KOALA++ (`length_bound=1`)", "adamw-schedulefree": "Schedule-Free AdamW",
                    "prodigy": "Prodigy", "momo-adam": "MoMo-Adam"}
@@ -130,20 +143,7 @@ def finetune_values() -> dict:
 
 
 def markdown_finetune(mults: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)) -> None:
-    cells = finetune_values()
-    print("| task | optimizer | " + " | ".join(f"{m:g}x" for m in mults) + " | worst | median |")
-    print("|---|---|" + "---|" * (len(mults) + 2))
-    for cell, title in FINETUNE_TITLES.items():
-        first = True
-        for name, label in FINETUNE_LABELS.items():
-            values = [cells.get((cell, name, m)) for m in mults]
-            if not all(values):
-                continue
-            means = [statistics.fmean(v) for v in values]
-            print(f"| {title if first else ''} | {label} | "
-                  + " | ".join(f"{m:.1f} ({len(v)})" for m, v in zip(means, values, strict=True))
-                  + f" | {min(means):.1f} | {statistics.median(means):.1f} |")
-            first = False
+    print_rows(finetune_values(), FINETUNE_TITLES, FINETUNE_LABELS, mults)
 
 
 if __name__ == "__main__":

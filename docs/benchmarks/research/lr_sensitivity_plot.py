@@ -7,20 +7,15 @@ Reads what the tables read: results/research/lr_sensitivity.jsonl (the from-scra
 lr_sensitivity.py) and results/research/finetune_lr/*.json (the fine-tuning tasks, written by
 `kalmanopt bench finetune`). Nothing is run.
 """
-import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[3]
-SCRATCH = ROOT / "results/research/lr_sensitivity.jsonl"
-FINETUNE = ROOT / "results/research/finetune_lr"
+from lr_sensitivity import ROOT, finetune_values, scratch_values  # noqa: E402  (this folder: the tables' readers)
 
 # (label, record base in lr_sensitivity.jsonl, contender name in the fine-tuning files, style)
 LINES = [
@@ -39,35 +34,10 @@ SCRATCH_TASKS = [("fm10k", "Fashion-MNIST 10k, CNN (accuracy %)"),
                  ("mnist", "MNIST subset, CNN (accuracy %)"), ("lm", "character GPT (test perplexity)")]
 FINETUNE_TASKS = [("mnist-full-loop", "CNN fine-tuned on MNIST, full (accuracy %)"),
                   ("bbc-lora-loop", "MiniLM LoRA, BBC News (accuracy %)")]
-MULTS = {"x1/10": 0.1, "x1": 1.0, "x10": 10.0, "1/10": 0.1, "0.1": 0.1, "1": 1.0, "10": 10.0}
-
-
-def scratch_cells() -> dict:
-    cells: dict = defaultdict(list)
-    for line in SCRATCH.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if r["accs"]:
-                value = r["accs"][-1] * (1 if r["task"] == "lm" else 100)
-                cells[r["task"], r["base"], r["mult"]].append(value)
-    return cells
-
-
-def finetune_cells() -> dict:
-    # one value per seed: Prodigy's 0.1 ran under two contender names ("prodigy@1/10", later "prodigy@0.1"), the
-    # same runs; Schedule-Free AdamW records no schedule ("none ...") where the others record "constant"
-    seeds: dict = defaultdict(dict)
-    for path in FINETUNE.glob("*.json"):
-        for r in json.loads(path.read_text())["runs"]:
-            name, _, rule = r["contender"].partition("@")
-            schedule = str(r.get("schedule"))
-            if rule in MULTS and (schedule == "constant" or schedule.startswith("none")):
-                seeds[path.stem, name, MULTS[rule]][r["seed"]] = 100 * r["final"]["test_accuracy"]
-    return {key: list(values.values()) for key, values in seeds.items()}
 
 
 def main(out: Path) -> None:
-    scratch, finetune = scratch_cells(), finetune_cells()
+    scratch, finetune = scratch_values(), finetune_values()
     panels = [(task, title, scratch, 1) for task, title in SCRATCH_TASKS] + \
              [(task, title, finetune, 2) for task, title in FINETUNE_TASKS]
     fig, grid = plt.subplots(2, 4, figsize=(17, 8))

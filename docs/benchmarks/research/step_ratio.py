@@ -49,14 +49,14 @@ for step, (x, y) in enumerate(tasks.batches(x_tr, y_tr, 16, g)):
     # AdamW-sized reference: lr * g / (sqrt(v_hat)+eps) with the optimizer's own second moment
     num = den = cnum = 0.0; head_num = head_den = 0.0
     for i, (n, p, b) in enumerate(zip(names, params, before)):
+        if p.grad is None:  # a parameter the loss does not reach (full fine-tuning: MiniLM's unused pooler): unmoved
+            continue
         st = opt.state[p]
         v = st.get("exp_avg_sq")
         k = step + 1
         d = (p.detach() - b)
         ref = lr * p.grad / ((v / (1 - 0.999 ** k)).sqrt() + 1e-8) if v is not None else None
         num += float(d.pow(2).sum()); den += float(ref.pow(2).sum()) if ref is not None else 0
-        if p.grad is None:  # a parameter the loss does not reach (full fine-tuning: MiniLM's unused pooler)
-            continue
         if mprev is not None:  # the correction before momentum, from the buffer (momentum 0.9)
             cnum += float(((st["momentum_buffer"] - 0.9 * mprev[i]) / 0.1).pow(2).sum())
         if "head" in n or "classifier" in n:
